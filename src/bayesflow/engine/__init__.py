@@ -1,0 +1,48 @@
+"""The SDE engine: operators, temperature, integrators and the one ``build``.
+
+See :mod:`bayesflow.engine.sde` for the equation and conventions.
+"""
+
+from bayesflow.engine.block import Block, ThermostatCoupling, as_block, hamiltonian_curl
+from bayesflow.engine.config import SDEConfig
+from bayesflow.engine.integrators import (
+    EulerMaruyama,
+    Integrator,
+    Nesterov,
+    SemiImplicitEuler,
+    Splitting,
+)
+from bayesflow.engine.operators import Dense, Diagonal, Function, Operator, Scalar, Zero
+from bayesflow.engine.preconditioners import Preconditioned, SquaredGradientAverage
+from bayesflow.engine.schedules import BiasCorrection, Constant, Cyclical, FirstStep
+from bayesflow.engine.sde import build
+from bayesflow.engine.state import SDEState
+from bayesflow.engine.system import GradientNotAvailable
+
+__all__ = [
+    "BiasCorrection",
+    "Block",
+    "Constant",
+    "Cyclical",
+    "Dense",
+    "Diagonal",
+    "EulerMaruyama",
+    "FirstStep",
+    "Function",
+    "GradientNotAvailable",
+    "Integrator",
+    "Nesterov",
+    "Operator",
+    "Preconditioned",
+    "SDEConfig",
+    "SDEState",
+    "Scalar",
+    "SemiImplicitEuler",
+    "Splitting",
+    "SquaredGradientAverage",
+    "ThermostatCoupling",
+    "Zero",
+    "as_block",
+    "build",
+    "hamiltonian_curl",
+]

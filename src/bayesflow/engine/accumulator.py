@@ -1,0 +1,71 @@
+"""Copy-on-first-write leaf lists: functional updates without a separate copy pass.
+
+A component of the state (params, momenta, xi) is held as an :class:`Accumulator`. The first write
+into a component that the caller still owns (``inplace=False``) is done out of place with the same
+foreach kernel, so a functional step costs no extra pass over memory compared with an in-place one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Leaves = list[torch.Tensor]
+
+
+class Accumulator:
+    """Leaves of one state component, updated with ``torch._foreach_*`` kernels.
+
+    Args:
+        leaves: the component's tensors.
+        owned: whether these tensors may be written in place (``inplace=True`` or our own copies).
+    """
+
+    __slots__ = ("leaves", "owned")
+
+    def __init__(self, leaves: Leaves, owned: bool):
+        self.leaves = leaves
+        self.owned = owned
+
+    def add(self, other: Leaves, alpha: float = 1.0) -> None:
+        """``self += alpha * other``."""
+        if self.owned:
+            torch._foreach_add_(self.leaves, other, alpha=alpha)
+        else:
+            self.leaves = torch._foreach_add(self.leaves, other, alpha=alpha)
+            self.owned = True
+
+    def addcmul(self, a: Leaves, b: Leaves, value: float = 1.0) -> None:
+        """``self += value * a * b``."""
+        if self.owned:
+            torch._foreach_addcmul_(self.leaves, a, b, value=value)
+        else:
+            self.leaves = torch._foreach_addcmul(self.leaves, a, b, value=value)
+            self.owned = True
+
+    def addcdiv(self, a: Leaves, b: Leaves, value: float = 1.0) -> None:
+        """``self += value * a / b``."""
+        if self.owned:
+            torch._foreach_addcdiv_(self.leaves, a, b, value=value)
+        else:
+            self.leaves = torch._foreach_addcdiv(self.leaves, a, b, value=value)
+            self.owned = True
+
+    def mul(self, factor: float | Leaves) -> None:
+        """``self *= factor`` (a float or one tensor per leaf)."""
+        if self.owned:
+            torch._foreach_mul_(self.leaves, factor)
+        else:
+            self.leaves = torch._foreach_mul(self.leaves, factor)
+            self.owned = True
+
+    def assign(self, leaves: Leaves) -> None:
+        """Replace the values (in place where owned, so ``inplace=True`` keeps tensor identity)."""
+        if self.owned:
+            torch._foreach_copy_(self.leaves, leaves)
+        else:
+            self.leaves = list(leaves)
+            self.owned = True
+
+    def snapshot(self) -> Leaves:
+        """The current values, safe from later in-place writes."""
+        return [t.clone() for t in self.leaves] if self.owned else list(self.leaves)

@@ -1,0 +1,105 @@
+r"""The engine's configuration as data: D, Q, N, T, h, integrator and the extended state.
+
+Every preset returns one of these; ``bayesflow.engine.build(log_posterior, config)`` turns it into a
+transform. Configurations print, compare, and can be edited with :func:`dataclasses.replace`
+(``replace(config, temperature=0.0)`` is the optimizer of any sampler).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bayesflow.engine.block import Block, as_block
+from bayesflow.engine.integrators import EulerMaruyama, Integrator, Splitting
+from bayesflow.engine.operators import Operator, Scalar
+
+__all__ = ["SDEConfig"]
+
+CHECKS = ("full", "value", "none")
+POLICIES = ("raise", "reject")
+MOMENTA_INIT = ("temperature", "zero")
+
+
+@dataclass(frozen=True)
+class SDEConfig:
+    r"""One point in the family :math:`dz = -[D+Q]\nabla H\,dt + TΓ\,dt + \sqrt{2TD}\,dW`.
+
+    Args:
+        step_size: h, a float or a schedule ``step -> float``.
+        diffusion: D, an operator on θ or a :class:`Block` over (params, momenta, xi).
+        curl: Q, likewise (None: zero).
+        temperature: T, a float, a schedule, or a tensor with one value per chain.
+        num_data: N, the normaliser of the user's log posterior (1 for per-datum values, the
+            default; num_data for summed ones), or one float per leaf of params (per-group N).
+        integrator: an :class:`~bayesflow.engine.integrators.Integrator`.
+        mass: M in the kinetic energy ½ mᵀM⁻¹m (a Scalar, Diagonal or Preconditioned operator).
+        thermostat_target: A in SGNHT's thermostat energy (d/2)(ξ - A)².
+        weight_decay: λ of a Gaussian prior (λ/2)|θ|² added to H (torch's coupled weight decay).
+        decoupled_weight_decay: per-step factor ε of θ ← (1 - ε)θ applied before the step (AdamW).
+        step_scales: ``((component, schedule), ...)``: that component's sub-steps use h·schedule(t)
+            (Adam's bias correction, torch SGD's undampened first step).
+        gamma: compute Γ for state-dependent operators (False drops it, as pSGLD does).
+        momenta_init: "temperature" draws m ~ N(0, T·M) at init; "zero" starts at rest.
+        check_finite: "full" checks the log posterior and every gradient leaf each evaluation,
+            "value" only the log posterior, "none" nothing.
+        on_nonfinite: "raise" a FloatingPointError naming step and leaf, or "reject" the step.
+    """
+
+    step_size: Any
+    diffusion: Operator | Block = field(default_factory=lambda: Scalar(1.0))
+    curl: Operator | Block | None = None
+    temperature: Any = 1.0
+    num_data: Any = 1.0
+    integrator: Integrator = field(default_factory=EulerMaruyama)
+    mass: Operator = field(default_factory=lambda: Scalar(1.0))
+    thermostat_target: float = 1.0
+    weight_decay: float = 0.0
+    decoupled_weight_decay: float = 0.0
+    step_scales: tuple = ()
+    gamma: bool = True
+    momenta_init: Literal["temperature", "zero"] = "temperature"
+    check_finite: Literal["full", "value", "none"] = "full"
+    on_nonfinite: Literal["raise", "reject"] = "raise"
+
+    def __post_init__(self):
+        for name, value, allowed in (("check_finite", self.check_finite, CHECKS),
+                                     ("on_nonfinite", self.on_nonfinite, POLICIES),
+                                     ("momenta_init", self.momenta_init, MOMENTA_INIT)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if not isinstance(self.integrator, Integrator):
+            raise TypeError(f"integrator must be an Integrator, got {type(self.integrator).__name__}")
+        if not isinstance(self.mass, Operator) or self.mass.diagonal is Operator.diagonal:
+            raise TypeError(f"mass must be a diagonal operator (Scalar, Diagonal, Preconditioned), got {self.mass!r}")
+        if self.weight_decay < 0 or self.decoupled_weight_decay < 0:
+            raise ValueError("weight decays must be non-negative")
+        for component, _ in self.step_scales:
+            if component not in ("params", "momenta", "xi"):
+                raise ValueError(f"step_scales names unknown component {component!r}")
+
+    @property
+    def diffusion_block(self) -> Block:
+        return as_block(self.diffusion)
+
+    @property
+    def curl_block(self) -> Block:
+        return as_block(self.curl)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The extended state's components, from the operators and the integrator."""
+        used = self.diffusion_block.components() | self.curl_block.components() | {"params"}
+        if self.integrator.needs_momenta:
+            used.add("momenta")
+        return tuple(c for c in ("params", "momenta", "xi") if c in used)
+
+    def validate(self) -> None:
+        """Checks that need no parameters (operator shapes are checked at ``init``)."""
+        components = self.components
+        if isinstance(self.integrator, Splitting):
+            if "momenta" not in components:
+                raise ValueError(f"splitting integrator {self.integrator.word!r} needs momenta")
+            preconditioned = self.diffusion_block.preconditioners() + self.curl_block.preconditioners()
+            if preconditioned and not self.integrator.evaluates_at_start():
+                raise ValueError("a preconditioned splitting word must kick (B) before it drifts (A)")

@@ -1,0 +1,145 @@
+r"""Integrators: how one step of length h advances the extended state.
+
+* :class:`EulerMaruyama` — every component from the old state (weak order 1); the general scheme.
+* :class:`SemiImplicitEuler` — components in sequence (momenta, then params with the new momenta,
+  then the thermostat), each from the newest values (weak order 1). At T = 0 with the SGHMC operators
+  this is exactly torch's SGD with momentum.
+* :class:`Nesterov` — semi-implicit, but the position moves with the look-ahead momentum
+  :math:`\tilde m = m' + h\,(\text{momentum drift at } m')` (torch's ``nesterov=True``).
+* :class:`Splitting` — a word over A (position drift), B (gradient kick) and O (exact
+  Ornstein–Uhlenbeck step on the momenta), each letter taking h / (its count): ``BAOAB``, ``OBABO``,
+  ``ABOBA`` (weak order 2), ``BAOA`` (posteriors' name). A word that kicks after moving (BAOAB, OBABO)
+  reuses its last gradient as the next step's first one (first same as last), so every word costs
+  one gradient evaluation per step.
+
+Example:
+    >>> integrator = Splitting("BAOAB")
+    >>> integrator.weak_order
+    2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bayesflow.engine.accumulator import Accumulator
+from bayesflow.engine.context import Context
+from bayesflow.engine.system import StepInputs, System
+
+__all__ = ["EulerMaruyama", "Integrator", "Nesterov", "SemiImplicitEuler", "Splitting"]
+
+
+class Integrator:
+    """An integrator advances ``ctx.z`` by one step; it declares its weak order."""
+
+    weak_order: int = 1
+    needs_momenta: bool = False
+    caches_gradient: bool = False
+
+    def advance(self, system: System, ctx: Context, inputs: StepInputs, scales: dict) -> None:
+        raise NotImplementedError
+
+    def evaluates_at_start(self) -> bool:
+        """Whether the one gradient of a step is taken at the step's starting θ."""
+        return True
+
+
+def _h(inputs: StepInputs, scales: dict, component: str, step: int) -> float:
+    scale = scales.get(component)
+    return inputs.h if scale is None else inputs.h * scale(step)
+
+
+@dataclass(frozen=True)
+class EulerMaruyama(Integrator):
+    """z ← z + h·drift(z) + sqrt(2Th)·D^{1/2}ξ, all components from the old z."""
+
+    weak_order: int = field(default=1, init=False)
+
+    def advance(self, system, ctx, inputs, scales):
+        rows = list(system.rows)
+        if rows == ["params"] and not system.state_dependent["params"]:
+            system.row(ctx, inputs, "params", _h(inputs, scales, "params", ctx.step))
+            return
+        system.potential(ctx, inputs)
+        increments = {}
+        for row in rows:
+            current = ctx.z[row].leaves
+            increments[row] = Accumulator([leaf.new_zeros(leaf.shape) for leaf in current], owned=True)
+            system.row(ctx, inputs, row, _h(inputs, scales, row, ctx.step), target=increments[row])
+        for row, increment in increments.items():
+            ctx.z[row].add(increment.leaves)
+
+
+@dataclass(frozen=True)
+class SemiImplicitEuler(Integrator):
+    """Components updated in ``order``, each from the newest values (symplectic Euler)."""
+
+    order: tuple[str, ...] = ("momenta", "params", "xi")
+    weak_order: int = field(default=1, init=False)
+
+    def advance(self, system, ctx, inputs, scales):
+        system.potential(ctx, inputs)
+        for row in self.order:
+            if row in system.rows:
+                system.row(ctx, inputs, row, _h(inputs, scales, row, ctx.step))
+
+
+@dataclass(frozen=True)
+class Nesterov(Integrator):
+    """Momenta first; then θ moves with the look-ahead momentum (torch's ``nesterov=True``)."""
+
+    weak_order: int = field(default=1, init=False)
+    needs_momenta: bool = field(default=True, init=False)
+
+    def advance(self, system, ctx, inputs, scales):
+        h_momenta = _h(inputs, scales, "momenta", ctx.step)
+        system.row(ctx, inputs, "momenta", h_momenta)
+        updated = ctx.z["momenta"]
+        look_ahead = Accumulator(list(updated.leaves), owned=False)
+        system.row(ctx, inputs, "momenta", h_momenta, noise=False, target=look_ahead)
+        ctx.z["momenta"] = look_ahead
+        system.row(ctx, inputs, "params", _h(inputs, scales, "params", ctx.step))
+        ctx.z["momenta"] = updated
+        if "xi" in system.rows:
+            system.row(ctx, inputs, "xi", _h(inputs, scales, "xi", ctx.step))
+
+
+@dataclass(frozen=True)
+class Splitting(Integrator):
+    """A splitting word over A, B, O; each letter advances by h / (number of its occurrences)."""
+
+    word: str = "BAOAB"
+    needs_momenta: bool = field(default=True, init=False)
+
+    def __post_init__(self):
+        if not self.word or set(self.word) - set("ABO"):
+            raise ValueError(f"a splitting word uses only the letters A, B and O, got {self.word!r}")
+        for letter in "ABO":
+            if letter not in self.word:
+                raise ValueError(f"splitting word {self.word!r} lacks {letter!r}")
+
+    @property
+    def weak_order(self) -> int:
+        return 2 if self.word == self.word[::-1] else 1
+
+    @property
+    def caches_gradient(self) -> bool:
+        kicks = [i for i, c in enumerate(self.word) if c == "B"]
+        drifts = [i for i, c in enumerate(self.word) if c == "A"]
+        return kicks[-1] > drifts[-1] and kicks[0] < drifts[0]
+
+    def evaluates_at_start(self) -> bool:
+        return self.word.index("B") < self.word.index("A")
+
+    def advance(self, system, ctx, inputs, scales):
+        counts = {letter: self.word.count(letter) for letter in "ABO"}
+        for letter in self.word:
+            if letter == "A":
+                system.row(ctx, inputs, "params", _h(inputs, scales, "params", ctx.step) / counts["A"])
+                inputs.fresh = False
+            elif letter == "B":
+                h = _h(inputs, scales, "momenta", ctx.step) / counts["B"]
+                system.row(ctx, inputs, "momenta", h, noise=False, columns=("params", "xi"))
+            else:
+                h = _h(inputs, scales, "momenta", ctx.step) / counts["O"]
+                system.ornstein_uhlenbeck(ctx, inputs, h)

@@ -1,0 +1,84 @@
+"""Seeded Gaussian noise whose generator state lives in the (checkpointable) sampler state.
+
+One :class:`NoiseStream` per transform keeps a ``torch.Generator`` per chain and scratch buffers.
+A step loads the state's generator state (skipped when it is the state this stream just produced,
+the usual case of a chain advancing), draws one flat buffer per component and writes the new
+generator state back into the returned state. Runs are exactly reproducible from the seed, and a
+saved state resumes the identical trajectory. At T = 0 nothing here is called.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bayesflow.engine.accumulator import Leaves
+
+
+class NoiseStream:
+    """Standard normal draws shaped like leaves, from the generator state stored in a state.
+
+    Args:
+        device: where the generators live (the parameters' device).
+        chains: number of chains with independent generators (None: a single chain).
+    """
+
+    def __init__(self, device: torch.device, chains: int | None = None):
+        self.device = device
+        self.chains = chains
+        self.generators = [torch.Generator(device=device) for _ in range(chains or 1)]
+        self._buffers: dict = {}
+        self._produced = None
+
+    def initial_state(self, seed: int | None) -> torch.Tensor:
+        """Generator state(s) for a seed (drawn from torch's global RNG when None)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        states = []
+        for chain, generator in enumerate(self.generators):
+            generator.manual_seed(seed + 7919 * chain)
+            states.append(generator.get_state())
+        self._produced = None
+        return states[0] if self.chains is None else torch.stack(states)
+
+    def load(self, rng_state: torch.Tensor) -> None:
+        if rng_state is self._produced:
+            return
+        states = [rng_state] if self.chains is None else list(rng_state)
+        for generator, state in zip(self.generators, states):
+            generator.set_state(state)
+
+    def save(self) -> torch.Tensor:
+        states = [generator.get_state() for generator in self.generators]
+        self._produced = states[0] if self.chains is None else torch.stack(states)
+        return self._produced
+
+    def normal(self, like: Leaves, key: str) -> tuple[torch.Tensor, Leaves]:
+        """A flat buffer of standard normals and its views shaped like ``like``.
+
+        The buffer is reused between calls with the same ``key``: consume it before the next draw.
+        With chains, leaves carry a leading chain dimension and each chain draws from its own stream.
+        """
+        entry = self._buffers.get(key)
+        signature = tuple((leaf.shape, leaf.dtype) for leaf in like)
+        if entry is None or entry[0] != signature:
+            entry = self._allocate(like, signature)
+            self._buffers[key] = entry
+        _, buffer, views = entry
+        if self.chains is None:
+            torch.randn(buffer.shape, generator=self.generators[0], out=buffer)
+        else:
+            for chain, generator in enumerate(self.generators):
+                torch.randn(buffer.shape[1:], generator=generator, out=buffer[chain])
+        return buffer, views
+
+    def _allocate(self, like: Leaves, signature):
+        dtype, device = like[0].dtype, like[0].device
+        if self.chains is None:
+            sizes = [leaf.numel() for leaf in like]
+            buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
+            views = [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes), like)]
+        else:
+            sizes = [leaf[0].numel() for leaf in like]
+            buffer = torch.empty(self.chains, sum(sizes), dtype=dtype, device=device)
+            views = [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes, dim=1), like)]
+        return signature, buffer, views

@@ -1,0 +1,319 @@
+r"""Linear operators on the extended state: the D (diffusion), Q (curl) and N (data-size) of the SDE.
+
+Every operator answers one protocol, used by every integrator:
+
+* ``accumulate(out, v, alpha, ctx)``: ``out += alpha * O(z) v`` (foreach, in place on ``out``);
+* ``sqrt_accumulate(out, noise, alpha, ctx)``: ``out += alpha * O(z)^{1/2} noise`` (diffusions);
+* ``divergence(ctx)``: the block's contribution :math:`\sum_j \partial_j O_{ij}(z)` to Γ, or None
+  where it is zero (constant operators);
+* ``diagonal(ctx)``: a float or one tensor per leaf where O is diagonal (exact Ornstein–Uhlenbeck
+  steps need it), else None;
+* ``check(shapes, role, where)``: validation at ``init`` against the component's leaf shapes.
+
+Operators here act on one component (or one block of a :class:`~bayesflow.engine.block.Block`).
+Constant operators carry no state; :mod:`bayesflow.engine.preconditioners` adds stateful diagonals.
+
+Example:
+    >>> from bayesflow.engine import operators as ops
+    >>> D = ops.Scalar(1.0)                                   # SGLD's identity diffusion
+    >>> Q = ops.Dense(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))  # a rotation on flat 2-D params
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from bayesflow.engine.accumulator import Accumulator, Leaves
+from bayesflow.engine.context import Context, flat, split_like
+
+__all__ = ["Dense", "Diagonal", "Function", "Operator", "Scalar", "Zero"]
+
+ROLES = ("diffusion", "curl", "coupling")
+
+
+class Operator:
+    """Base class: a zero operator. Subclasses override what they support."""
+
+    state_dependent: bool = False
+    """Whether O depends on z, so that Γ may be non-zero."""
+
+    is_zero: bool = False
+
+    def preconditioners(self) -> tuple:
+        """Stateful preconditioners this operator reads (updated once per step by the engine)."""
+        return ()
+
+    def accumulate(self, out: Accumulator, v: Leaves, alpha: float, ctx: Context) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot multiply a vector")
+
+    def sqrt_accumulate(self, out: Accumulator, noise: Leaves, alpha: float, ctx: Context) -> None:
+        raise ValueError(f"{type(self).__name__} has no square root: it cannot be a diffusion")
+
+    def divergence(self, ctx: Context) -> Leaves | None:
+        return None
+
+    def diagonal(self, ctx: Context) -> float | Leaves | None:
+        return None
+
+    def symbol(self) -> tuple | None:
+        """``(kind, reference, scale)`` for cheap symmetry checks between blocks, or None."""
+        return None
+
+    def check(self, shapes: list[torch.Size], role: str, where: str) -> None:
+        """Raise a ValueError naming ``where`` if the operator does not fit ``shapes`` or ``role``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Zero(Operator):
+    """The zero operator (no diffusion, no circulation)."""
+
+    is_zero = True
+
+    def accumulate(self, out, v, alpha, ctx):
+        pass
+
+    def sqrt_accumulate(self, out, noise, alpha, ctx):
+        pass
+
+    def diagonal(self, ctx):
+        return 0.0
+
+    def symbol(self):
+        return ("scalar", None, 0.0)
+
+    def __eq__(self, other):
+        return isinstance(other, Zero)
+
+    def __hash__(self):
+        return hash(Zero)
+
+
+class Scalar(Operator):
+    r"""``c · I``. ``Scalar(1.0)`` is the identity (SGLD's diffusion).
+
+    Args:
+        value: the constant c (a Python float: it folds into foreach ``alpha`` at no cost).
+    """
+
+    def __init__(self, value: float = 1.0):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError("Scalar takes one number; use Diagonal for per-element values")
+            value = value.item()
+        if not math.isfinite(value):
+            raise ValueError(f"Scalar operator value must be finite, got {value}")
+        self.value = float(value)
+        self.is_zero = self.value == 0.0
+
+    def accumulate(self, out, v, alpha, ctx):
+        if self.value != 0.0:
+            out.add(v, alpha=alpha * self.value)
+
+    def sqrt_accumulate(self, out, noise, alpha, ctx):
+        if self.value != 0.0:
+            out.add(noise, alpha=alpha * math.sqrt(self.value))
+
+    def diagonal(self, ctx):
+        return self.value
+
+    def symbol(self):
+        return ("scalar", None, self.value)
+
+    def check(self, shapes, role, where):
+        if role == "diffusion" and self.value < 0:
+            raise ValueError(f"{where}: diffusion must be positive semi-definite, got Scalar({self.value})")
+        if role == "curl" and self.value != 0:
+            raise ValueError(
+                f"{where}: a curl block on the diagonal must be skew-symmetric, got Scalar({self.value})"
+            )
+
+    def __eq__(self, other):
+        return isinstance(other, Scalar) and other.value == self.value
+
+    def __hash__(self):
+        return hash(("Scalar", self.value))
+
+    def __repr__(self):
+        return f"Scalar({self.value:g})"
+
+
+class Diagonal(Operator):
+    """``diag(values)`` with one constant tensor per leaf (a tree matching the component).
+
+    Args:
+        values: a tensor or tree of tensors broadcastable to the component's leaves.
+    """
+
+    def __init__(self, values):
+        from bayesflow.tree import flatten
+
+        self.values, _ = flatten(values)
+        if not all(torch.isfinite(v).all() for v in self.values):
+            raise ValueError("Diagonal operator values must be finite")
+        self._sqrt = None
+
+    def accumulate(self, out, v, alpha, ctx):
+        out.addcmul(self.values, v, value=alpha)
+
+    def sqrt_accumulate(self, out, noise, alpha, ctx):
+        if self._sqrt is None:
+            self._sqrt = torch._foreach_sqrt(self.values)
+        out.addcmul(self._sqrt, noise, value=alpha)
+
+    def diagonal(self, ctx):
+        return self.values
+
+    def symbol(self):
+        return ("diagonal", id(self), 1.0)
+
+    def check(self, shapes, role, where):
+        if len(shapes) != len(self.values):
+            raise ValueError(f"{where}: Diagonal has {len(self.values)} leaves, the state has {len(shapes)}")
+        for i, (value, shape) in enumerate(zip(self.values, shapes)):
+            if torch.broadcast_shapes(value.shape, shape) != shape:
+                raise ValueError(
+                    f"{where}: Diagonal leaf {i} of shape {tuple(value.shape)} does not broadcast "
+                    f"to the parameter shape {tuple(shape)}"
+                )
+            if role == "diffusion" and (value < 0).any():
+                raise ValueError(f"{where}: diffusion must be positive semi-definite; leaf {i} has "
+                                 f"negative diagonal entries (min {value.min().item():g})")
+            if role == "curl" and (value != 0).any():
+                raise ValueError(f"{where}: a diagonal curl must be zero (Q is skew-symmetric)")
+
+    def __repr__(self):
+        return f"Diagonal(<{len(self.values)} leaves>)"
+
+
+def _check_matrix(matrix: torch.Tensor, role: str, where: str, atol: float | None = None) -> None:
+    scale = matrix.abs().max().clamp_min(1.0).item()
+    atol = atol if atol is not None else 1e-6 * scale
+    if role == "diffusion":
+        asymmetry = (matrix - matrix.T).abs().max().item()
+        if asymmetry > atol:
+            raise ValueError(f"{where}: diffusion D must be symmetric; max |D - Dᵀ| = {asymmetry:.3g}")
+        smallest = torch.linalg.eigvalsh(matrix.double()).min().item()
+        if smallest < -atol:
+            raise ValueError(
+                f"{where}: diffusion D must be positive semi-definite; smallest eigenvalue {smallest:.3g}"
+            )
+    elif role == "curl":
+        asymmetry = (matrix + matrix.T).abs().max().item()
+        if asymmetry > atol:
+            raise ValueError(f"{where}: curl Q must be skew-symmetric; max |Q + Qᵀ| = {asymmetry:.3g}")
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root via eigh (works for singular PSD matrices, unlike Cholesky)."""
+    eigenvalues, vectors = torch.linalg.eigh(matrix)
+    return (vectors * eigenvalues.clamp_min(0).sqrt()) @ vectors.T
+
+
+class Dense(Operator):
+    """A constant d×d matrix acting on the flattened component (research use: flat parameters).
+
+    Args:
+        matrix: a ``(d, d)`` tensor, d the number of scalars in the component. A diffusion must be
+            symmetric positive semi-definite, a curl skew-symmetric (checked at ``init``).
+    """
+
+    def __init__(self, matrix: torch.Tensor):
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"Dense needs a square matrix, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self._sqrt = None
+
+    def accumulate(self, out, v, alpha, ctx):
+        out.add(split_like(self.matrix @ flat(v), out.leaves), alpha=alpha)
+
+    def sqrt_accumulate(self, out, noise, alpha, ctx):
+        if self._sqrt is None:
+            self._sqrt = _psd_sqrt(self.matrix)
+        out.add(split_like(self._sqrt @ flat(noise), out.leaves), alpha=alpha)
+
+    def diagonal(self, ctx):
+        off = self.matrix - torch.diag(torch.diagonal(self.matrix))
+        return None if off.any() else split_like(torch.diagonal(self.matrix), ctx.leaves("params"))
+
+    def check(self, shapes, role, where):
+        d = sum(math.prod(s) for s in shapes)
+        if self.matrix.shape[0] != d:
+            raise ValueError(f"{where}: Dense matrix is {tuple(self.matrix.shape)} but the component "
+                             f"has {d} scalars")
+        _check_matrix(self.matrix, role, where)
+
+    def __repr__(self):
+        return f"Dense({tuple(self.matrix.shape)})"
+
+
+class Function(Operator):
+    r"""A user-defined, possibly state-dependent operator on the flattened component.
+
+    Args:
+        matvec: ``matvec(z, v) -> O(z) v`` on flat 1-D tensors.
+        sqrt_matvec: ``sqrt_matvec(z, v) -> O(z)^{1/2} v``; needed for a diffusion. If omitted,
+            the engine materialises O(z) (d matvecs) and takes a symmetric square root: research scale.
+        divergence: ``divergence(z) -> Γ`` with :math:`Γ_i = \sum_j \partial_j O_{ij}(z)`. If omitted
+            and ``state_dependent``, Γ is computed with ``torch.func`` (d forward-mode products).
+        state_dependent: whether O depends on z (False: Γ = 0).
+
+    Example (the Γ test of ENGINE.md, D(x) = 1 + x²):
+        >>> D = Function(lambda z, v: (1 + z**2) * v, sqrt_matvec=lambda z, v: (1 + z**2).sqrt() * v)
+    """
+
+    def __init__(self, matvec: Callable, sqrt_matvec: Callable | None = None,
+                 divergence: Callable | None = None, state_dependent: bool = True):
+        if not callable(matvec):
+            raise TypeError(f"Function needs a callable matvec(z, v), got {type(matvec).__name__}")
+        self.matvec = matvec
+        self.sqrt_matvec = sqrt_matvec
+        self.divergence_fn = divergence
+        self.state_dependent = state_dependent
+
+    def _z(self, ctx: Context, like: Leaves) -> torch.Tensor:
+        return flat(like)
+
+    def matrix(self, z: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(z.numel(), dtype=z.dtype, device=z.device)
+        return torch.func.vmap(lambda e: self.matvec(z, e))(eye).T
+
+    def accumulate(self, out, v, alpha, ctx):
+        z = flat(ctx.leaves("params")) if self.state_dependent else None
+        out.add(split_like(self.matvec(z, flat(v)), out.leaves), alpha=alpha)
+
+    def sqrt_accumulate(self, out, noise, alpha, ctx):
+        z = flat(ctx.leaves("params")) if self.state_dependent else None
+        if self.sqrt_matvec is not None:
+            result = self.sqrt_matvec(z, flat(noise))
+        else:
+            result = _psd_sqrt(self.matrix(z)) @ flat(noise)
+        out.add(split_like(result, out.leaves), alpha=alpha)
+
+    def divergence(self, ctx):
+        if not self.state_dependent:
+            return None
+        z = flat(ctx.leaves("params"))
+        if self.divergence_fn is not None:
+            gamma = self.divergence_fn(z)
+        else:
+            # Γ_i = Σ_j ∂_j O_ij = Σ_j [∂/∂z_j (O(z) e_j)]_i: one jvp along each basis vector.
+            def column_derivative(e):
+                return torch.func.jvp(lambda x: self.matvec(x, e), (z,), (e,))[1]
+
+            eye = torch.eye(z.numel(), dtype=z.dtype, device=z.device)
+            gamma = torch.func.vmap(column_derivative)(eye).sum(0)
+        return split_like(gamma, ctx.leaves("params"))
+
+    def validate_at(self, z: torch.Tensor, role: str, where: str) -> None:
+        """Check symmetry / skew-symmetry of O(z) at the initial point (for d ≤ 2048)."""
+        if z.numel() <= 2048:
+            _check_matrix(self.matrix(z), role, where)
+
+    def __repr__(self):
+        name = getattr(self.matvec, "__name__", "matvec")
+        return f"Function({name}, state_dependent={self.state_dependent})"

@@ -1,0 +1,149 @@
+r"""Stateful diagonal preconditioners and the operators that read them.
+
+A preconditioner keeps running statistics of the potential gradient :math:`a = \nabla_θ ℓ / N -
+λθ` and exposes a diagonal scale :math:`P` (one tensor per leaf). The engine updates every
+preconditioner once per step, before any drift, so all operators of the step see the same P:
+
+.. math::
+    v \leftarrow ρ v + (1-ρ) a^2, \qquad
+    P = \sqrt{\max(v, v_{max})/c_t - \bar a^2} + ε, \qquad c_t = 1 - ρ^{t+1}\ \text{(bias correction)}
+
+RMSprop (and pSGLD) is ``SquaredGradientAverage(alpha, eps)``, its centered variant adds the mean
+:math:`\bar a`, and Adam's second moment is ``SquaredGradientAverage(beta2, eps,
+bias_correction=True, amsgrad=...)``. Because v is built from past gradients, P is frozen within a
+step and treated as independent of z; its Γ is zero by that convention (pSGLD's choice).
+
+Example:
+    >>> rms = SquaredGradientAverage(decay=0.99, eps=1e-8)
+    >>> D = Preconditioned(rms, power=-1.0)   # pSGLD: D = diag(1 / (sqrt(v) + eps))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bayesflow.engine.accumulator import Accumulator, Leaves
+from bayesflow.engine.context import Context
+from bayesflow.engine.operators import Operator
+
+__all__ = ["Preconditioned", "SquaredGradientAverage"]
+
+
+class SquaredGradientAverage:
+    """Exponential moving average of squared gradients (RMSprop, Adam's second moment).
+
+    Args:
+        decay: ρ in [0, 1).
+        eps: ε > 0 added after the square root.
+        centered: subtract the squared running mean of the gradient (centered RMSprop).
+        bias_correction: divide v by 1 - ρ^(t+1) (Adam).
+        amsgrad: use the running maximum of v (AMSGrad).
+    """
+
+    def __init__(self, decay: float, eps: float, centered: bool = False,
+                 bias_correction: bool = False, amsgrad: bool = False):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be non-negative, got {eps}")
+        self.decay = float(decay)
+        self.eps = float(eps)
+        self.centered = centered
+        self.bias_correction = bias_correction
+        self.amsgrad = amsgrad
+
+    def init(self, params: Leaves) -> tuple[Leaves, ...]:
+        fields = [[torch.zeros_like(p) for p in params]]
+        if self.centered:
+            fields.append([torch.zeros_like(p) for p in params])
+        if self.amsgrad:
+            fields.append([torch.zeros_like(p) for p in params])
+        return tuple(fields)
+
+    def update(self, state: tuple[Leaves, ...], grads: Leaves, step: int,
+               inplace: bool) -> tuple[tuple[Leaves, ...], Leaves]:
+        """New statistics from ascent gradients ``grads`` and the diagonal P for this step."""
+        average = Accumulator(state[0], inplace)
+        average.mul(self.decay)
+        average.addcmul(grads, grads, value=1.0 - self.decay)
+        new_state = [average.leaves]
+        second = average.leaves
+        if self.centered:
+            mean = Accumulator(state[1], inplace)
+            mean.mul(self.decay)
+            mean.add(grads, alpha=1.0 - self.decay)
+            new_state.append(mean.leaves)
+            second = torch._foreach_addcmul(second, mean.leaves, mean.leaves, value=-1.0)
+        if self.amsgrad:
+            maximum = state[-1]
+            if inplace:
+                torch._foreach_maximum_(maximum, second)
+            else:
+                maximum = torch._foreach_maximum(maximum, second)
+            new_state.append(maximum)
+            second = maximum
+        scale = torch._foreach_sqrt(second)
+        if self.bias_correction:
+            torch._foreach_div_(scale, math.sqrt(1.0 - self.decay ** (step + 1)))
+        torch._foreach_add_(scale, self.eps)
+        return tuple(new_state), scale
+
+    def __repr__(self):
+        flags = [n for n in ("centered", "bias_correction", "amsgrad") if getattr(self, n)]
+        return f"SquaredGradientAverage(decay={self.decay:g}, eps={self.eps:g}{''.join(', ' + f for f in flags)})"
+
+
+class Preconditioned(Operator):
+    """``scale · diag(P)^power`` for a stateful preconditioner P (power +1 or -1).
+
+    Args:
+        preconditioner: e.g. :class:`SquaredGradientAverage`; shared by every operator that names it.
+        power: +1 (multiply by P) or -1 (divide by P).
+        scale: a constant factor.
+    """
+
+    def __init__(self, preconditioner, power: float = -1.0, scale: float = 1.0):
+        if power not in (1.0, -1.0):
+            raise ValueError(f"power must be +1 or -1, got {power}")
+        self.preconditioner = preconditioner
+        self.power = float(power)
+        self.scale = float(scale)
+
+    def preconditioners(self):
+        return (self.preconditioner,)
+
+    def _values(self, ctx: Context) -> Leaves:
+        return ctx.preconditioned[id(self.preconditioner)]
+
+    def accumulate(self, out, v, alpha, ctx):
+        if self.power > 0:
+            out.addcmul(self._values(ctx), v, value=alpha * self.scale)
+        else:
+            out.addcdiv(v, self._values(ctx), value=alpha * self.scale)
+
+    def sqrt_accumulate(self, out, noise, alpha, ctx):
+        root = torch._foreach_sqrt(self._values(ctx))
+        if self.power > 0:
+            out.addcmul(root, noise, value=alpha * math.sqrt(self.scale))
+        else:
+            out.addcdiv(noise, root, value=alpha * math.sqrt(self.scale))
+
+    def diagonal(self, ctx):
+        values = self._values(ctx)
+        if self.power > 0:
+            return torch._foreach_mul(values, self.scale)
+        return torch._foreach_div(torch._foreach_reciprocal(values), 1.0 / self.scale)
+
+    def symbol(self):
+        return ("preconditioned", (id(self.preconditioner), self.power), self.scale)
+
+    def check(self, shapes, role, where):
+        if role == "curl":
+            raise ValueError(f"{where}: a diagonal preconditioner cannot be a curl block on the diagonal")
+        if role == "diffusion" and self.scale < 0:
+            raise ValueError(f"{where}: diffusion must be positive semi-definite, got scale {self.scale}")
+
+    def __repr__(self):
+        return f"Preconditioned({self.preconditioner!r}, power={self.power:+g}, scale={self.scale:g})"

@@ -1,0 +1,104 @@
+r"""Schedules of the step count: temperatures, step sizes and step-dependent coefficients.
+
+Schedules are small value objects (printable, comparable) so an engine configuration stays data.
+Anything callable ``step -> float`` is accepted too.
+
+Example (cyclical SGLD, Zhang et al. 2020):
+    >>> h = Cyclical(initial=1e-2, period=1000)          # cosine step size restarting every 1000 steps
+    >>> T = Cyclical(initial=1e-4, period=1000, exploration=0.8, floor=0.0)  # T = 0 for the first 80%
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BiasCorrection", "Constant", "Cyclical", "FirstStep", "as_schedule"]
+
+
+@dataclass(frozen=True)
+class Constant:
+    """``f(t) = value``."""
+
+    value: float
+
+    def __call__(self, step: int) -> float:
+        return self.value
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    r"""``f(t) = 1 / (1 - β^{t+1})``: Adam's first-moment bias correction as a step-size factor."""
+
+    beta: float
+
+    def __call__(self, step: int) -> float:
+        return 1.0 / (1.0 - self.beta ** (step + 1))
+
+
+@dataclass(frozen=True)
+class FirstStep:
+    """``first`` at step 0 and ``then`` afterwards (torch SGD starts its momentum buffer undampened)."""
+
+    first: float
+    then: float = 1.0
+
+    def __call__(self, step: int) -> float:
+        return self.first if step == 0 else self.then
+
+
+@dataclass(frozen=True)
+class Cyclical:
+    r"""Cosine cycles: :math:`f(t) = \tfrac{a}{2}(\cos(\pi\, (t \bmod P)/P) + 1)`.
+
+    Args:
+        initial: a, the value at the start of each cycle.
+        period: P, steps per cycle.
+        exploration: fraction of each cycle in which ``floor`` replaces the value (cSGLD's
+            exploration stage runs at T = 0); None keeps the cosine throughout.
+        floor: the value during exploration.
+    """
+
+    initial: float
+    period: int
+    exploration: float | None = None
+    floor: float = 0.0
+
+    def __post_init__(self):
+        if self.period < 1:
+            raise ValueError(f"period must be a positive number of steps, got {self.period}")
+        if self.exploration is not None and not 0.0 <= self.exploration <= 1.0:
+            raise ValueError(f"exploration must be a fraction in [0, 1], got {self.exploration}")
+
+    def __call__(self, step: int) -> float:
+        phase = (step % self.period) / self.period
+        if self.exploration is not None and phase < self.exploration:
+            return self.floor
+        return 0.5 * self.initial * (math.cos(math.pi * phase) + 1.0)
+
+
+def as_schedule(value, name: str) -> Callable[[int], float] | torch.Tensor:
+    """A float becomes :class:`Constant`; a callable is kept; a tensor (one value per chain) is kept."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 1:
+            raise ValueError(f"{name} tensor must hold one value per chain (1-D), got {tuple(value.shape)}")
+        if not torch.isfinite(value).all() or (value < 0).any():
+            raise ValueError(f"{name} values must be finite and non-negative, got {value}")
+        return value
+    if callable(value):
+        return value
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be finite and non-negative, got {value}")
+        return Constant(float(value))
+    raise TypeError(f"{name} must be a float, a schedule step -> float or a tensor, got {type(value).__name__}")
+
+
+def is_zero(schedule) -> bool:
+    """True when a schedule is the constant 0 (then no random numbers are ever drawn)."""
+    if isinstance(schedule, torch.Tensor):
+        return bool((schedule == 0).all())
+    return isinstance(schedule, Constant) and schedule.value == 0.0

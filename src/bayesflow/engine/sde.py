@@ -1,0 +1,277 @@
+r"""``build``: the one integrator behind every sampler, optimizer and ensemble in bayesflow.
+
+.. math::
+    dz = -[D(z) + Q(z)]\,\nabla H(z)\,dt + T\,Γ(z)\,dt + \sqrt{2 T D(z)}\,dW, \qquad
+    H(z) = -ℓ(θ)/N + \tfrac12 m^\top M^{-1} m + \tfrac d2 (ξ - A)^2
+
+with ℓ the user's ``log_posterior`` (per datum, posteriors' convention), T the temperature
+(T = 1/num_data samples the posterior, T = 0 optimizes) and Γᵢ = Σⱼ ∂ⱼ(Dᵢⱼ + Qᵢⱼ).
+
+Example:
+    >>> def log_posterior(params, batch):
+    ...     return -0.5 * (params**2).sum(), None
+    >>> transform = build(log_posterior, SDEConfig(step_size=0.1, temperature=1.0))  # SGLD
+    >>> state = transform.init(torch.zeros(3), seed=0)
+    >>> state, aux = transform.update(state, batch=None)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bayesflow.engine.accumulator import Accumulator
+from bayesflow.engine.config import SDEConfig
+from bayesflow.engine.context import Context
+from bayesflow.engine.noise import NoiseStream
+from bayesflow.engine.schedules import as_schedule
+from bayesflow.engine.state import SDEState
+from bayesflow.engine.system import GradientNotAvailable, StepInputs, System
+from bayesflow.engine.validation import check_finite, check_params, resolve_num_data
+from bayesflow.tree import flatten, unflatten
+from bayesflow.types import LogPosterior, Transform
+
+__all__ = ["build"]
+
+
+class _Rejected(Exception):
+    pass
+
+
+def build(log_posterior: LogPosterior, config: SDEConfig | None = None, **fields) -> Transform:
+    """Build the transform ``(init, update, step)`` for an engine configuration.
+
+    Args:
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``, value per datum.
+        config: an :class:`SDEConfig`; or give its fields as keywords.
+
+    Returns:
+        A :class:`~bayesflow.types.Transform`: ``init(params, momenta=None, xi=None, seed=None)``,
+        ``update(state, batch, inplace=False) -> (state, aux)`` and
+        ``step(state, grads, inplace=False, log_posterior=None) -> state`` which advances with
+        gradients the caller computed (DDP, Lightning, custom autograd): ``grads`` is ∇ℓ, the ascent
+        direction of the per-datum log posterior, with the structure of params.
+    """
+    if config is None:
+        config = SDEConfig(**fields)
+    elif fields:
+        raise TypeError("give either a config or its fields as keywords, not both")
+    config.validate()
+    engine = _Engine(log_posterior, config)
+    return Transform(init=engine.init, update=engine.update, step=engine.step, config=config)
+
+
+class _Engine:
+    def __init__(self, log_posterior: LogPosterior, config: SDEConfig):
+        self.log_posterior = log_posterior
+        self.config = config
+        self.components = config.components
+        self.temperature = as_schedule(config.temperature, "temperature")
+        self.step_size = as_schedule(config.step_size, "step_size")
+        self.scales = dict(config.step_scales)
+        self.chains = (self.temperature.numel() if isinstance(self.temperature, torch.Tensor)
+                       and self.temperature.ndim == 1 else None)
+        self.system = None
+        self.noise = None
+        self.spec = None
+
+    # ----- init ---------------------------------------------------------------------------------
+    def init(self, params, momenta=None, xi=None, seed: int | None = None) -> SDEState:
+        """The initial state at ``params`` (a tensor or tree); momenta default to N(0, T·M)."""
+        config = self.config
+        leaves, spec = flatten(params)
+        check_params(leaves)
+        self.spec = spec
+        shapes = [leaf.shape for leaf in leaves]
+        layout = {"params": shapes, "momenta": shapes, "xi": [torch.Size([])]}
+        layout = {c: layout[c] for c in self.components}
+        diffusion, curl = config.diffusion_block, config.curl_block
+        diffusion.check(layout, "diffusion", "diffusion")
+        curl.check(layout, "curl", "curl")
+        from bayesflow.engine.operators import Function
+
+        for name, block, role in (("diffusion", diffusion, "diffusion"), ("curl", curl, "curl")):
+            op = block.blocks.get(("params", "params"))
+            if isinstance(op, Function):
+                op.validate_at(torch.cat([leaf.detach().reshape(-1) for leaf in leaves]), role, name)
+        num_data = resolve_num_data(config.num_data, leaves)
+        self.system = System(diffusion, curl, num_data, config.mass, config.thermostat_target,
+                             config.weight_decay, config.gamma)
+        self.noise = NoiseStream(leaves[0].device, self.chains)
+        rng = self.noise.initial_state(seed)
+        numel = sum(leaf[0].numel() if self.chains else leaf.numel() for leaf in leaves)
+        self.numel = numel
+        ctx = Context({"params": Accumulator(leaves, False)}, 0, {}, numel)
+        states = tuple(p.init(leaves) for p in self.system.preconditioners)
+        momenta_tree = None
+        if "momenta" in self.components:
+            momenta_tree = self._initial_momenta(momenta, leaves, spec, ctx, rng)
+            rng = self.noise.save() if self.noise._produced is not None else rng
+        xi_value = None
+        if "xi" in self.components:
+            xi_value = (torch.as_tensor(xi, dtype=leaves[0].dtype, device=leaves[0].device).clone()
+                        if xi is not None else
+                        torch.full((), float(config.thermostat_target), dtype=leaves[0].dtype,
+                                   device=leaves[0].device))
+        return SDEState(
+            params=params,
+            momenta=momenta_tree,
+            xi=xi_value,
+            log_posterior=torch.full((), math.nan, dtype=leaves[0].dtype, device=leaves[0].device),
+            step=torch.zeros((), dtype=torch.int64),
+            preconditioner=states,
+            gradient=(),
+            rng=rng,
+        )
+
+    def _initial_momenta(self, momenta, leaves, spec, ctx, rng):
+        if momenta is not None:
+            given, given_spec = flatten(momenta)
+            if given_spec != spec or any(a.shape != b.shape for a, b in zip(given, leaves)):
+                raise ValueError("momenta must have the structure and shapes of params")
+            return momenta
+        zeros = [torch.zeros_like(leaf) for leaf in leaves]
+        temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else self.temperature(0)
+        hot = bool((temperature != 0).any()) if isinstance(temperature, torch.Tensor) else temperature != 0
+        if self.config.momenta_init == "zero" or not hot:
+            return unflatten(spec, zeros)
+        mass = self.config.mass.diagonal(ctx) if not self.config.mass.preconditioners() else 1.0
+        self.noise.load(rng)
+        flat_noise, views = self.noise.normal(zeros, "momenta")
+        scale = 1.0
+        if isinstance(temperature, torch.Tensor):
+            flat_noise.mul_(temperature.sqrt().view(-1, 1).to(flat_noise.dtype))
+        else:
+            scale = math.sqrt(temperature)
+        drawn = [view.clone() * scale for view in views]
+        if isinstance(mass, float):
+            drawn = [d * math.sqrt(mass) for d in drawn]
+        else:
+            drawn = [d * m.sqrt() for d, m in zip(drawn, mass)]
+        return unflatten(spec, drawn)
+
+    # ----- the step -----------------------------------------------------------------------------
+    def update(self, state: SDEState, batch, inplace: bool = False):
+        """Advance one step, evaluating ∇ℓ with autograd on ``batch``. Returns ``(state, aux)``."""
+        aux_box = [None]
+
+        def gradient_fn(leaves):
+            detached = [leaf.detach().requires_grad_(True) for leaf in leaves]
+            with torch.enable_grad():
+                value, aux = self.log_posterior(unflatten(self.spec, detached), batch)
+                grads = torch.autograd.grad(value, detached, allow_unused=True)
+            grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+            aux_box[0] = aux
+            return grads, value.detach(), True
+
+        new_state = self._advance(state, gradient_fn, inplace)
+        return new_state, aux_box[0]
+
+    def step(self, state: SDEState, grads, inplace: bool = False, log_posterior=None) -> SDEState:
+        """Advance one step with the caller's gradient ∇ℓ(θ_t) (same structure as params)."""
+        grad_leaves, _ = flatten(grads)
+        given = [grad_leaves]
+
+        def gradient_fn(leaves):
+            if not given:
+                raise GradientNotAvailable(
+                    f"{self.config.integrator!r} needs a gradient at a second point in the step; "
+                    "use update(state, batch) instead of step(state, grads)")
+            if len(given[0]) != len(leaves):
+                raise ValueError(f"grads has {len(given[0])} leaves, params has {len(leaves)}")
+            value = None if log_posterior is None else torch.as_tensor(log_posterior).detach()
+            return given.pop(), value, False
+
+        if not self.config.integrator.evaluates_at_start():
+            raise GradientNotAvailable(f"{self.config.integrator!r} evaluates its gradient mid-step; "
+                                       "use update(state, batch)")
+        return self._advance(state, gradient_fn, inplace, cached=False)
+
+    def _advance(self, state: SDEState, gradient_fn, inplace: bool, cached: bool = True) -> SDEState:
+        if self.system is None:
+            raise RuntimeError("call init(params) before update")
+        config = self.config
+        step = int(state.step)
+        temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else self.temperature(step)
+        h = self.step_size(step)
+        params, spec = flatten(state.params)
+        z = {"params": Accumulator(params, inplace)}
+        if state.momenta is not None:
+            z["momenta"] = Accumulator(flatten(state.momenta)[0], inplace)
+        if state.xi is not None:
+            z["xi"] = Accumulator([state.xi], inplace)
+        checked = self._checked(gradient_fn, step, inplace)
+        cache = list(state.gradient) if (cached and state.gradient) else None
+        inputs = StepInputs(temperature, h, self.noise, checked, cache)
+        ctx = Context(z, step, {}, self.numel)
+        if inputs.hot:
+            self.noise.load(state.rng)
+        try:
+            preconditioner = self._precondition(state, ctx, inputs, inplace)
+            if config.decoupled_weight_decay:
+                z["params"].mul(1.0 - config.decoupled_weight_decay)
+            config.integrator.advance(self.system, ctx, inputs, self.scales)
+        except _Rejected:
+            return state._replace(step=state.step + 1) if not inplace else state._replace(step=state.step.add_(1))
+        return self._finish(state, spec, ctx, inputs, preconditioner, inplace)
+
+    def _precondition(self, state, ctx, inputs, inplace):
+        if not self.system.preconditioners:
+            return state.preconditioner
+        potential, scale = self.system.potential(ctx, inputs)
+        if scale != 1.0:
+            potential = torch._foreach_mul(potential, scale)
+        new = []
+        for p, p_state in zip(self.system.preconditioners, state.preconditioner):
+            p_state, values = p.update(p_state, potential, ctx.step, inplace)
+            ctx.preconditioned[id(p)] = values
+            new.append(p_state)
+        return tuple(new)
+
+    def _finish(self, state, spec, ctx, inputs, preconditioner, inplace):
+        z = ctx.z
+        gradient = ()
+        if self.config.integrator.caches_gradient and inputs.fresh:
+            leaves, scale = self.system.potential(ctx, inputs)
+            gradient = tuple(torch._foreach_mul(leaves, scale) if scale != 1.0 else
+                             (leaves if inputs.owned or inputs.scaled is leaves else [g.clone() for g in leaves]))
+        value = inputs.value if inputs.value is not None else state.log_posterior
+        rng = state.rng
+        if inputs.hot:
+            rng = self.noise.save()
+            if inplace:
+                state.rng.copy_(rng)
+                self.noise._produced = rng = state.rng
+        if inplace:
+            state.step.add_(1)
+            state.log_posterior.copy_(value)
+            return state._replace(preconditioner=preconditioner, gradient=gradient, rng=rng)
+        return SDEState(
+            params=unflatten(spec, z["params"].leaves),
+            momenta=unflatten(spec, z["momenta"].leaves) if "momenta" in z else None,
+            xi=z["xi"].leaves[0] if "xi" in z else None,
+            log_posterior=value,
+            step=state.step + 1,
+            preconditioner=preconditioner,
+            gradient=gradient,
+            rng=rng,
+        )
+
+    def _checked(self, gradient_fn, step, inplace):
+        mode, policy = self.config.check_finite, self.config.on_nonfinite
+        if mode == "none":
+            return gradient_fn
+
+        def checked(leaves):
+            grads, value, owned = gradient_fn(leaves)
+            problem = check_finite(value, grads if mode == "full" else None, self.spec, step)
+            if problem is not None:
+                mid_step = self.config.integrator.caches_gradient or not (
+                    self.config.integrator.evaluates_at_start())
+                if policy == "reject" and not (inplace and mid_step):
+                    raise _Rejected()
+                raise FloatingPointError(problem)
+            return grads, value, owned
+
+        return checked

@@ -1,0 +1,33 @@
+"""The engine's state record: immutable, optree-registered (a NamedTuple), checkpointable."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from bayesflow.types import TensorTree
+
+
+class SDEState(NamedTuple):
+    """State of an engine transform (field names follow posteriors where it has them).
+
+    Attributes:
+        params: θ, with the structure the user passed to ``init``.
+        momenta: m (same structure as params) or None for first-order dynamics.
+        xi: the thermostat ξ (a tensor) or None.
+        log_posterior: the last evaluated log posterior (per datum); NaN before the first update.
+        step: number of updates taken (int64, on the CPU so schedules read it without a sync).
+        preconditioner: running statistics of stateful operators (e.g. RMSprop's average).
+        gradient: the cached potential gradient of first-same-as-last splitting words, else ().
+        rng: the generator state(s) of the noise: saving it resumes the identical trajectory.
+    """
+
+    params: TensorTree
+    momenta: TensorTree | None
+    xi: torch.Tensor | None
+    log_posterior: torch.Tensor
+    step: torch.Tensor
+    preconditioner: tuple[Any, ...]
+    gradient: tuple[torch.Tensor, ...]
+    rng: torch.Tensor

@@ -1,0 +1,189 @@
+r"""The drift, Γ and noise of one row of the SDE — the arithmetic every integrator shares.
+
+For component i of z = (θ, m, ξ) and a sub-step of length h,
+
+.. math::
+    z_i \leftarrow z_i - h \sum_j (D+Q)_{ij} \nabla_j H(z) + h\,T\,Γ_i(z) + \sqrt{2 T h}\,(D^{1/2} ξ)_i,
+
+with :math:`-\nabla_θ H = \nabla_θ ℓ / N - λθ` (ℓ the user's per-datum log posterior, λ the coupled
+weight decay), :math:`\nabla_m H = M^{-1} m` (mass M) and :math:`\nabla_ξ H = d(ξ - A)` (SGNHT's
+thermostat with target friction A, d parameters). Integrators are words over such row updates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bayesflow.engine.accumulator import Accumulator, Leaves
+from bayesflow.engine.block import Block
+from bayesflow.engine.context import Context
+from bayesflow.engine.operators import Operator, Scalar
+
+
+class GradientNotAvailable(RuntimeError):
+    """Raised when an integrator needs the gradient at a point the caller did not provide."""
+
+
+class StepInputs:
+    """Per-step values: temperature, step sizes, noise stream and the potential gradient.
+
+    ``gradient_fn(params_leaves) -> (grads_leaves, value, owned)`` evaluates ∇ℓ (ascent) at θ.
+    """
+
+    __slots__ = ("fresh", "gradient_fn", "grads", "h", "noise", "owned", "scaled", "temperature", "value")
+
+    def __init__(self, temperature, h: float, noise, gradient_fn, cached: Leaves | None):
+        self.temperature = temperature
+        self.h = h
+        self.noise = noise
+        self.gradient_fn = gradient_fn
+        self.grads = cached
+        self.owned = False
+        self.value = None
+        self.scaled = cached  # a cached gradient is stored as the potential -∇_θ H itself
+        self.fresh = cached is not None  # gradient valid at the current θ
+
+    @property
+    def hot(self) -> bool:
+        """Whether noise and Γ are active (T > 0) this step."""
+        T = self.temperature
+        return bool((T != 0).any()) if isinstance(T, torch.Tensor) else T != 0.0
+
+
+class System:
+    """The configured SDE: D, Q, N, mass, thermostat and weight decay, resolved for fast rows."""
+
+    def __init__(self, diffusion: Block, curl: Block, num_data, mass: Operator,
+                 thermostat_target: float, weight_decay: float, gamma: bool):
+        self.diffusion = diffusion
+        self.curl = curl
+        self.num_data = num_data
+        self.mass = mass
+        self.thermostat_target = thermostat_target
+        self.weight_decay = weight_decay
+        self.gamma = gamma
+        rows = sorted(diffusion.components() | curl.components())
+        self.rows = {row: diffusion.terms(row) + curl.terms(row) for row in rows}
+        self.terms = {row: sorted(terms, key=lambda t: t[0] != row) for row, terms in self.rows.items()}
+        self.state_dependent = {row: any(op.state_dependent for _, op in t) for row, t in self.terms.items()}
+        self.preconditioners = tuple({id(p): p for p in diffusion.preconditioners() + curl.preconditioners()
+                                      + mass.preconditioners()}.values())
+
+    # ----- gradients of H -------------------------------------------------------------------
+    def potential(self, ctx: Context, inputs: StepInputs) -> tuple[Leaves, float]:
+        """``(leaves, scale)`` with ``scale * leaves = -∇_θ H``, evaluating ∇ℓ on first use."""
+        if not inputs.fresh:
+            inputs.grads, inputs.value, inputs.owned = inputs.gradient_fn(ctx.leaves("params"))
+            inputs.fresh = True
+            inputs.scaled = None
+        if inputs.scaled is not None:
+            return inputs.scaled, 1.0
+        N = self.num_data
+        if isinstance(N, float) and self.weight_decay == 0.0:
+            return inputs.grads, 1.0 / N
+        factor = [1.0 / n for n in N] if isinstance(N, list) else 1.0 / N
+        if inputs.owned:  # our own autograd output: scale it where it lies
+            scaled = inputs.grads
+            torch._foreach_mul_(scaled, factor)
+        else:
+            scaled = torch._foreach_mul(inputs.grads, factor)
+        if self.weight_decay != 0.0:
+            torch._foreach_add_(scaled, ctx.leaves("params"), alpha=-self.weight_decay)
+        inputs.scaled = scaled
+        return scaled, 1.0
+
+    def grad_h(self, column: str, ctx: Context, inputs: StepInputs) -> tuple[Leaves, float]:
+        """``(leaves, scale)`` with ``scale * leaves = ∇_column H``."""
+        if column == "params":
+            leaves, scale = self.potential(ctx, inputs)
+            return leaves, -scale
+        if column == "momenta":
+            momenta = ctx.leaves("momenta")
+            if isinstance(self.mass, Scalar):
+                return momenta, 1.0 / self.mass.value
+            return torch._foreach_div(momenta, self.mass.diagonal(ctx)), 1.0
+        xi = ctx.leaves("xi")[0]
+        return [(xi - self.thermostat_target) * ctx.numel], 1.0
+
+    # ----- one row ----------------------------------------------------------------------------
+    def row(self, ctx: Context, inputs: StepInputs, row: str, h: float, *, noise: bool = True,
+            columns: tuple[str, ...] | None = None, target: Accumulator | None = None) -> None:
+        """Advance component ``row`` by one Euler sub-step of length h (in place on ``target``).
+
+        ``columns`` restricts the drift to blocks from those components (splitting schemes);
+        ``target`` defaults to the component itself.
+        """
+        target = target if target is not None else ctx.z[row]
+        terms = self.terms.get(row, ())
+        if columns is not None:
+            terms = [(column, op) for column, op in terms if column in columns]
+        hot = noise and inputs.hot
+        if self.state_dependent.get(row, False):
+            out = Accumulator([torch.zeros_like(t) for t in target.leaves], owned=True)
+        else:
+            out = target
+        if hot and self.gamma:
+            self._gamma(ctx, inputs, terms, out, h)
+        for column, op in terms:
+            leaves, scale = self.grad_h(column, ctx, inputs)
+            op.accumulate(out, leaves, -h * scale, ctx)
+        if hot:
+            diffusion = self.diffusion.get(row, row)
+            if not diffusion.is_zero:
+                flat_noise, views = inputs.noise.normal(target.leaves, row)
+                alpha = _noise_scale(flat_noise, inputs.temperature, h)
+                diffusion.sqrt_accumulate(out, views, alpha, ctx)
+        if out is not target:
+            target.add(out.leaves)
+
+    def _gamma(self, ctx, inputs, terms, out, h):
+        for _, op in terms:
+            if op.state_dependent:
+                divergence = op.divergence(ctx)
+                if divergence is not None:
+                    T = inputs.temperature
+                    if isinstance(T, torch.Tensor):
+                        out.add(_per_chain(divergence, T), alpha=h)
+                    else:
+                        out.add(divergence, alpha=h * T)
+
+    def ornstein_uhlenbeck(self, ctx: Context, inputs: StepInputs, h: float) -> None:
+        r"""Exact O step :math:`m \leftarrow e^{-Gh} m + \sqrt{T M (1 - e^{-2Gh})}\,ξ`, G = D_m M^{-1}."""
+        friction = self.diffusion.get("momenta", "momenta").diagonal(ctx)
+        mass = self.mass.diagonal(ctx)
+        if friction is None or mass is None:
+            raise ValueError("an exact O step needs a diagonal momentum diffusion and mass")
+        momenta = ctx.z["momenta"]
+        if isinstance(friction, float) and isinstance(mass, float):
+            decay = math.exp(-friction / mass * h)
+            momenta.mul(decay)
+            if inputs.hot:
+                flat_noise, views = inputs.noise.normal(momenta.leaves, "momenta")
+                alpha = _noise_scale(flat_noise, inputs.temperature, 0.5)
+                momenta.add(views, alpha=alpha * math.sqrt(mass * (1.0 - decay**2)))
+            return
+        like = momenta.leaves
+        friction = friction if isinstance(friction, list) else [torch.full_like(t, friction) for t in like]
+        mass = mass if isinstance(mass, list) else [torch.full_like(t, mass) for t in like]
+        decay = torch._foreach_exp(torch._foreach_mul(torch._foreach_div(friction, mass), -h))
+        momenta.mul(decay)
+        if inputs.hot:
+            spread = torch._foreach_sqrt(torch._foreach_mul(mass, torch._foreach_addcmul(
+                [torch.ones_like(d) for d in decay], decay, decay, value=-1.0)))
+            flat_noise, views = inputs.noise.normal(like, "momenta")
+            alpha = _noise_scale(flat_noise, inputs.temperature, 0.5)
+            momenta.addcmul(spread, views, value=alpha)
+
+
+def _noise_scale(flat_noise: torch.Tensor, temperature, h: float) -> float:
+    """sqrt(2 T h) as a float, or (per-chain temperatures) folded into the buffer's rows."""
+    if isinstance(temperature, torch.Tensor):
+        flat_noise.mul_((2.0 * h * temperature).sqrt().view(-1, 1).to(flat_noise.dtype))
+        return 1.0
+    return math.sqrt(2.0 * temperature * h)
+
+
+def _per_chain(leaves: Leaves, values: torch.Tensor) -> Leaves:
+    return [leaf * values.view(-1, *([1] * (leaf.ndim - 1))).to(leaf.dtype) for leaf in leaves]

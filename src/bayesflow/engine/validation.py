@@ -1,0 +1,57 @@
+"""Boundary checks: parameters, the data-size operator N, non-finite gradients."""
+
+from __future__ import annotations
+
+import math
+
+import optree
+import torch
+
+from bayesflow.tree import flatten
+
+
+def check_params(leaves: list) -> None:
+    """Parameters must be floating-point tensors on one device."""
+    if not leaves:
+        raise ValueError("params has no tensors")
+    devices = set()
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"params leaf {i} is a {type(leaf).__name__}, expected a torch.Tensor")
+        if not leaf.is_floating_point():
+            raise TypeError(f"params leaf {i} has dtype {leaf.dtype}; parameters must be floating point")
+        devices.add(leaf.device)
+    if len(devices) > 1:
+        raise ValueError(f"params live on several devices {sorted(map(str, devices))}; move them to one")
+
+
+def resolve_num_data(num_data, leaves: list):
+    """N as one float, or a list of one float per leaf (per-group data sizes)."""
+    if isinstance(num_data, (int, float)):
+        if not num_data > 0 or not math.isfinite(num_data):
+            raise ValueError(f"num_data must be a positive number, got {num_data}")
+        return float(num_data)
+    values, _ = flatten(num_data)
+    values = [float(v) for v in values]
+    if len(values) != len(leaves):
+        raise ValueError(f"num_data has {len(values)} entries but params has {len(leaves)} leaves; "
+                         "give one number or one per leaf")
+    if any(not v > 0 for v in values):
+        raise ValueError(f"num_data entries must be positive, got {values}")
+    return values
+
+
+def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int) -> str | None:
+    """A message naming the step and the first non-finite quantity, or None if all are finite."""
+    if value is not None and not bool(torch.isfinite(value).all()):
+        return f"log posterior is {value.tolist()} at step {step}"
+    if grads is None:
+        return None
+    largest = torch.stack(torch._foreach_norm(grads, ord=math.inf))
+    if bool(torch.isfinite(largest).all()):
+        return None
+    paths = [".".join(map(str, p)) or "<root>" for p in
+             optree.tree_paths(optree.tree_unflatten(spec, grads), none_is_leaf=False, namespace="bayesflow")]
+    bad = [paths[i] for i in torch.nonzero(~torch.isfinite(largest)).flatten().tolist()]
+    return f"gradient of the log posterior is not finite at step {step} in leaf {bad[0]!r} (all: {bad})"
+

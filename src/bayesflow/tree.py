@@ -1,0 +1,74 @@
+"""Tree helpers: flatten once, work on leaf lists with ``torch._foreach_*``, rebuild at the edge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch
+
+from bayesflow.types import TensorTree
+
+__all__ = [
+    "flatten",
+    "load_state_dict",
+    "state_dict",
+    "tree_map",
+    "unflatten",
+]
+
+NONE_IS_LEAF = False
+
+
+def flatten(tree: TensorTree) -> tuple[list[torch.Tensor], optree.PyTreeSpec]:
+    """Leaves (in optree order) and the spec to rebuild the tree."""
+    leaves, spec = optree.tree_flatten(tree, none_is_leaf=NONE_IS_LEAF, namespace="bayesflow")
+    return leaves, spec
+
+
+def unflatten(spec: optree.PyTreeSpec, leaves: list[torch.Tensor]) -> TensorTree:
+    return optree.tree_unflatten(spec, leaves)
+
+
+def tree_map(fn, tree: TensorTree, *rest: TensorTree) -> TensorTree:
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=NONE_IS_LEAF, namespace="bayesflow")
+
+
+def _paths(tree: TensorTree) -> list[str]:
+    paths, _, _ = optree.tree_flatten_with_path(tree, none_is_leaf=NONE_IS_LEAF, namespace="bayesflow")
+    return [".".join(str(p) for p in path) for path in paths]
+
+
+def state_dict(state: Any) -> dict[str, torch.Tensor]:
+    """A flat ``{path: tensor}`` dict of every tensor in a state, for ``torch.save``.
+
+    Load it back with ``torch.load(f, weights_only=True)`` and :func:`load_state_dict`.
+
+    Example:
+        >>> torch.save(state_dict(state), "chain.pt")
+        >>> state = load_state_dict(transform.init(params), torch.load("chain.pt", weights_only=True))
+    """
+    leaves, _ = flatten(state)
+    return dict(zip(_paths(state), leaves))
+
+
+def load_state_dict(template: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Rebuild a state shaped like ``template`` from :func:`state_dict` output.
+
+    Raises:
+        KeyError: a path of the template is missing from ``tensors``.
+        ValueError: a saved tensor has another shape or dtype than the template's.
+    """
+    leaves, spec = flatten(template)
+    out = []
+    for path, leaf in zip(_paths(template), leaves):
+        if path not in tensors:
+            raise KeyError(f"state_dict has no entry {path!r}; it holds {sorted(tensors)}")
+        saved = tensors[path]
+        if saved.shape != leaf.shape or saved.dtype != leaf.dtype:
+            raise ValueError(
+                f"state_dict entry {path!r} has shape {tuple(saved.shape)} and dtype {saved.dtype}; "
+                f"the state expects {tuple(leaf.shape)} and {leaf.dtype}"
+            )
+        out.append(saved.to(leaf.device))
+    return unflatten(spec, out)

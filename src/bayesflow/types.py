@@ -1,0 +1,38 @@
+"""Types shared across bayesflow: tensor trees, log posteriors, transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, TypeAlias
+
+import torch
+
+TensorTree: TypeAlias = Any
+"""A tensor or any optree pytree of tensors (dict of model parameters is the normal case)."""
+
+LogPosterior: TypeAlias = Callable[[TensorTree, Any], tuple[torch.Tensor, Any]]
+"""``log_posterior(params, batch) -> (value, aux)`` with ``value`` the log posterior per datum."""
+
+Schedule: TypeAlias = Callable[[int], float]
+"""A function of the step count returning a float (step size or temperature schedules)."""
+
+
+class InitFn(Protocol):
+    def __call__(self, params: TensorTree, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(self, state: Any, batch: Any, inplace: bool = False) -> tuple[Any, Any]: ...
+
+
+class Transform(NamedTuple):
+    """An ``(init, update)`` pair, as in posteriors and optax.
+
+    ``state = transform.init(params)`` and ``state, aux = transform.update(state, batch)``.
+    Engine transforms also carry ``step`` (advance given gradients) and their ``config``.
+    """
+
+    init: Callable[..., Any]
+    update: Callable[..., tuple[Any, Any]]
+    step: Callable[..., Any] | None = None
+    config: Any = None
