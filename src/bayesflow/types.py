@@ -36,3 +36,5 @@ class Transform(NamedTuple):
     update: Callable[..., tuple[Any, Any]]
     step: Callable[..., Any] | None = None
     config: Any = None
+    log_posterior: Any = None
+    chains: int | None = None

@@ -12,6 +12,11 @@ import torch
 Leaves = list[torch.Tensor]
 
 
+def per_chain(values: torch.Tensor, like: Leaves) -> Leaves:
+    """Views of one value per chain, broadcastable against leaves with a leading chain dimension."""
+    return [values.view(-1, *([1] * (leaf.ndim - 1))).to(leaf.dtype) for leaf in like]
+
+
 class Accumulator:
     """Leaves of one state component, updated with ``torch._foreach_*`` kernels.
 
@@ -27,7 +32,10 @@ class Accumulator:
         self.owned = owned
 
     def add(self, other: Leaves, alpha: float = 1.0) -> None:
-        """``self += alpha * other``."""
+        """``self += alpha * other`` (alpha a float, or a tensor with one value per chain)."""
+        if isinstance(alpha, torch.Tensor):
+            self.addcmul(other, per_chain(alpha, other))
+            return
         if self.owned:
             torch._foreach_add_(self.leaves, other, alpha=alpha)
         else:
@@ -36,6 +44,9 @@ class Accumulator:
 
     def addcmul(self, a: Leaves, b: Leaves, value: float = 1.0) -> None:
         """``self += value * a * b``."""
+        if isinstance(value, torch.Tensor):
+            b = torch._foreach_mul(b, per_chain(value, b))
+            value = 1.0
         if self.owned:
             torch._foreach_addcmul_(self.leaves, a, b, value=value)
         else:
@@ -44,6 +55,9 @@ class Accumulator:
 
     def addcdiv(self, a: Leaves, b: Leaves, value: float = 1.0) -> None:
         """``self += value * a / b``."""
+        if isinstance(value, torch.Tensor):
+            a = torch._foreach_mul(a, per_chain(value, a))
+            value = 1.0
         if self.owned:
             torch._foreach_addcdiv_(self.leaves, a, b, value=value)
         else:
@@ -51,7 +65,9 @@ class Accumulator:
             self.owned = True
 
     def mul(self, factor: float | Leaves) -> None:
-        """``self *= factor`` (a float or one tensor per leaf)."""
+        """``self *= factor`` (a float, one tensor per leaf, or a tensor with one value per chain)."""
+        if isinstance(factor, torch.Tensor):
+            factor = per_chain(factor, self.leaves)
         if self.owned:
             torch._foreach_mul_(self.leaves, factor)
         else:

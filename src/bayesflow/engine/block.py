@@ -130,16 +130,16 @@ class ThermostatCoupling(Operator):
     def accumulate(self, out: Accumulator, v: Leaves, alpha: float, ctx: Context) -> None:
         momenta = ctx.leaves("momenta")
         if self.sign > 0:  # row m, column ξ: out_m += alpha · m · v_ξ / d
-            factor = v[0] * (alpha / ctx.numel)
-            out.add(torch._foreach_mul(momenta, factor), alpha=1.0)
-        else:  # row ξ, column m: out_ξ += -alpha · mᵀv / d
-            dot = sum(product.sum() for product in torch._foreach_mul(momenta, v))
-            out.add([dot * (-alpha / ctx.numel)], alpha=1.0)
+            out.add(momenta, alpha=v[0] * (alpha / ctx.numel))
+        else:  # row ξ, column m: out_ξ += -alpha · mᵀv / d (one dot product per chain)
+            chains = ctx.leaves("xi")[0].shape
+            dot = sum(product.reshape(*chains, -1).sum(-1) for product in torch._foreach_mul(momenta, v))
+            out.add([dot], alpha=-alpha / ctx.numel)
 
     def divergence(self, ctx: Context) -> Leaves | None:
         if self.sign > 0:
             return None
-        return [torch.full((), -1.0, dtype=ctx.leaves("xi")[0].dtype, device=ctx.leaves("xi")[0].device)]
+        return [torch.full_like(ctx.leaves("xi")[0], -1.0)]
 
     def symbol(self):
         return ("thermostat", None, self.sign)

@@ -29,13 +29,23 @@ class NoiseStream:
         self._buffers: dict = {}
         self._produced = None
 
-    def initial_state(self, seed: int | None) -> torch.Tensor:
-        """Generator state(s) for a seed (drawn from torch's global RNG when None)."""
+    def initial_state(self, seed: int | list[int] | None) -> torch.Tensor:
+        """Generator state(s) for a seed (drawn from torch's global RNG when None).
+
+        With chains, ``seed`` may be a list of one seed per chain; an int gives chain k the seed
+        ``seed + k``, so chain k of a batched run reproduces a single run seeded ``seed + k``.
+        """
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        if isinstance(seed, int):
+            seeds = [seed + chain for chain in range(len(self.generators))]
+        else:
+            seeds = [int(s) for s in seed]
+            if len(seeds) != len(self.generators):
+                raise ValueError(f"got {len(seeds)} seeds for {len(self.generators)} chains")
         states = []
-        for chain, generator in enumerate(self.generators):
-            generator.manual_seed(seed + 7919 * chain)
+        for generator, chain_seed in zip(self.generators, seeds):
+            generator.manual_seed(chain_seed)
             states.append(generator.get_state())
         self._produced = None
         return states[0] if self.chains is None else torch.stack(states)
@@ -43,9 +53,13 @@ class NoiseStream:
     def load(self, rng_state: torch.Tensor) -> None:
         if rng_state is self._produced:
             return
-        states = [rng_state] if self.chains is None else list(rng_state)
-        for generator, state in zip(self.generators, states):
-            generator.set_state(state)
+        if self.chains is None:
+            self.generators[0].set_state(rng_state)
+            return
+        if rng_state.shape[0] != self.chains:
+            raise ValueError(f"rng state holds {rng_state.shape[0]} chains, the transform has {self.chains}")
+        for generator, state in zip(self.generators, rng_state):
+            generator.set_state(state.clone())  # a row view crashes set_state: give it its own storage
 
     def save(self) -> torch.Tensor:
         states = [generator.get_state() for generator in self.generators]

@@ -39,12 +39,19 @@ class _Rejected(Exception):
     pass
 
 
-def build(log_posterior: LogPosterior, config: SDEConfig | None = None, **fields) -> Transform:
+def build(log_posterior: LogPosterior, config: SDEConfig | None = None, *, chains: int | None = None,
+          vectorize: str = "vmap", **fields) -> Transform:
     """Build the transform ``(init, update, step)`` for an engine configuration.
 
     Args:
         log_posterior: ``log_posterior(params, batch) -> (value, aux)``, value per datum.
         config: an :class:`SDEConfig`; or give its fields as keywords.
+        chains: K for K chains in one batched state: every leaf carries a leading chain dimension,
+            each chain has its own noise stream, and temperature / step size may be tensors of K
+            values (see :mod:`bayesflow.ensemble`). None: a single chain.
+        vectorize: with chains, how gradients are taken: ``"vmap"`` maps ``torch.func.grad_and_value``
+            over the chain dimension of an ordinary single-chain ``log_posterior``; ``"batched"``
+            means ``log_posterior`` already takes batched params and returns K values.
 
     Returns:
         A :class:`~bayesflow.types.Transform`: ``init(params, momenta=None, xi=None, seed=None)``,
@@ -58,20 +65,29 @@ def build(log_posterior: LogPosterior, config: SDEConfig | None = None, **fields
     elif fields:
         raise TypeError("give either a config or its fields as keywords, not both")
     config.validate()
-    engine = _Engine(log_posterior, config)
-    return Transform(init=engine.init, update=engine.update, step=engine.step, config=config)
+    if vectorize not in ("vmap", "batched"):
+        raise ValueError(f"unknown vectorize {vectorize!r}; expected 'vmap' or 'batched'")
+    if chains is not None and (not isinstance(chains, int) or chains < 1):
+        raise ValueError(f"chains must be a positive integer, got {chains!r}")
+    engine = _Engine(log_posterior, config, chains, vectorize)
+    return Transform(init=engine.init, update=engine.update, step=engine.step, config=config,
+                     log_posterior=log_posterior, chains=chains)
 
 
 class _Engine:
-    def __init__(self, log_posterior: LogPosterior, config: SDEConfig):
+    def __init__(self, log_posterior: LogPosterior, config: SDEConfig, chains: int | None, vectorize: str):
         self.log_posterior = log_posterior
         self.config = config
         self.components = config.components
         self.temperature = as_schedule(config.temperature, "temperature")
         self.step_size = as_schedule(config.step_size, "step_size")
         self.scales = dict(config.step_scales)
-        self.chains = (self.temperature.numel() if isinstance(self.temperature, torch.Tensor)
-                       and self.temperature.ndim == 1 else None)
+        self.chains = chains
+        self.vectorize = vectorize
+        for name, value in (("temperature", self.temperature), ("step_size", self.step_size)):
+            if isinstance(value, torch.Tensor) and value.ndim == 1 and value.numel() != (chains or 0):
+                raise ValueError(f"{name} has {value.numel()} values but the transform has chains={chains}; "
+                                 "per-chain values need chains=K with K values")
         self.system = None
         self.noise = None
         self.spec = None
@@ -82,9 +98,20 @@ class _Engine:
         config = self.config
         leaves, spec = flatten(params)
         check_params(leaves)
+        if self.chains is not None:
+            for i, leaf in enumerate(leaves):
+                if leaf.ndim == 0 or leaf.shape[0] != self.chains:
+                    raise ValueError(f"with chains={self.chains} every params leaf needs a leading chain "
+                                     f"dimension of {self.chains}; leaf {i} has shape {tuple(leaf.shape)}")
+            for block in (config.diffusion_block, config.curl_block):
+                for op in block.blocks.values():
+                    if op.__class__.__name__ in ("Dense", "Function"):
+                        raise ValueError(f"{op!r} acts on flat single-chain parameters and does not batch "
+                                         "over chains; run chains separately")
         self.spec = spec
         shapes = [leaf.shape for leaf in leaves]
-        layout = {"params": shapes, "momenta": shapes, "xi": [torch.Size([])]}
+        xi_shape = torch.Size([self.chains]) if self.chains else torch.Size([])
+        layout = {"params": shapes, "momenta": shapes, "xi": [xi_shape]}
         layout = {c: layout[c] for c in self.components}
         diffusion, curl = config.diffusion_block, config.curl_block
         diffusion.check(layout, "diffusion", "diffusion")
@@ -110,15 +137,16 @@ class _Engine:
             rng = self.noise.save() if self.noise._produced is not None else rng
         xi_value = None
         if "xi" in self.components:
-            xi_value = (torch.as_tensor(xi, dtype=leaves[0].dtype, device=leaves[0].device).clone()
-                        if xi is not None else
-                        torch.full((), float(config.thermostat_target), dtype=leaves[0].dtype,
-                                   device=leaves[0].device))
+            xi_value = torch.full(xi_shape, float(config.thermostat_target), dtype=leaves[0].dtype,
+                                  device=leaves[0].device)
+            if xi is not None:
+                xi_value = xi_value + torch.as_tensor(xi, dtype=leaves[0].dtype, device=leaves[0].device) - (
+                    config.thermostat_target)
         return SDEState(
             params=params,
             momenta=momenta_tree,
             xi=xi_value,
-            log_posterior=torch.full((), math.nan, dtype=leaves[0].dtype, device=leaves[0].device),
+            log_posterior=torch.full(xi_shape, math.nan, dtype=leaves[0].dtype, device=leaves[0].device),
             step=torch.zeros((), dtype=torch.int64),
             preconditioner=states,
             gradient=(),
@@ -155,18 +183,45 @@ class _Engine:
     def update(self, state: SDEState, batch, inplace: bool = False):
         """Advance one step, evaluating ∇ℓ with autograd on ``batch``. Returns ``(state, aux)``."""
         aux_box = [None]
+        if self.chains is not None and self.vectorize == "vmap":
+            return self._advance(state, self._vmapped_gradient(batch, aux_box), inplace), aux_box[0]
 
         def gradient_fn(leaves):
             detached = [leaf.detach().requires_grad_(True) for leaf in leaves]
             with torch.enable_grad():
                 value, aux = self.log_posterior(unflatten(self.spec, detached), batch)
-                grads = torch.autograd.grad(value, detached, allow_unused=True)
+                if self.chains is not None and value.shape != (self.chains,):
+                    raise ValueError(f"vectorize='batched' needs log_posterior to return {self.chains} values, "
+                                     f"got shape {tuple(value.shape)}")
+                total = value.sum() if self.chains is not None else value
+                grads = torch.autograd.grad(total, detached, allow_unused=True)
             grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
             aux_box[0] = aux
             return grads, value.detach(), True
 
         new_state = self._advance(state, gradient_fn, inplace)
         return new_state, aux_box[0]
+
+    def _vmapped_gradient(self, batch, aux_box):
+        spec, log_posterior = self.spec, self.log_posterior
+
+        no_aux = []
+
+        def single(leaves, batch):
+            value, aux = log_posterior(unflatten(spec, list(leaves)), batch)
+            if aux is None:  # vmap returns tensors only: stand in for a missing aux
+                no_aux.append(True)
+                aux = value.new_zeros(())
+            return value, aux
+
+        batched = torch.func.vmap(torch.func.grad_and_value(single, has_aux=True), in_dims=(0, None))
+
+        def gradient_fn(leaves):
+            grads, (value, aux) = batched(tuple(leaf.detach() for leaf in leaves), batch)
+            aux_box[0] = None if no_aux else aux
+            return list(grads), value.detach(), True
+
+        return gradient_fn
 
     def step(self, state: SDEState, grads, inplace: bool = False, log_posterior=None) -> SDEState:
         """Advance one step with the caller's gradient ∇ℓ(θ_t) (same structure as params)."""
@@ -194,7 +249,7 @@ class _Engine:
         config = self.config
         step = int(state.step)
         temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else self.temperature(step)
-        h = self.step_size(step)
+        h = self.step_size if isinstance(self.step_size, torch.Tensor) else self.step_size(step)
         params, spec = flatten(state.params)
         z = {"params": Accumulator(params, inplace)}
         if state.momenta is not None:

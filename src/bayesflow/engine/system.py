@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from bayesflow.engine.accumulator import Accumulator, Leaves
+from bayesflow.engine.accumulator import Accumulator, Leaves, per_chain
 from bayesflow.engine.block import Block
 from bayesflow.engine.context import Context
 from bayesflow.engine.operators import Operator, Scalar
@@ -145,7 +145,7 @@ class System:
                 if divergence is not None:
                     T = inputs.temperature
                     if isinstance(T, torch.Tensor):
-                        out.add(_per_chain(divergence, T), alpha=h)
+                        out.addcmul(divergence, per_chain(T, divergence), value=h)
                     else:
                         out.add(divergence, alpha=h * T)
 
@@ -157,17 +157,19 @@ class System:
             raise ValueError("an exact O step needs a diagonal momentum diffusion and mass")
         momenta = ctx.z["momenta"]
         if isinstance(friction, float) and isinstance(mass, float):
-            decay = math.exp(-friction / mass * h)
+            rate = friction / mass
+            decay = torch.exp(-rate * h) if isinstance(h, torch.Tensor) else math.exp(-rate * h)
             momenta.mul(decay)
             if inputs.hot:
                 flat_noise, views = inputs.noise.normal(momenta.leaves, "momenta")
                 alpha = _noise_scale(flat_noise, inputs.temperature, 0.5)
-                momenta.add(views, alpha=alpha * math.sqrt(mass * (1.0 - decay**2)))
+                momenta.add(views, alpha=alpha * (mass * (1.0 - decay**2)) ** 0.5)
             return
         like = momenta.leaves
         friction = friction if isinstance(friction, list) else [torch.full_like(t, friction) for t in like]
         mass = mass if isinstance(mass, list) else [torch.full_like(t, mass) for t in like]
-        decay = torch._foreach_exp(torch._foreach_mul(torch._foreach_div(friction, mass), -h))
+        rates = torch._foreach_div(friction, mass)
+        decay = torch._foreach_exp(torch._foreach_mul(rates, per_chain(-h, like) if isinstance(h, torch.Tensor) else -h))
         momenta.mul(decay)
         if inputs.hot:
             spread = torch._foreach_sqrt(torch._foreach_mul(mass, torch._foreach_addcmul(
@@ -177,13 +179,10 @@ class System:
             momenta.addcmul(spread, views, value=alpha)
 
 
-def _noise_scale(flat_noise: torch.Tensor, temperature, h: float) -> float:
-    """sqrt(2 T h) as a float, or (per-chain temperatures) folded into the buffer's rows."""
-    if isinstance(temperature, torch.Tensor):
-        flat_noise.mul_((2.0 * h * temperature).sqrt().view(-1, 1).to(flat_noise.dtype))
+def _noise_scale(flat_noise: torch.Tensor, temperature, h):
+    """sqrt(2 T h) as a float, or (per-chain T or h) folded into the buffer's rows."""
+    if isinstance(temperature, torch.Tensor) or isinstance(h, torch.Tensor):
+        scale = (2.0 * torch.as_tensor(h) * temperature).sqrt().to(flat_noise.dtype)
+        flat_noise.mul_(scale.view(-1, 1) if flat_noise.ndim == 2 else scale)
         return 1.0
     return math.sqrt(2.0 * temperature * h)
-
-
-def _per_chain(leaves: Leaves, values: torch.Tensor) -> Leaves:
-    return [leaf * values.view(-1, *([1] * (leaf.ndim - 1))).to(leaf.dtype) for leaf in leaves]

@@ -1,0 +1,127 @@
+r"""K chains as one batched state: deep ensembles, Bayesian deep ensembles, temperature sweeps.
+
+Every leaf of a K-chain state carries a leading chain dimension and one ``update`` advances all
+chains in a single batched step (``torch.func.vmap`` of the single-chain log posterior, or a
+log posterior that takes batched parameters). Each chain has its own noise stream, so chain k of a
+batched run seeded ``s`` reproduces a single-chain run seeded ``s + k``.
+
+* T = 0 on K chains is a deep ensemble (Lakshminarayanan et al. 2017);
+* T = 1/num_data on K chains is a Bayesian deep ensemble — K parallel SG-MCMC chains,
+  asymptotically unbiased;
+* a tensor of K temperatures runs a temperature sweep (the cold-posterior curve) in one run.
+
+Example:
+    >>> from bayesflow.sgmcmc import sghmc
+    >>> single = sghmc.build(log_posterior, lr=1e-3, temperature=1 / num_data)
+    >>> ensemble = lift(single, num_chains=8)
+    >>> state = ensemble.init(replicate(params, 8, perturbation=0.1, seed=0), seed=0)
+    >>> state, aux = ensemble.update(state, batch)       # all 8 chains, one batched step
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import optree
+import torch
+
+from bayesflow.engine.sde import build
+from bayesflow.tree import flatten, tree_map, unflatten
+from bayesflow.types import TensorTree, Transform
+
+__all__ = ["bayesian_deep_ensemble", "deep_ensemble", "lift", "replicate", "stack", "unstack"]
+
+
+def lift(transform: Transform, num_chains: int, *, temperature=None, step_size=None,
+         vectorize: str = "vmap") -> Transform:
+    """The K-chain version of any engine transform (engine ``build`` or a preset).
+
+    Args:
+        transform: a transform built by the engine (it carries its config and log posterior).
+        num_chains: K.
+        temperature: overrides the config's temperature: a float, or a tensor of K values (one per chain).
+        step_size: overrides the step size: a float, or a tensor of K values.
+        vectorize: ``"vmap"`` (the log posterior is written for one chain) or ``"batched"`` (it takes
+            params with a leading chain dimension and returns K values).
+    """
+    if transform.config is None or transform.log_posterior is None:
+        raise TypeError("lift needs a transform built by bayesflow's engine (it carries config and log_posterior)")
+    config = transform.config
+    if temperature is not None:
+        config = replace(config, temperature=_as_chain_values(temperature, num_chains, "temperature"))
+    if step_size is not None:
+        config = replace(config, step_size=_as_chain_values(step_size, num_chains, "step_size"))
+    return build(transform.log_posterior, config, chains=num_chains, vectorize=vectorize)
+
+
+def deep_ensemble(transform: Transform, num_chains: int, **kwargs) -> Transform:
+    """K chains at T = 0: K independently initialised optimizers, one batched step."""
+    return lift(transform, num_chains, temperature=0.0, **kwargs)
+
+
+def bayesian_deep_ensemble(transform: Transform, num_chains: int, num_data: int, **kwargs) -> Transform:
+    """K SG-MCMC chains at T = 1/num_data (per-datum log posterior): posterior samples from every chain."""
+    return lift(transform, num_chains, temperature=1.0 / num_data, **kwargs)
+
+
+def _as_chain_values(value, num_chains: int, name: str):
+    if isinstance(value, torch.Tensor) and value.ndim == 1:
+        if value.numel() != num_chains:
+            raise ValueError(f"{name} has {value.numel()} values for {num_chains} chains")
+        return value
+    if isinstance(value, (list, tuple)):
+        return _as_chain_values(torch.as_tensor(value, dtype=torch.float64), num_chains, name)
+    return value
+
+
+def stack(params: Sequence[TensorTree]) -> TensorTree:
+    """K parameter trees of the same structure -> one tree with a leading chain dimension."""
+    if not params:
+        raise ValueError("stack needs at least one parameter tree")
+    leaves, spec = flatten(params[0])
+    columns = [leaves]
+    for i, tree in enumerate(params[1:], start=1):
+        other, other_spec = flatten(tree)
+        if other_spec != spec:
+            raise ValueError(f"parameter tree {i} has another structure than tree 0")
+        columns.append(other)
+    return unflatten(spec, [torch.stack(group) for group in zip(*columns)])
+
+
+def unstack(params: TensorTree) -> list[TensorTree]:
+    """Inverse of :func:`stack`: one tree per chain."""
+    leaves, spec = flatten(params)
+    return [unflatten(spec, list(group)) for group in zip(*(leaf.unbind(0) for leaf in leaves))]
+
+
+def replicate(params: TensorTree, num_chains: int, perturbation: float | Callable | None = None,
+              seed: int | None = None) -> TensorTree:
+    """K copies of ``params``, optionally perturbed.
+
+    Args:
+        params: one parameter tree.
+        num_chains: K.
+        perturbation: None (identical copies), a float σ (adds N(0, σ²) noise), or a callable
+            ``perturbation(params, generator) -> params`` applied per chain (e.g. a prior draw).
+        seed: seeds the perturbation's generator.
+    """
+    generator = torch.Generator(device=flatten(params)[0][0].device)
+    generator.manual_seed(0 if seed is None else seed)
+    copies = []
+    for _ in range(num_chains):
+        if perturbation is None:
+            copies.append(tree_map(torch.clone, params))
+        elif callable(perturbation):
+            copies.append(perturbation(params, generator))
+        else:
+            sigma = float(perturbation)
+            copies.append(tree_map(lambda p: p + sigma * torch.randn(p.shape, generator=generator, dtype=p.dtype,
+                                                                     device=p.device), params))
+    return stack(copies)
+
+
+def chain_dimension(params: TensorTree) -> int:
+    """The number of chains K of a batched parameter tree."""
+    leaves = optree.tree_leaves(params)
+    return leaves[0].shape[0]
