@@ -169,7 +169,8 @@ class System:
         friction = friction if isinstance(friction, list) else [torch.full_like(t, friction) for t in like]
         mass = mass if isinstance(mass, list) else [torch.full_like(t, mass) for t in like]
         rates = torch._foreach_div(friction, mass)
-        decay = torch._foreach_exp(torch._foreach_mul(rates, per_chain(-h, like) if isinstance(h, torch.Tensor) else -h))
+        step = per_chain(-h, like) if isinstance(h, torch.Tensor) else -h
+        decay = torch._foreach_exp(torch._foreach_mul(rates, step))
         momenta.mul(decay)
         if inputs.hot:
             spread = torch._foreach_sqrt(torch._foreach_mul(mass, torch._foreach_addcmul(

@@ -108,16 +108,17 @@ def replicate(params: TensorTree, num_chains: int, perturbation: float | Callabl
     """
     generator = torch.Generator(device=flatten(params)[0][0].device)
     generator.manual_seed(0 if seed is None else seed)
-    copies = []
-    for _ in range(num_chains):
-        if perturbation is None:
-            copies.append(tree_map(torch.clone, params))
-        elif callable(perturbation):
-            copies.append(perturbation(params, generator))
-        else:
-            sigma = float(perturbation)
-            copies.append(tree_map(lambda p: p + sigma * torch.randn(p.shape, generator=generator, dtype=p.dtype,
-                                                                     device=p.device), params))
+    if perturbation is None or callable(perturbation):
+        perturb = perturbation
+    else:
+        sigma = float(perturbation)
+
+        def perturb(tree, generator):
+            return tree_map(lambda p: p + sigma * torch.randn(p.shape, generator=generator, dtype=p.dtype,
+                                                               device=p.device), tree)
+
+    copies = [tree_map(torch.clone, params) if perturb is None else perturb(params, generator)
+              for _ in range(num_chains)]
     return stack(copies)
 
 
