@@ -16,7 +16,7 @@ from bayesflow.engine.operators import Operator, Scalar
 
 __all__ = ["SDEConfig"]
 
-CHECKS = ("full", "value", "none")
+CHECKS = ("auto", "full", "value", "none")
 POLICIES = ("raise", "reject")
 MOMENTA_INIT = ("temperature", "zero")
 
@@ -41,8 +41,10 @@ class SDEConfig:
             (Adam's bias correction, torch SGD's undampened first step).
         gamma: compute Γ for state-dependent operators (False drops it, as pSGLD does).
         momenta_init: "temperature" draws m ~ N(0, T·M) at init; "zero" starts at rest.
-        check_finite: "full" checks the log posterior and every gradient leaf each evaluation,
-            "value" only the log posterior, "none" nothing.
+        check_finite: "full" checks the log posterior and every gradient leaf each evaluation (one
+            read pass over the gradient), "value" only the log posterior, "none" nothing. "auto"
+            (default) is "full" in ``update``, where the engine calls the user's log posterior, and
+            "value" in ``step``, whose caller computed the gradient (and its checks, e.g. GradScaler).
         on_nonfinite: "raise" a FloatingPointError naming step and leaf, or "reject" the step.
     """
 
@@ -59,7 +61,7 @@ class SDEConfig:
     step_scales: tuple = ()
     gamma: bool = True
     momenta_init: Literal["temperature", "zero"] = "temperature"
-    check_finite: Literal["full", "value", "none"] = "full"
+    check_finite: Literal["auto", "full", "value", "none"] = "auto"
     on_nonfinite: Literal["raise", "reject"] = "raise"
 
     def __post_init__(self):

@@ -241,9 +241,9 @@ class _Engine:
         if not self.config.integrator.evaluates_at_start():
             raise GradientNotAvailable(f"{self.config.integrator!r} evaluates its gradient mid-step; "
                                        "use update(state, batch)")
-        return self._advance(state, gradient_fn, inplace, cached=False)
+        return self._advance(state, gradient_fn, inplace, caller_gradient=True)
 
-    def _advance(self, state: SDEState, gradient_fn, inplace: bool, cached: bool = True) -> SDEState:
+    def _advance(self, state: SDEState, gradient_fn, inplace: bool, caller_gradient: bool = False) -> SDEState:
         if self.system is None:
             raise RuntimeError("call init(params) before update")
         config = self.config
@@ -256,8 +256,8 @@ class _Engine:
             z["momenta"] = Accumulator(flatten(state.momenta)[0], inplace)
         if state.xi is not None:
             z["xi"] = Accumulator([state.xi], inplace)
-        checked = self._checked(gradient_fn, step, inplace)
-        cache = list(state.gradient) if (cached and state.gradient) else None
+        checked = self._checked(gradient_fn, step, inplace, caller_gradient)
+        cache = list(state.gradient) if (state.gradient and not caller_gradient) else None
         inputs = StepInputs(temperature, h, self.noise, checked, cache)
         ctx = Context(z, step, {}, self.numel)
         if inputs.hot:
@@ -313,8 +313,10 @@ class _Engine:
             rng=rng,
         )
 
-    def _checked(self, gradient_fn, step, inplace):
+    def _checked(self, gradient_fn, step, inplace, caller_gradient):
         mode, policy = self.config.check_finite, self.config.on_nonfinite
+        if mode == "auto":
+            mode = "value" if caller_gradient else "full"
         if mode == "none":
             return gradient_fn
 
