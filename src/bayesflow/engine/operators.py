@@ -175,7 +175,11 @@ class Diagonal(Operator):
         if len(shapes) != len(self.values):
             raise ValueError(f"{where}: Diagonal has {len(self.values)} leaves, the state has {len(shapes)}")
         for i, (value, shape) in enumerate(zip(self.values, shapes)):
-            if torch.broadcast_shapes(value.shape, shape) != shape:
+            try:
+                broadcast = torch.broadcast_shapes(value.shape, shape)
+            except RuntimeError:
+                broadcast = None
+            if broadcast != shape:
                 raise ValueError(
                     f"{where}: Diagonal leaf {i} of shape {tuple(value.shape)} does not broadcast "
                     f"to the parameter shape {tuple(shape)}"
@@ -261,19 +265,23 @@ class Function(Operator):
         divergence: ``divergence(z) -> Γ`` with :math:`Γ_i = \sum_j \partial_j O_{ij}(z)`. If omitted
             and ``state_dependent``, Γ is computed with ``torch.func`` (d forward-mode products).
         state_dependent: whether O depends on z (False: Γ = 0).
+        diagonal: O(z) is diagonal with O_ii depending on z_i alone. Then Γ = ∂_i O_ii costs one
+            backward pass instead of d forward-mode products, and the default square root is
+            elementwise.
 
     Example (the Γ test of ENGINE.md, D(x) = 1 + x²):
         >>> D = Function(lambda z, v: (1 + z**2) * v, sqrt_matvec=lambda z, v: (1 + z**2).sqrt() * v)
     """
 
     def __init__(self, matvec: Callable, sqrt_matvec: Callable | None = None,
-                 divergence: Callable | None = None, state_dependent: bool = True):
+                 divergence: Callable | None = None, state_dependent: bool = True, diagonal: bool = False):
         if not callable(matvec):
             raise TypeError(f"Function needs a callable matvec(z, v), got {type(matvec).__name__}")
         self.matvec = matvec
         self.sqrt_matvec = sqrt_matvec
         self.divergence_fn = divergence
         self.state_dependent = state_dependent
+        self.is_diagonal = diagonal
 
     def _z(self, ctx: Context, like: Leaves) -> torch.Tensor:
         return flat(like)
@@ -290,6 +298,9 @@ class Function(Operator):
         z = flat(ctx.leaves("params")) if self.state_dependent else None
         if self.sqrt_matvec is not None:
             result = self.sqrt_matvec(z, flat(noise))
+        elif self.is_diagonal:
+            entries = flat(noise)
+            result = self.matvec(z, torch.ones_like(entries)).clamp_min(0).sqrt() * entries
         else:
             result = _psd_sqrt(self.matrix(z)) @ flat(noise)
         out.add(split_like(result, out.leaves), alpha=alpha)
@@ -300,6 +311,10 @@ class Function(Operator):
         z = flat(ctx.leaves("params"))
         if self.divergence_fn is not None:
             gamma = self.divergence_fn(z)
+        elif self.is_diagonal:  # ∂_j Σ_i O_ii(z) = ∂_j O_jj when O_ii depends on z_i alone
+            with torch.enable_grad():
+                point = z.detach().requires_grad_(True)
+                gamma = torch.autograd.grad(self.matvec(point, torch.ones_like(point)).sum(), point)[0]
         else:
             # Γ_i = Σ_j ∂_j O_ij = Σ_j [∂/∂z_j (O(z) e_j)]_i: one jvp along each basis vector.
             def column_derivative(e):
