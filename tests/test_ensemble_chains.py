@@ -14,6 +14,7 @@ from bayesflow.ensemble import (
     replicate,
     stack,
     sweep,
+    trace_plot,
     unstack,
 )
 
@@ -207,8 +208,15 @@ def test_sweep_returns_one_row_per_temperature_and_a_plot(tmp_path):
     assert [row["temperature"] for row in rows] == pytest.approx(temperatures)
     for row in rows:
         assert row["num_samples"] == 20 and row["chains"] == 2
+        assert row["predictive"].shape == (30, 3)
+        torch.testing.assert_close(row["predictive"].sum(-1), torch.ones(30, dtype=DTYPE))
         assert row["accuracy"] > 0.6  # three well-separated blobs: chance is 1/3
         assert -2.0 < row["log_likelihood"] < 0 and 0 <= row["ece"] <= 1
     path = tmp_path / "sweep.png"
     plot_sweep(rows, "log_likelihood", path=str(path), num_data=90)
     assert path.stat().st_size > 1000
+    traces = tmp_path / "trace.png"
+    trace_plot(torch.randn(3, 50, 2), path=str(traces))
+    assert traces.stat().st_size > 1000
+    with pytest.raises(ValueError, match="chains, draws, parameters"):
+        trace_plot(torch.randn(50, 2))

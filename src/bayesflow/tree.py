@@ -55,13 +55,23 @@ def state_dict(state: Any) -> dict[str, torch.Tensor]:
 def load_state_dict(template: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """Rebuild a state shaped like ``template`` from :func:`state_dict` output.
 
+    Empty tuples in the template (caches a run fills in, such as the engine's first-same-as-last
+    gradient) take the saved entries under their path, so a fresh ``init`` state is a valid template.
+
     Raises:
         KeyError: a path of the template is missing from ``tensors``.
-        ValueError: a saved tensor has another shape or dtype than the template's.
+        ValueError: a saved tensor has another shape or dtype than the template's, or ``tensors`` holds
+            entries the template has no place for.
     """
+    template = _restore_caches(template, tensors, "")
     leaves, spec = flatten(template)
+    paths = _paths(template)
+    unused = sorted(set(tensors) - set(paths))
+    if unused:
+        raise ValueError(f"state_dict entries {unused} have no place in the template; "
+                         "was it saved from another configuration?")
     out = []
-    for path, leaf in zip(_paths(template), leaves):
+    for path, leaf in zip(paths, leaves):
         if path not in tensors:
             raise KeyError(f"state_dict has no entry {path!r}; it holds {sorted(tensors)}")
         saved = tensors[path]
@@ -72,3 +82,19 @@ def load_state_dict(template: Any, tensors: dict[str, torch.Tensor]) -> Any:
             )
         out.append(saved.to(leaf.device))
     return unflatten(spec, out)
+
+
+def _restore_caches(template: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """Fill the template's empty tuples from ``tensors`` entries ``<path>.0``, ``<path>.1``, ..."""
+    if not isinstance(template, tuple):
+        return template
+    items = []
+    for i, item in enumerate(template):
+        path = f"{prefix}{i}"
+        if type(item) is tuple and not item:
+            item = tuple(tensors[f"{path}.{j}"] for j in range(sum(
+                1 for key in tensors if key.startswith(f"{path}.") and key[len(path) + 1:].isdigit())))
+        else:
+            item = _restore_caches(item, tensors, f"{path}.")
+        items.append(item)
+    return type(template)(*items) if hasattr(template, "_fields") else type(template)(items)

@@ -13,7 +13,12 @@ Leaves = list[torch.Tensor]
 
 
 def per_chain(values: torch.Tensor, like: Leaves) -> Leaves:
-    """Views of one value per chain, broadcastable against leaves with a leading chain dimension."""
+    """Views of one value per chain, broadcastable against leaves with a leading chain dimension.
+
+    A 0-dim ``values`` (a single chain, e.g. SGNHT's ξ) broadcasts as it is, also against 0-dim leaves.
+    """
+    if values.ndim == 0:
+        return [values.to(leaf.dtype) for leaf in like]
     return [values.view(-1, *([1] * (leaf.ndim - 1))).to(leaf.dtype) for leaf in like]
 
 

@@ -58,6 +58,10 @@ class Operator:
     def diagonal(self, ctx: Context) -> float | Leaves | None:
         return None
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Tensors the operator holds (their dtype and device must match the parameters')."""
+        return []
+
     def symbol(self) -> tuple | None:
         """``(kind, reference, scale)`` for cheap symmetry checks between blocks, or None."""
         return None
@@ -168,6 +172,9 @@ class Diagonal(Operator):
     def diagonal(self, ctx):
         return self.values
 
+    def tensors(self):
+        return self.values
+
     def symbol(self):
         return ("diagonal", id(self), 1.0)
 
@@ -243,6 +250,9 @@ class Dense(Operator):
     def diagonal(self, ctx):
         off = self.matrix - torch.diag(torch.diagonal(self.matrix))
         return None if off.any() else split_like(torch.diagonal(self.matrix), ctx.leaves("params"))
+
+    def tensors(self):
+        return [self.matrix]
 
     def check(self, shapes, role, where):
         d = sum(math.prod(s) for s in shapes)

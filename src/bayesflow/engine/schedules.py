@@ -60,12 +60,15 @@ class Cyclical:
         exploration: fraction of each cycle in which ``floor`` replaces the value (cSGLD's
             exploration stage runs at T = 0); None keeps the cosine throughout.
         floor: the value during exploration.
+        anneal: follow the cosine (step sizes); False holds ``initial`` outside exploration
+            (cSGLD's temperature: 0 while exploring, constant while sampling).
     """
 
     initial: float
     period: int
     exploration: float | None = None
     floor: float = 0.0
+    anneal: bool = True
 
     def __post_init__(self):
         if self.period < 1:
@@ -77,6 +80,8 @@ class Cyclical:
         phase = (step % self.period) / self.period
         if self.exploration is not None and phase < self.exploration:
             return self.floor
+        if not self.anneal:
+            return self.initial
         return 0.5 * self.initial * (math.cos(math.pi * phase) + 1.0)
 
 

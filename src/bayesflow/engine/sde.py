@@ -25,7 +25,7 @@ from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.context import Context
 from bayesflow.engine.noise import NoiseStream
-from bayesflow.engine.schedules import as_schedule
+from bayesflow.engine.schedules import as_schedule, is_zero
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import GradientNotAvailable, StepInputs, System
 from bayesflow.engine.validation import check_finite, check_params, resolve_num_data
@@ -116,16 +116,25 @@ class _Engine:
         diffusion, curl = config.diffusion_block, config.curl_block
         diffusion.check(layout, "diffusion", "diffusion")
         curl.check(layout, "curl", "curl")
-        from bayesflow.engine.operators import Function
+        from bayesflow.engine.operators import Dense, Function
 
         for name, block, role in (("diffusion", diffusion, "diffusion"), ("curl", curl, "curl")):
+            for (row, column), dense in block.blocks.items():
+                if isinstance(dense, Dense) and (dense.matrix.dtype, dense.matrix.device) != (
+                        leaves[0].dtype, leaves[0].device):
+                    raise ValueError(f"{name}[{row}, {column}]: Dense matrix has dtype {dense.matrix.dtype} on "
+                                     f"{dense.matrix.device}; params have dtype {leaves[0].dtype} on "
+                                     f"{leaves[0].device}")
             op = block.blocks.get(("params", "params"))
             if isinstance(op, Function):
                 op.validate_at(torch.cat([leaf.detach().reshape(-1) for leaf in leaves]), role, name)
         num_data = resolve_num_data(config.num_data, leaves)
         self.system = System(diffusion, curl, num_data, config.mass, config.thermostat_target,
                              config.weight_decay, config.gamma)
+        _check_operator_tensors(diffusion, curl, config.mass, leaves[0])
         self.noise = NoiseStream(leaves[0].device, self.chains)
+        if seed is None and is_zero(self.temperature):
+            seed = 0  # a T = 0 transform never draws: leave torch's global generator untouched
         rng = self.noise.initial_state(seed)
         numel = sum(leaf[0].numel() if self.chains else leaf.numel() for leaf in leaves)
         self.numel = numel
@@ -332,3 +341,14 @@ class _Engine:
             return grads, value, owned
 
         return checked
+
+
+def _check_operator_tensors(diffusion, curl, mass, reference: torch.Tensor) -> None:
+    """Operator tensors must share the parameters' dtype and device (checked here, not deep in torch)."""
+    named = [(f"diffusion[{r}, {c}]", op) for (r, c), op in diffusion.blocks.items()]
+    named += [(f"curl[{r}, {c}]", op) for (r, c), op in curl.blocks.items()] + [("mass", mass)]
+    for where, op in named:
+        for tensor in op.tensors():
+            if tensor.dtype != reference.dtype or tensor.device != reference.device:
+                raise ValueError(f"{where}: {op!r} holds a {tensor.dtype} tensor on {tensor.device}, but params are "
+                                 f"{reference.dtype} on {reference.device}; convert the operator with .to()")

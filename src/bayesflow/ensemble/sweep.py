@@ -55,7 +55,8 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
 
     Returns:
         One dict per temperature: ``temperature``, ``log_likelihood``, ``accuracy``, ``ece``,
-        ``num_samples`` (collected samples per chain), ``chains``.
+        ``num_samples`` (collected samples per chain), ``chains`` and ``predictive``, the posterior
+        predictive probabilities on the concatenated validation inputs (n, classes).
     """
     temperatures = [float(t) for t in temperatures]
     if not temperatures:
@@ -100,6 +101,7 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
             "ece": expected_calibration_error(probs, labels),
             "num_samples": collected,
             "chains": replicas,
+            "predictive": probs,
         })
     return rows
 

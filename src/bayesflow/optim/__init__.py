@@ -1,0 +1,18 @@
+"""Optimizers: the temperature-zero configurations of the SDE engine.
+
+Each module (:mod:`sgd`, :mod:`rmsprop`, :mod:`adam`, :mod:`adamw`) offers ``config(...)`` (the
+engine configuration, as data), ``build(log_posterior, ...)`` (the engine transform) and
+``transformation(...)`` (a torchopt-style gradient transformation). At ``temperature=0`` each equals
+its ``torch.optim`` namesake step for step; a positive temperature turns it into the matching sampler.
+
+Example:
+    >>> from bayesflow.optim import adam
+    >>> transform = adam.build(log_posterior, lr=1e-3)
+    >>> state = transform.init(params)
+    >>> state, aux = transform.update(state, batch)
+"""
+
+from bayesflow.optim import adam, adamw, rmsprop, sgd, transform
+from bayesflow.optim.transform import GradientTransformation, as_gradient_transformation
+
+__all__ = ["GradientTransformation", "adam", "adamw", "as_gradient_transformation", "rmsprop", "sgd", "transform"]

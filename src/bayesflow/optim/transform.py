@@ -1,0 +1,119 @@
+r"""Any engine configuration as a torchopt / optax-style gradient transformation.
+
+A gradient transformation is a pair ``(init, update)``:
+
+* ``opt_state = tx.init(params)``;
+* ``updates, opt_state = tx.update(updates, opt_state, params=None, inplace=True)`` takes the
+  *loss* gradients and returns parameter increments, to be applied as ``params + updates``
+  (``torchopt.apply_updates``).
+
+It lets bayesflow's optimizers go wherever a torchopt optimizer is expected, and torchopt's
+optimizers go wherever bayesflow expects one. Internally ``update`` runs the engine's public
+``transform.step(state, grads)`` with the ascent gradient :math:`\nabla ℓ = -\nabla \mathrm{loss}`
+and returns :math:`θ_{t+1} - θ_t`; the engine keeps its own copy of θ in ``opt_state.params``
+(coupled and decoupled weight decay read it). Pass ``params=`` to ``update`` to re-synchronise that
+copy with the caller's parameters every step (torchopt's ``Optimizer`` does).
+
+Example:
+    >>> tx = bayesflow.optim.adam.transformation(lr=1e-3)        # or torchopt.adam(lr=1e-3)
+    >>> opt_state = tx.init(params)
+    >>> grads = torch.autograd.grad(loss_fn(params), params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params=params, inplace=False)
+    >>> params = torchopt.apply_updates(params, updates, inplace=False)
+
+To use one in ``torchopt.Optimizer``, wrap it: ``torchopt.Optimizer(model.parameters(),
+torchopt.GradientTransformation(tx.init, tx.update))`` (torchopt checks the class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from bayesflow.engine import SDEConfig, SDEState
+from bayesflow.engine import build as engine_build
+from bayesflow.engine.schedules import as_schedule, is_zero
+from bayesflow.tree import flatten, unflatten
+from bayesflow.types import TensorTree
+
+__all__ = ["GradientTransformation", "as_gradient_transformation"]
+
+
+class GradientTransformation(NamedTuple):
+    """``(init, update)`` with torchopt's signatures (see the module docstring)."""
+
+    init: Callable[..., SDEState]
+    update: Callable[..., tuple[TensorTree, SDEState]]
+
+
+def _no_log_posterior(params, batch):
+    raise RuntimeError("a gradient transformation is driven by update(grads, ...); it never evaluates "
+                       "a log posterior")
+
+
+def as_gradient_transformation(config: SDEConfig) -> GradientTransformation:
+    """The gradient transformation that advances ``config``'s engine with the caller's gradients.
+
+    Args:
+        config: an :class:`~bayesflow.engine.SDEConfig` whose integrator takes its one gradient at
+            the start of the step (every optimizer preset; Euler, semi-implicit, Nesterov). At a
+            non-zero temperature the increments include the sampler's noise.
+
+    Returns:
+        A :class:`GradientTransformation`. Its ``init(params, seed=None)`` copies params (the caller's
+        tensors are never written); ``update(updates, opt_state, params=None, inplace=True)`` maps
+        loss gradients (a tree like params; None leaves count as zero) to increments. With
+        ``inplace=True`` the increments are written into the ``updates`` tensors and the state is
+        advanced in place, as torchopt does.
+    """
+    integrator = config.integrator
+    if not integrator.evaluates_at_start() or integrator.caches_gradient:
+        raise ValueError(f"{integrator!r} needs gradients inside the step; a gradient transformation only "
+                         "receives the gradient at the step's start")
+    transform = engine_build(_no_log_posterior, config)
+    cold = is_zero(as_schedule(config.temperature, "temperature"))
+
+    def init(params: TensorTree, seed: int | None = None) -> SDEState:
+        leaves, spec = flatten(params)
+        own = unflatten(spec, [leaf.detach().clone() for leaf in leaves])
+        # At T = 0 nothing is random: seed 0 keeps torch's global generator untouched.
+        return transform.init(own, seed=0 if seed is None and cold else seed)
+
+    def update(updates: TensorTree, opt_state: SDEState, params: TensorTree | None = None,
+               inplace: bool = True) -> tuple[TensorTree, SDEState]:
+        with torch.no_grad():
+            return _update(transform, updates, opt_state, params, inplace)
+
+    return GradientTransformation(init, update)
+
+
+def _update(transform, updates: Any, state: SDEState, params: Any, inplace: bool):
+    given, spec = optree.tree_flatten(updates, none_is_leaf=True, namespace="bayesflow")
+    theta, theta_spec = flatten(state.params)
+    if len(given) != len(theta):
+        raise ValueError(f"updates has {len(given)} leaves, the optimizer state has {len(theta)}")
+    loss_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)]
+    grads = torch._foreach_neg(loss_grads)  # the engine takes the ascent direction ∇ℓ = -∇loss
+    if params is not None:
+        current, _ = flatten(params)
+        if len(current) != len(theta):
+            raise ValueError(f"params has {len(current)} leaves, the optimizer state has {len(theta)}")
+        current = [p.detach() for p in current]
+    if inplace:
+        if params is not None:
+            torch._foreach_copy_(theta, current)
+        out = [t.clone() if g is None else g for g, t in zip(given, theta)]
+        torch._foreach_copy_(out, theta)  # out holds θ_t, then θ_t - θ_{t+1}, then the increment
+        state = transform.step(state, grads, inplace=True)
+        torch._foreach_sub_(out, flatten(state.params)[0])
+        torch._foreach_neg_(out)
+    else:
+        if params is not None:
+            state = state._replace(params=unflatten(theta_spec, current))
+            theta = current
+        state = transform.step(state, grads, inplace=False)
+        out = torch._foreach_sub(flatten(state.params)[0], theta)
+    return optree.tree_unflatten(spec, out), state

@@ -1,0 +1,103 @@
+"""What the SG-MCMC presets share: argument checks, posteriors' ``beta``, initial values, engine options.
+
+Nothing here touches a parameter during a step: presets only *configure* the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from bayesflow.engine import Block, Scalar, SDEConfig, hamiltonian_curl
+from bayesflow.engine import build as engine_build
+from bayesflow.tree import tree_map
+from bayesflow.types import Transform
+
+ENGINE_OPTIONS = ("num_data", "check_finite", "on_nonfinite", "momenta_init")
+"""Engine fields a preset passes through unchanged (``**options`` of every ``config``)."""
+
+
+def positive(name: str, value, *, allow_zero: bool = False, schedule: bool = False):
+    """Return ``value`` if it is a finite positive number (or a schedule where allowed)."""
+    if schedule and callable(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or (
+            value < 0 or (value == 0 and not allow_zero)):
+        expected = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{name} must be {expected} finite number{' or a schedule' if schedule else ''}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def fraction(name: str, value, *, closed: bool = False) -> float:
+    """Return ``value`` if it lies in [0, 1) (or [0, 1] with ``closed``)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
+            0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value!r}")
+    return float(value)
+
+
+def injected_temperature(temperature, lr, beta: float, friction: float):
+    r"""The temperature of the injected noise under posteriors' gradient-noise estimate ``beta``.
+
+    posteriors injects noise of variance :math:`h T (2α - h β T)` (α the friction, 1 for SGLD): the
+    variance :math:`h^2 β T^2` is left to the stochastic gradient itself (Chen et al. 2014's
+    :math:`\hat B`). That is exactly the engine's noise :math:`2 h α T'` at the lowered temperature
+
+    .. math:: T' = κ T, \qquad κ = 1 - \frac{h β T}{2 α},
+
+    with the drift unchanged. Without gradient noise the chain therefore samples at κT; with gradient
+    noise of variance :math:`β T^2` per unit of :math:`h^2` it samples at T, as in posteriors.
+    """
+    beta = positive("beta", beta, allow_zero=True)
+    if beta == 0.0:
+        return temperature
+    if callable(lr) or callable(temperature):
+        raise ValueError("beta > 0 needs a constant lr and temperature (the noise correction "
+                         "1 - lr·beta·temperature/(2·alpha) is fixed when the engine is configured)")
+    if friction == 0.0:
+        raise ValueError("beta > 0 needs a positive friction alpha: there is no injected noise to reduce")
+    kappa = 1.0 - lr * beta * temperature / (2.0 * friction)
+    if kappa < 0.0:
+        raise ValueError(f"beta={beta} is too large for lr={lr}, temperature={temperature} and friction "
+                         f"{friction}: the injected noise variance lr·T·(2·alpha - lr·beta·T) would be "
+                         f"negative ({lr * temperature * 2.0 * friction * kappa:.3g})")
+    return kappa * temperature
+
+
+def make_config(options: dict, **fields) -> SDEConfig:
+    """An :class:`SDEConfig` from the preset's fields plus pass-through engine ``options``."""
+    unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}; presets pass through only {ENGINE_OPTIONS}")
+    return SDEConfig(**fields, **options)
+
+
+def build_with_defaults(log_posterior, config: SDEConfig, momenta=None, xi=None) -> Transform:
+    """``engine.build(log_posterior, config)`` whose ``init`` defaults to the given momenta and xi.
+
+    ``momenta`` may be a tree like params or a number (posteriors: every entry equal to it); None
+    draws them from N(0, T·M) (or zeros at T = 0) inside the engine.
+    """
+    transform = engine_build(log_posterior, config)
+    if momenta is None and xi is None:
+        return transform
+    engine_init = transform.init
+
+    def init(params, momenta=momenta, xi=xi, seed=None):
+        if isinstance(momenta, Real):
+            momenta = tree_map(lambda leaf: torch.full_like(leaf, float(momenta)), params)
+        return engine_init(params, momenta=momenta, xi=xi, seed=seed)
+
+    init.__doc__ = engine_init.__doc__
+    return transform._replace(init=init)
+
+
+def underdamped(alpha: float, sigma: float) -> dict:
+    """D = diag(0, α), Q = ``hamiltonian_curl(1)`` and mass σ²: the operators of underdamped Langevin."""
+    alpha = positive("alpha", alpha, allow_zero=True)
+    sigma = positive("sigma", sigma)
+    return {"diffusion": Block({("momenta", "momenta"): Scalar(alpha)}), "curl": hamiltonian_curl(1.0),
+            "mass": Scalar(sigma**2)}

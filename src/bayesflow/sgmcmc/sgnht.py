@@ -1,0 +1,108 @@
+r"""SGNHT: the stochastic gradient Nosé–Hoover thermostat (Ding et al., 2014).
+
+SGHMC whose friction ξ is itself a state variable that adapts until the kinetic temperature
+:math:`|m|^2/(dσ^2)` equals T, absorbing unknown gradient noise. On z = (θ, m, ξ) with d scalar
+parameters and
+
+.. math::
+    H = -ℓ(θ) + \tfrac{1}{2σ^2}|m|^2 + \tfrac d2 (ξ - A)^2,
+
+the engine is configured with **mass M = σ²**, **D = diag(0, A·I, 0)** and the state-dependent curl
+
+.. math::
+    Q = \begin{pmatrix} 0 & -I & 0 \\ I & 0 & m/d \\ 0 & -m^\top/d & 0 \end{pmatrix}
+
+(``ThermostatCoupling``), N = 1, temperature T, so that
+
+.. math::
+    dθ = σ^{-2} m\,dt, \quad
+    dm = \big(\nabla ℓ - (A σ^{-2} + ξ - A)\, m\big)\,dt + \sqrt{2AT}\,dW, \quad
+    dξ = \big(|m|^2/(dσ^2) - T\big)\,dt.
+
+The thermostat's "−T" is not written by hand: it is T·Γ_ξ with :math:`Γ_ξ = \sum_j \partial_{m_j}
+(-m_j/d) = -1`, the divergence of Q that the engine computes. The integrator is **semi-implicit
+Euler** with h = ``lr``: momenta first, then θ with the new momenta, then ξ with the new momenta.
+The stationary law is :math:`\propto \exp(-H/T)`; its ξ-marginal is N(A, T/d) without gradient noise
+and shifts upwards to cancel gradient noise, keeping :math:`E|m|^2/(dσ^2) = T`.
+
+Relation to posteriors (``alpha`` = A): posteriors moves every component from the old state (explicit
+Euler) and writes the friction as ξ/σ²; both agree with the above at σ = 1. Its ``beta`` lowers the
+injected variance to lr·T·(2A − lr·β·T); here that is the friction A' = A − lr·β·T/2 in both D and
+the thermostat target, so the injected noise matches posteriors while the thermostat still targets T
+(with gradient noise of variance βT² per unit h², ξ settles near A again).
+
+**T = 0 limit:** no noise and Γ vanishes: ξ grows with the kinetic energy, a deterministic
+Nosé–Hoover-damped heavy ball (an optimizer whose friction adapts to |m|²).
+
+Example:
+    >>> import torch
+    >>> from bayesflow.sgmcmc import sgnht
+    >>> def log_posterior(params, batch):
+    ...     return -0.5 * (params**2).sum(), None
+    >>> transform = sgnht.build(log_posterior, lr=0.05, alpha=1.0, temperature=1.0)
+    >>> state = transform.init(torch.zeros(100), seed=0)
+    >>> state, aux = transform.update(state, batch=None)
+    >>> float(state.xi) != 1.0
+    True
+"""
+
+from __future__ import annotations
+
+from bayesflow.engine import Block, Scalar, SDEConfig, SemiImplicitEuler, ThermostatCoupling
+from bayesflow.sgmcmc._common import build_with_defaults, make_config, positive
+from bayesflow.types import LogPosterior, Schedule, TensorTree, Transform
+
+__all__ = ["build", "config"]
+
+
+def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: float = 1.0,
+           temperature: float | Schedule = 1.0, **options) -> SDEConfig:
+    """The engine configuration of SGNHT (see the module docstring for the SDE).
+
+    Args:
+        lr: step size h (a float or a schedule).
+        alpha: A, the friction of the injected noise and the thermostat's target.
+        beta: posteriors' gradient-noise estimate: friction and target become A − lr·β·T/2 (needs a
+            constant lr and temperature), so the injected variance is lr·T·(2A − lr·β·T).
+        sigma: standard deviation σ of the momenta's law (mass σ²).
+        temperature: T (1/num_data samples the posterior).
+        **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``,
+            ``momenta_init``).
+    """
+    lr = positive("lr", lr, schedule=True)
+    alpha = positive("alpha", alpha)
+    sigma = positive("sigma", sigma)
+    temperature = positive("temperature", temperature, allow_zero=True, schedule=True)
+    beta = positive("beta", beta, allow_zero=True)
+    friction = alpha
+    if beta != 0.0:
+        if callable(lr) or callable(temperature):
+            raise ValueError("beta > 0 needs a constant lr and temperature")
+        friction = alpha - lr * beta * temperature / 2.0
+        if friction < 0.0:
+            raise ValueError(f"beta={beta} is too large: the injected noise variance lr·T·(2·alpha - lr·beta·T) "
+                             f"would be negative for lr={lr}, alpha={alpha}, temperature={temperature}")
+    diffusion = Block({("momenta", "momenta"): Scalar(friction)})
+    curl = Block({("params", "momenta"): Scalar(-1.0), ("momenta", "params"): Scalar(1.0),
+                  ("momenta", "xi"): ThermostatCoupling(+1), ("xi", "momenta"): ThermostatCoupling(-1)})
+    return make_config(options, step_size=lr, diffusion=diffusion, curl=curl, mass=Scalar(sigma**2),
+                       thermostat_target=friction, temperature=temperature, integrator=SemiImplicitEuler())
+
+
+def build(log_posterior: LogPosterior, lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0,
+          sigma: float = 1.0, temperature: float | Schedule = 1.0, momenta: TensorTree | float | None = None,
+          xi: float | None = None, **kwargs) -> Transform:
+    """SGNHT transform: ``engine.build(log_posterior, config(lr, alpha, beta, sigma, temperature))``.
+
+    Args:
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``, value per datum.
+        lr, alpha, beta, sigma, temperature, **kwargs: as :func:`config`.
+        momenta: default initial momenta (a tree, a number, or None for N(0, T·σ²)).
+        xi: initial thermostat (posteriors' default: ``alpha``).
+
+    Returns:
+        A transform whose state is an :class:`~bayesflow.engine.SDEState` with ``params``,
+        ``momenta``, ``xi``, ``log_posterior`` and ``step``.
+    """
+    xi = float(alpha) if xi is None else xi
+    return build_with_defaults(log_posterior, config(lr, alpha, beta, sigma, temperature, **kwargs), momenta, xi)
