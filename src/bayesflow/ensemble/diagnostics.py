@@ -285,8 +285,7 @@ def ess(
 
     Example:
         >>> x = torch.randn(4, 1000, 2)  # independent draws
-        >>> ess(x)  # ≈ 4000 each
-        tensor([3987.2, 4051.9])
+        >>> ess(x)  # ≈ 4000 for each of the two parameters (± about 5%)
     """
     if method not in ESS_METHODS:
         raise ValueError(f"unknown ESS method {method!r}; expected one of {ESS_METHODS}")
@@ -354,19 +353,30 @@ def summary(
     return out
 
 
-def format_summary(table: dict[str, dict[str, float]], digits: int = 3) -> str:
+def format_summary(table: dict[str, dict[str, float]]) -> str:
     """Render :func:`summary`'s output as a fixed-width text table, one row per leaf.
 
+    R-hat columns get 4 decimals (1.01 vs 1.005 matters), ESS columns whole numbers.
+
     Example:
-        >>> print(format_summary(summary({"w": torch.randn(4, 500, 100)})))
-        leaf  size   rhat_max  rhat_q05  ...
+        >>> print(format_summary(summary({"w": torch.randn(4, 500, 100)})))  # header: leaf  size  rhat_max ...
     """
     if not table:
         return ""
     columns = list(next(iter(table.values())))
-    rows = [["leaf", *columns]] + [[name] + [f"{row[c]:.{digits}g}" for c in columns] for name, row in table.items()]
+
+    def cell(column: str, value: float) -> str:
+        if math.isnan(value):
+            return "nan"
+        if column == "frac_rhat_above":
+            return f"{value:.3f}"
+        if column.startswith("rhat_") and column != "rhat_nan":
+            return f"{value:.4f}"
+        return f"{value:.0f}" if column.startswith("ess_") or column in ("size", "rhat_nan") else f"{value:.4g}"
+
+    rows = [["leaf", *columns]] + [[name] + [cell(c, row[c]) for c in columns] for name, row in table.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(text.ljust(w) for text, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def to_inference_data(samples: TensorTree, *, sample_stats: dict[str, Any] | None = None, **kwargs: Any) -> Any:

@@ -195,9 +195,9 @@ def sample(
         rank = min(count, buffers[0].shape[0])
         if rank < 2:
             raise ValueError(f"SWAG's low-rank term needs at least 2 stored deviations, the state has {rank}")
-        chains = ref.shape[0] if chain_dim else None
         if chain_dim and ref.ndim == 0:
             raise ValueError("chain_dim=True needs leaves with a leading chain dimension")
+        chains = ref.shape[0] if chain_dim else None
         shape = (num_samples, rank) if chains is None else (num_samples, rank, chains)
         z2 = torch.randn(shape, generator=generator, dtype=dtype, device=ref.device) / math.sqrt(2 * (rank - 1))
         for x, b in zip(draws, buffers):
