@@ -1,9 +1,10 @@
 """Many chains: deep ensembles, Bayesian deep ensembles, temperature sweeps and their diagnostics."""
 
 from bayesflow.ensemble.chains import bayesian_deep_ensemble, deep_ensemble, lift, replicate, stack, unstack
-from bayesflow.ensemble.diagnostics import ess, format_summary, rhat, summary, to_inference_data
+from bayesflow.ensemble.diagnostics import ess, rhat
 from bayesflow.ensemble.moments import MomentsState, running_moments
 from bayesflow.ensemble.plots import plot_sweep, trace_plot
+from bayesflow.ensemble.summary import format_summary, summary, to_inference_data
 from bayesflow.ensemble.sweep import expected_calibration_error, sweep
 from bayesflow.ensemble.temperature import (
     configurational_temperature,

@@ -26,19 +26,16 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-import optree
 import torch
 
 from bayesflow.tree import flatten, tree_map
 from bayesflow.types import TensorTree
 
-__all__ = ["ess", "format_summary", "rhat", "summary", "to_inference_data"]
+__all__ = ["ess", "rhat"]
 
 RHAT_METHODS = ("rank", "z_scale", "folded", "split", "identity")
 ESS_METHODS = ("bulk", "tail", "mean")
@@ -292,124 +289,3 @@ def ess(
     if not (0 < prob[0] < 1 and 0 < prob[1] < 1):
         raise ValueError(f"prob must hold two levels in (0, 1), got {prob!r}")
     return _per_leaf(lambda x: _ess_of(x, method, tuple(prob)), samples, chunk_size, "ess")
-
-
-# --------------------------------------------------------------------------- summaries and export
-
-
-def _leaf_names(tree: TensorTree) -> list[str]:
-    paths, _, _ = optree.tree_flatten_with_path(tree, none_is_leaf=False, namespace="bayesflow")
-    return [".".join(str(p) for p in path) or "params" for path in paths]
-
-
-def summary(
-    samples: TensorTree,
-    quantiles: Sequence[float] = (0.05, 0.5, 0.95),
-    *,
-    threshold: float = 1.01,
-    chunk_size: int | None = None,
-) -> dict[str, dict[str, float]]:
-    r"""Per-leaf summary of R-hat and ESS for large models: quantiles over the leaf's parameters.
-
-    For each leaf (parameter group) with parameters :math:`i = 1..P` it reports the quantiles
-    :math:`q` (and the extremes) of :math:`\{\hat R_i\}` (``"rank"``), :math:`\{\mathrm{ESS}^{bulk}_i\}` and
-    :math:`\{\mathrm{ESS}^{tail}_i\}`, and the fraction of parameters with :math:`\hat R_i > ` ``threshold``.
-    NaNs (constant parameters) are left out of the quantiles and counted in ``"rhat_nan"``.
-
-    Args:
-        samples: a tensor shaped ``(chains, draws, *param_shape)`` or a tree of them.
-        quantiles: the levels to report, in [0, 1]; keys are ``rhat_q05``, ``ess_bulk_q50``, ...
-        threshold: the R-hat level counted in ``"frac_rhat_above"`` (1.01 as Vehtari et al. advise).
-        chunk_size: see :func:`rhat`.
-
-    Returns:
-        ``{leaf path: {"size", "rhat_max", "rhat_q.."..., "frac_rhat_above", "rhat_nan",
-        "ess_bulk_min", "ess_bulk_q.."..., "ess_tail_min", "ess_tail_q.."...}}`` with float values
-        (``pandas.DataFrame(summary(samples)).T`` makes it a table; :func:`format_summary` prints it).
-
-    Example:
-        >>> print(format_summary(summary({"w": torch.randn(4, 500, 100)})))
-    """
-    levels = [float(q) for q in quantiles]
-    if any(not 0 <= q <= 1 for q in levels):
-        raise ValueError(f"quantiles must lie in [0, 1], got {tuple(quantiles)}")
-    r_leaves, _ = flatten(rhat(samples, chunk_size=chunk_size))
-    bulk, _ = flatten(ess(samples, "bulk", chunk_size=chunk_size))
-    tail, _ = flatten(ess(samples, "tail", chunk_size=chunk_size))
-    q = torch.tensor([*levels, 0.0, 1.0], dtype=torch.float64)
-    out = {}
-    for name, r, b, t in zip(_leaf_names(samples), r_leaves, bulk, tail):
-        r, b, t = (v.reshape(-1).double() for v in (r, b, t))
-        row: dict[str, float] = {"size": float(r.numel())}
-        qr, qb, qt = (torch.nanquantile(v, q) if v.numel() else torch.full_like(q, math.nan) for v in (r, b, t))
-        row["rhat_max"] = float(qr[-1])
-        row.update({f"rhat_q{round(100 * lv):02d}": float(v) for lv, v in zip(levels, qr)})
-        row["frac_rhat_above"] = float((r > threshold).double().mean()) if r.numel() else math.nan
-        row["rhat_nan"] = float(r.isnan().sum())
-        for key, qv in (("ess_bulk", qb), ("ess_tail", qt)):
-            row[f"{key}_min"] = float(qv[-2])
-            row.update({f"{key}_q{round(100 * lv):02d}": float(v) for lv, v in zip(levels, qv)})
-        out[name] = row
-    return out
-
-
-def format_summary(table: dict[str, dict[str, float]]) -> str:
-    """Render :func:`summary`'s output as a fixed-width text table, one row per leaf.
-
-    R-hat columns get 4 decimals (1.01 vs 1.005 matters), ESS columns whole numbers.
-
-    Example:
-        >>> print(format_summary(summary({"w": torch.randn(4, 500, 100)})))  # header: leaf  size  rhat_max ...
-    """
-    if not table:
-        return ""
-    columns = list(next(iter(table.values())))
-
-    def cell(column: str, value: float) -> str:
-        if math.isnan(value):
-            return "nan"
-        if column == "frac_rhat_above":
-            return f"{value:.3f}"
-        if column.startswith("rhat_") and column != "rhat_nan":
-            return f"{value:.4f}"
-        return f"{value:.0f}" if column.startswith("ess_") or column in ("size", "rhat_nan") else f"{value:.4g}"
-
-    rows = [["leaf", *columns]] + [[name] + [cell(c, row[c]) for c in columns] for name, row in table.items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(text.ljust(w) for text, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def to_inference_data(samples: TensorTree, *, sample_stats: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-    """Export chains to ArviZ (``arviz.from_dict``) for its plots and diagnostics.
-
-    Each leaf (shape ``(chains, draws, *param_shape)``) becomes a posterior variable named by its path in
-    the tree (``"layer.weight"``; ``"params"`` for a bare tensor). With arviz < 1 the result is an
-    ``InferenceData``; with arviz ≥ 1 it is the ``xarray.DataTree`` that ``arviz.from_dict`` returns there.
-
-    Args:
-        samples: a tensor shaped ``(chains, draws, *param_shape)`` or a tree of them.
-        sample_stats: optional ``{name: (chains, draws) tensor}`` (e.g. the log posterior of every draw).
-        **kwargs: passed on to ``arviz.from_dict`` (``coords``, ``dims``, ...).
-
-    Raises:
-        ImportError: arviz is not installed (``pip install arviz``).
-
-    Example:
-        >>> idata = to_inference_data({"w": torch.randn(4, 100, 3)})
-        >>> arviz.summary(idata)
-    """
-    try:
-        import arviz
-    except ImportError as error:
-        raise ImportError(
-            "to_inference_data needs the optional dependency arviz; install it with `pip install arviz`"
-        ) from error
-    leaves, _ = flatten(samples)
-    posterior = {name: torch.as_tensor(leaf).detach().cpu().numpy() for name, leaf in zip(_leaf_names(samples),
-                                                                                           leaves)}
-    stats = None if sample_stats is None else {k: torch.as_tensor(v).detach().cpu().numpy()
-                                               for k, v in sample_stats.items()}
-    if "posterior" in inspect.signature(arviz.from_dict).parameters:  # arviz < 1
-        return arviz.from_dict(posterior=posterior, sample_stats=stats, **kwargs)
-    groups = {"posterior": posterior} | ({} if stats is None else {"sample_stats": stats})
-    return arviz.from_dict(groups, **kwargs)
