@@ -33,8 +33,8 @@ def config(
     r"""The engine configuration of AdamW (``torch.optim.AdamW`` at ``temperature=0``).
 
     The SDE of :func:`bayesflow.optim.adam.config` without a prior term in H (λ = 0), plus a linear
-    drift :math:`-\tfrac{λ_{\mathrm{dec}}}{h}\,θ` on θ outside the Hamiltonian. The engine applies
-    it exactly once per step, before the step, as
+    drift :math:`-\tfrac{\mathrm{lr}\,λ_{\mathrm{dec}}}{h}\,θ` on θ outside the Hamiltonian. The
+    engine applies it exactly once per step, before the step, as
 
     .. math::
         θ \leftarrow (1 - \mathrm{lr}\cdot λ_{\mathrm{dec}})\,θ

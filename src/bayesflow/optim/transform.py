@@ -96,7 +96,7 @@ def _update(transform, updates: Any, state: SDEState, params: Any, inplace: bool
     if len(given) != len(theta):
         raise ValueError(f"updates has {len(given)} leaves, the optimizer state has {len(theta)}")
     loss_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)]
-    grads = torch._foreach_neg(loss_grads)  # the engine takes the ascent direction ∇ℓ = -∇loss
+    grads = unflatten(theta_spec, torch._foreach_neg(loss_grads))  # the engine takes the ascent ∇ℓ = -∇loss
     if params is not None:
         current, _ = flatten(params)
         if len(current) != len(theta):
