@@ -84,6 +84,12 @@ class Block:
                 raise ValueError(f"{where} = {op!r} and {name}[{column}, {row}] = {partner!r} are not "
                                  "negative transposes: Q must be skew-symmetric")
 
+    def __eq__(self, other):
+        return isinstance(other, Block) and other.blocks == self.blocks
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.blocks.items(), key=lambda item: item[0])))
+
     def __repr__(self):
         inner = ", ".join(f"({r}, {c}): {op!r}" for (r, c), op in self.blocks.items())
         return f"Block({{{inner}}})"
@@ -143,6 +149,12 @@ class ThermostatCoupling(Operator):
 
     def symbol(self):
         return ("thermostat", None, self.sign)
+
+    def __eq__(self, other):
+        return isinstance(other, ThermostatCoupling) and other.sign == self.sign
+
+    def __hash__(self):
+        return hash(("ThermostatCoupling", self.sign))
 
     def __repr__(self):
         return f"ThermostatCoupling({self.sign:+g})"

@@ -49,6 +49,10 @@ class Operator:
     def accumulate(self, out: Accumulator, v: Leaves, alpha: float, ctx: Context) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot multiply a vector")
 
+    def accumulate_divided(self, out: Accumulator, v: Leaves, divisor: Leaves, alpha: float, ctx: Context) -> None:
+        """``out += alpha * O (v / divisor)``; subclasses fuse the division where they can."""
+        self.accumulate(out, torch._foreach_div(v, divisor), alpha, ctx)
+
     def sqrt_accumulate(self, out: Accumulator, noise: Leaves, alpha: float, ctx: Context) -> None:
         raise ValueError(f"{type(self).__name__} has no square root: it cannot be a diffusion")
 
@@ -118,6 +122,10 @@ class Scalar(Operator):
         if self.value != 0.0:
             out.add(v, alpha=alpha * self.value)
 
+    def accumulate_divided(self, out, v, divisor, alpha, ctx):
+        if self.value != 0.0:
+            out.addcdiv(v, divisor, value=alpha * self.value)
+
     def sqrt_accumulate(self, out, noise, alpha, ctx):
         if self.value != 0.0:
             out.add(noise, alpha=alpha * math.sqrt(self.value))
@@ -174,6 +182,13 @@ class Diagonal(Operator):
 
     def tensors(self):
         return self.values
+
+    def __eq__(self, other):
+        return isinstance(other, Diagonal) and len(other.values) == len(self.values) and all(
+            a.shape == b.shape and bool(torch.equal(a, b)) for a, b in zip(self.values, other.values))
+
+    def __hash__(self):
+        return hash(("Diagonal", len(self.values)))
 
     def symbol(self):
         return ("diagonal", id(self), 1.0)
@@ -253,6 +268,13 @@ class Dense(Operator):
 
     def tensors(self):
         return [self.matrix]
+
+    def __eq__(self, other):
+        return isinstance(other, Dense) and other.matrix.shape == self.matrix.shape and bool(
+            torch.equal(other.matrix, self.matrix))
+
+    def __hash__(self):
+        return hash(("Dense", tuple(self.matrix.shape)))
 
     def check(self, shapes, role, where):
         d = sum(math.prod(s) for s in shapes)

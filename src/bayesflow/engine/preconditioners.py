@@ -54,6 +54,15 @@ class SquaredGradientAverage:
         self.bias_correction = bias_correction
         self.amsgrad = amsgrad
 
+    def _key(self) -> tuple:
+        return (self.decay, self.eps, self.centered, self.bias_correction, self.amsgrad)
+
+    def __eq__(self, other):
+        return isinstance(other, SquaredGradientAverage) and other._key() == self._key()
+
+    def __hash__(self):
+        return hash(("SquaredGradientAverage", *self._key()))
+
     def init(self, params: Leaves) -> tuple[Leaves, ...]:
         fields = [[torch.zeros_like(p) for p in params]]
         if self.centered:
@@ -123,6 +132,15 @@ class Preconditioned(Operator):
         else:
             out.addcdiv(v, self._values(ctx), value=alpha * self.scale)
 
+    def accumulate_divided(self, out, v, divisor, alpha, ctx):
+        values = self._values(ctx)
+        if divisor is values and self.power > 0:  # c·P (v / P) = c·v: an Adam-type friction on M⁻¹m
+            out.add(v, alpha=alpha * self.scale)
+        elif divisor is values:  # P⁻¹ (v / P) = v / P²
+            out.addcdiv(v, torch._foreach_mul(values, values), value=alpha * self.scale)
+        else:
+            super().accumulate_divided(out, v, divisor, alpha, ctx)
+
     def sqrt_accumulate(self, out, noise, alpha, ctx):
         root = torch._foreach_sqrt(self._values(ctx))
         if self.power > 0:
@@ -133,11 +151,18 @@ class Preconditioned(Operator):
     def diagonal(self, ctx):
         values = self._values(ctx)
         if self.power > 0:
-            return torch._foreach_mul(values, self.scale)
+            return values if self.scale == 1.0 else torch._foreach_mul(values, self.scale)
         return torch._foreach_div(torch._foreach_reciprocal(values), 1.0 / self.scale)
 
     def symbol(self):
         return ("preconditioned", (id(self.preconditioner), self.power), self.scale)
+
+    def __eq__(self, other):
+        return isinstance(other, Preconditioned) and (other.preconditioner, other.power, other.scale) == (
+            self.preconditioner, self.power, self.scale)
+
+    def __hash__(self):
+        return hash(("Preconditioned", self.preconditioner, self.power, self.scale))
 
     def check(self, shapes, role, where):
         if role == "curl":
