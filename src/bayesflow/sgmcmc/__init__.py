@@ -16,7 +16,7 @@ obabo       SGHMC operators, splitting "OBABO"                   damped velocity
 psgld       D = diag(1/(√v+ε)) (RMSprop), Γ dropped, Euler       RMSprop
 adam_sghmc  mass = diag(√v̂+ε), D = diag(0, (1−β₁)M/h)            Adam
 csgld       SGLD, cosine step size, T = 0 while exploring        SGD with cosine restarts
-csghmc      SGHMC, cosine step size, T = 0 while exploring       SGD momentum with cosine restarts
+csghmc      SGHMC, cosine step size, T = 0 while exploring       heavy ball with cosine restarts
 ========== ==================================================== =======================================
 """
 

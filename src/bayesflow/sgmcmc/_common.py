@@ -78,11 +78,11 @@ def make_config(options: dict, **fields) -> SDEConfig:
 def build_with_defaults(log_posterior, config: SDEConfig, momenta=None, xi=None) -> Transform:
     """``engine.build(log_posterior, config)`` whose ``init`` defaults to the given momenta and xi.
 
-    ``momenta`` may be a tree like params or a number (posteriors: every entry equal to it); None
-    draws them from N(0, T·M) (or zeros at T = 0) inside the engine.
+    ``momenta`` (here or at ``init``) may be a tree like params or a number (posteriors: every entry
+    equal to it); None draws them from N(0, T·M) (or zeros at T = 0) inside the engine.
     """
     transform = engine_build(log_posterior, config)
-    if momenta is None and xi is None:
+    if "momenta" not in config.components:
         return transform
     engine_init = transform.init
 

@@ -12,10 +12,11 @@ SGHMC (:mod:`bayesflow.sgmcmc.sghmc`: z = (θ, m), mass M = σ², **D = diag(0, 
     θ_{t+1} &= θ_t + h_t σ^{-2} m_{t+1}.
 
 The friction α is a rate of the SDE, so the per-step momentum decay 1 − h_tα/σ² follows the step
-size. The exploration stage (T = 0) is SGD with momentum μ_t = 1 − h_tα/σ² and learning rate
-h_t²/σ² (see :mod:`~bayesflow.sgmcmc.sghmc` for the mapping); the sampling stage is SGHMC.
+size. The exploration stage (T = 0) is the heavy-ball iteration above without noise (at a constant
+h, SGD with momentum 1 − hα/σ² and learning rate h²/σ²; see :mod:`~bayesflow.sgmcmc.sghmc`); the
+sampling stage is SGHMC.
 
-**T = 0 limit:** SGD with momentum under that cosine-restart schedule.
+**T = 0 limit:** that heavy-ball iteration under the cosine-restart step size.
 
 Example:
     >>> import torch
