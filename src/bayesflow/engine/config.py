@@ -100,8 +100,9 @@ class SDEConfig:
         """Checks that need no parameters (operator shapes are checked at ``init``)."""
         components = self.components
         if isinstance(self.integrator, Splitting):
-            if "momenta" not in components:
-                raise ValueError(f"splitting integrator {self.integrator.word!r} needs momenta")
+            if "momenta" not in components or ("params", "momenta") not in self.curl_block.blocks:
+                raise ValueError(f"splitting integrator {self.integrator.word!r} needs momenta coupled to params "
+                                 "by the curl (curl=hamiltonian_curl(...))")
             preconditioned = self.diffusion_block.preconditioners() + self.curl_block.preconditioners()
             if preconditioned and not self.integrator.evaluates_at_start():
                 raise ValueError("a preconditioned splitting word must kick (B) before it drifts (A)")

@@ -73,7 +73,7 @@ class NoiseStream:
         With chains, leaves carry a leading chain dimension and each chain draws from its own stream.
         """
         entry = self._buffers.get(key)
-        signature = tuple((leaf.shape, leaf.dtype) for leaf in like)
+        signature = [(leaf.shape, leaf.dtype) for leaf in like]  # a list comprehension: cheaper per step
         if entry is None or entry[0] != signature:
             entry = self._allocate(like, signature)
             self._buffers[key] = entry

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -28,7 +29,7 @@ from bayesflow.engine.noise import NoiseStream
 from bayesflow.engine.schedules import as_schedule, is_zero
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import GradientNotAvailable, StepInputs, System
-from bayesflow.engine.validation import check_finite, check_params, resolve_num_data
+from bayesflow.engine.validation import check_finite, check_params, mismatched_leaves, resolve_num_data
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogPosterior, Transform
 
@@ -109,6 +110,7 @@ class _Engine:
                         raise ValueError(f"{op!r} acts on flat single-chain parameters and does not batch "
                                          "over chains; run chains separately")
         self.spec = spec
+        self.signature = [(leaf.shape, leaf.dtype) for leaf in leaves]  # what step() accepts as grads
         shapes = [leaf.shape for leaf in leaves]
         xi_shape = torch.Size([self.chains]) if self.chains else torch.Size([])
         layout = {"params": shapes, "momenta": shapes, "xi": [xi_shape]}
@@ -116,15 +118,9 @@ class _Engine:
         diffusion, curl = config.diffusion_block, config.curl_block
         diffusion.check(layout, "diffusion", "diffusion")
         curl.check(layout, "curl", "curl")
-        from bayesflow.engine.operators import Dense, Function
+        from bayesflow.engine.operators import Function
 
         for name, block, role in (("diffusion", diffusion, "diffusion"), ("curl", curl, "curl")):
-            for (row, column), dense in block.blocks.items():
-                if isinstance(dense, Dense) and (dense.matrix.dtype, dense.matrix.device) != (
-                        leaves[0].dtype, leaves[0].device):
-                    raise ValueError(f"{name}[{row}, {column}]: Dense matrix has dtype {dense.matrix.dtype} on "
-                                     f"{dense.matrix.device}; params have dtype {leaves[0].dtype} on "
-                                     f"{leaves[0].device}")
             op = block.blocks.get(("params", "params"))
             if isinstance(op, Function):
                 op.validate_at(torch.cat([leaf.detach().reshape(-1) for leaf in leaves]), role, name)
@@ -234,7 +230,7 @@ class _Engine:
 
     def step(self, state: SDEState, grads, inplace: bool = False, log_posterior=None) -> SDEState:
         """Advance one step with the caller's gradient ∇ℓ(θ_t) (same structure as params)."""
-        grad_leaves, _ = flatten(grads)
+        grad_leaves = self._flatten_like_params(grads, "grads")
         given = [grad_leaves]
 
         def gradient_fn(leaves):
@@ -242,15 +238,35 @@ class _Engine:
                 raise GradientNotAvailable(
                     f"{self.config.integrator!r} needs a gradient at a second point in the step; "
                     "use update(state, batch) instead of step(state, grads)")
-            if len(given[0]) != len(leaves):
-                raise ValueError(f"grads has {len(given[0])} leaves, params has {len(leaves)}")
+            if [(g.shape, g.dtype) for g in given[0]] != self.signature:
+                raise ValueError(mismatched_leaves(given[0], leaves, self.spec))
             value = None if log_posterior is None else torch.as_tensor(log_posterior).detach()
             return given.pop(), value, False
 
         if not self.config.integrator.evaluates_at_start():
             raise GradientNotAvailable(f"{self.config.integrator!r} evaluates its gradient mid-step; "
                                        "use update(state, batch)")
+        if self.config.integrator.caches_gradient:
+            raise GradientNotAvailable(f"{self.config.integrator!r} also needs the gradient at the end of the "
+                                       "step (first same as last); use update(state, batch)")
         return self._advance(state, gradient_fn, inplace, caller_gradient=True)
+
+    def _flatten_like_params(self, tree, name: str) -> list:
+        """Leaves of a tree with the structure of params (the spec from ``init``).
+
+        ``spec.flatten_up_to`` walks the known structure and is several times cheaper than a fresh
+        ``flatten`` on the hot path; a tree of another structure raises a ValueError naming it.
+        """
+        if self.spec is None:
+            return flatten(tree)[0]
+        try:
+            leaves = self.spec.flatten_up_to(tree)
+        except (ValueError, TypeError):
+            leaves = None
+        if leaves is None or not all(map(isinstance, leaves, itertools.repeat(torch.Tensor))):
+            raise ValueError(f"{name} must have the structure of params: got {flatten(tree)[1]}, "
+                             f"expected {self.spec}")
+        return leaves
 
     def _advance(self, state: SDEState, gradient_fn, inplace: bool, caller_gradient: bool = False) -> SDEState:
         if self.system is None:
@@ -259,10 +275,10 @@ class _Engine:
         step = int(state.step)
         temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else self.temperature(step)
         h = self.step_size if isinstance(self.step_size, torch.Tensor) else self.step_size(step)
-        params, spec = flatten(state.params)
+        params, spec = self._flatten_like_params(state.params, "state.params"), self.spec
         z = {"params": Accumulator(params, inplace)}
         if state.momenta is not None:
-            z["momenta"] = Accumulator(flatten(state.momenta)[0], inplace)
+            z["momenta"] = Accumulator(self._flatten_like_params(state.momenta, "state.momenta"), inplace)
         if state.xi is not None:
             z["xi"] = Accumulator([state.xi], inplace)
         checked = self._checked(gradient_fn, step, inplace, caller_gradient)
@@ -274,6 +290,8 @@ class _Engine:
         try:
             preconditioner = self._precondition(state, ctx, inputs, inplace)
             if config.decoupled_weight_decay:
+                if config.integrator.evaluates_at_start():
+                    self.system.potential(ctx, inputs)  # ∇ℓ(θ_t) before the decay (AdamW; as in step)
                 z["params"].mul(1.0 - config.decoupled_weight_decay)
             config.integrator.advance(self.system, ctx, inputs, self.scales)
         except _Rejected:
@@ -309,7 +327,10 @@ class _Engine:
                 self.noise._produced = rng = state.rng
         if inplace:
             state.step.add_(1)
-            state.log_posterior.copy_(value)
+            if value is not state.log_posterior:
+                state.log_posterior.copy_(value)
+            if preconditioner is state.preconditioner and rng is state.rng and not gradient and not state.gradient:
+                return state  # nothing to replace: skip building an identical record
             return state._replace(preconditioner=preconditioner, gradient=gradient, rng=rng)
         return SDEState(
             params=unflatten(spec, z["params"].leaves),

@@ -94,18 +94,22 @@ class System:
         inputs.scaled = scaled
         return scaled, 1.0
 
-    def grad_h(self, column: str, ctx: Context, inputs: StepInputs) -> tuple[Leaves, float]:
-        """``(leaves, scale)`` with ``scale * leaves = ∇_column H``."""
+    def grad_h(self, column: str, ctx: Context, inputs: StepInputs) -> tuple[Leaves, float, Leaves | None]:
+        """``(leaves, scale, divisor)`` with ``∇_column H = scale * leaves / divisor`` (divisor None: 1).
+
+        The momenta's ``M⁻¹ m`` is left as a division so that operators can fuse it (addcdiv) or
+        cancel it (an Adam-type friction c·M times M⁻¹ is c) instead of materialising it.
+        """
         if column == "params":
             leaves, scale = self.potential(ctx, inputs)
-            return leaves, -scale
+            return leaves, -scale, None
         if column == "momenta":
             momenta = ctx.leaves("momenta")
             if isinstance(self.mass, Scalar):
-                return momenta, 1.0 / self.mass.value
-            return torch._foreach_div(momenta, self.mass.diagonal(ctx)), 1.0
+                return momenta, 1.0 / self.mass.value, None
+            return momenta, 1.0, self.mass.diagonal(ctx)
         xi = ctx.leaves("xi")[0]
-        return [(xi - self.thermostat_target) * ctx.numel], 1.0
+        return [(xi - self.thermostat_target) * ctx.numel], 1.0, None
 
     # ----- one row ----------------------------------------------------------------------------
     def row(self, ctx: Context, inputs: StepInputs, row: str, h: float, *, noise: bool = True,
@@ -127,8 +131,11 @@ class System:
         if hot and self.gamma:
             self._gamma(ctx, inputs, terms, out, h)
         for column, op in terms:
-            leaves, scale = self.grad_h(column, ctx, inputs)
-            op.accumulate(out, leaves, -h * scale, ctx)
+            leaves, scale, divisor = self.grad_h(column, ctx, inputs)
+            if divisor is None:
+                op.accumulate(out, leaves, -h * scale, ctx)
+            else:
+                op.accumulate_divided(out, leaves, divisor, -h * scale, ctx)
         if hot:
             diffusion = self.diffusion.get(row, row)
             if not diffusion.is_zero:

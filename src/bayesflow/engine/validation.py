@@ -23,6 +23,21 @@ def check_params(leaves: list) -> None:
         devices.add(leaf.device)
     if len(devices) > 1:
         raise ValueError(f"params live on several devices {sorted(map(str, devices))}; move them to one")
+    dtypes = {leaf.dtype for leaf in leaves}
+    if len(dtypes) > 1:
+        raise ValueError(f"params have several dtypes {sorted(map(str, dtypes))}; cast them to one (the noise "
+                         "and the operators of a step share one dtype)")
+
+
+def mismatched_leaves(grads: list, leaves: list, spec) -> str:
+    """A message naming the first gradient leaf whose shape or dtype differs from its parameter."""
+    paths = [".".join(map(str, p)) or "<root>" for p in
+             optree.tree_paths(optree.tree_unflatten(spec, leaves), none_is_leaf=False, namespace="bayesflow")]
+    for path, g, p in zip(paths, grads, leaves):
+        if g.shape != p.shape or g.dtype != p.dtype:
+            return (f"grads leaf {path!r} has shape {tuple(g.shape)} and dtype {g.dtype}; the parameter has "
+                    f"shape {tuple(p.shape)} and dtype {p.dtype}")
+    return "grads do not match params"
 
 
 def resolve_num_data(num_data, leaves: list):
@@ -43,13 +58,16 @@ def resolve_num_data(num_data, leaves: list):
 
 def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int) -> str | None:
     """A message naming the step and the first non-finite quantity, or None if all are finite."""
-    if value is not None and not bool(torch.isfinite(value).all()):
+    if value is not None and not (math.isfinite(value.item()) if value.numel() == 1 and not value.is_complex()
+                                  else bool(torch.isfinite(value).all())):  # .item(): no kernel launches
         return f"log posterior is {value.tolist()} at step {step}"
     if grads is None:
         return None
     # One cheap pass (2-norms); only if a norm is not finite, find the leaves exactly (a norm of huge
     # but finite values can overflow, so the exact test decides).
-    if bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+    # (the Python sum of the norms is finite only if every norm is — an overflow falls through to the exact
+    # test below — and is cheaper than stacking them)
+    if math.isfinite(sum(norm.item() for norm in torch._foreach_norm(grads))):
         return None
     bad_leaves = [i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all())]
     if not bad_leaves:

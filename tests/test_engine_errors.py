@@ -1,0 +1,224 @@
+"""Errors: non-finite values, the reject policy, bad parameters, bad gradients and bad options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bayesflow.engine import (
+    Block,
+    GradientNotAvailable,
+    Preconditioned,
+    Scalar,
+    SDEConfig,
+    SemiImplicitEuler,
+    Splitting,
+    SquaredGradientAverage,
+    build,
+    hamiltonian_curl,
+)
+from bayesflow.tree import flatten
+
+DTYPE = torch.float64
+
+
+def log_posterior(params, batch):
+    """-|θ|²/2 on {"a", "b"}; ``batch`` injects a fault: "nan-grad"/"inf-grad" into b's gradient, "nan-value"."""
+    if batch in ("nan-grad", "inf-grad") and params["b"].requires_grad:
+        bad = math.nan if batch == "nan-grad" else math.inf
+        params["b"].register_hook(lambda g: torch.full_like(g, bad))
+    value = -0.5 * (params["a"] ** 2).sum() - 0.5 * (params["b"] ** 2).sum()
+    if batch == "nan-value":
+        value = value + math.nan
+    return value, None
+
+
+def params():
+    return {"a": torch.tensor([1.0, -1.0], dtype=DTYPE), "b": torch.tensor([0.5, 2.0], dtype=DTYPE)}
+
+
+def momentum_config(integrator, **fields):
+    return SDEConfig(step_size=0.1, diffusion=Block({("momenta", "momenta"): Scalar(1.0)}),
+                     curl=hamiltonian_curl(1.0), integrator=integrator, **fields)
+
+
+CONFIGS = {
+    "SGLD": lambda **f: SDEConfig(step_size=0.1, **f),
+    "SGHMC": lambda **f: momentum_config(SemiImplicitEuler(), **f),
+    "BAOAB": lambda **f: momentum_config(Splitting("BAOAB"), **f),
+    "pSGLD": lambda **f: SDEConfig(step_size=0.1, diffusion=Preconditioned(SquaredGradientAverage(0.9, 1e-3)), **f),
+    "AdamW-like decay": lambda **f: SDEConfig(step_size=0.1, decoupled_weight_decay=0.1, **f),
+}
+
+
+def advance(transform, state, batches, inplace=False):
+    for batch in batches:
+        state, _ = transform.update(state, batch, inplace=inplace)
+    return state
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize(("fault", "fragments"), [
+    ("nan-grad", ["gradient", "not finite", "step 2", "leaf 'b'"]),
+    ("inf-grad", ["gradient", "not finite", "step 2", "leaf 'b'"]),
+    ("nan-value", ["log posterior", "nan", "step 2"]),
+])
+def test_nonfinite_values_raise_naming_step_and_leaf(name, fault, fragments):
+    transform = build(log_posterior, CONFIGS[name]())
+    state = advance(transform, transform.init(params(), seed=0), [None, None])
+    with pytest.raises(FloatingPointError) as error:
+        transform.update(state, fault)
+    for fragment in fragments:
+        assert fragment in str(error.value), f"{fragment!r} not in {error.value}"
+
+
+def test_nonfinite_gradient_of_a_caller_is_caught_when_checks_are_full():
+    transform = build(log_posterior, SDEConfig(step_size=0.1, check_finite="full"))
+    state = transform.init(params(), seed=0)
+    with pytest.raises(FloatingPointError, match="leaf 'a'"):
+        transform.step(state, {"a": torch.tensor([math.nan, 0.0], dtype=DTYPE), "b": torch.zeros(2, dtype=DTYPE)})
+
+
+def test_checks_can_be_switched_off():
+    transform = build(log_posterior, SDEConfig(step_size=0.1, check_finite="none"))
+    state, _ = transform.update(transform.init(params(), seed=0), "nan-grad")
+    assert torch.isnan(state.params["b"]).all() and torch.isfinite(state.params["a"]).all()
+    transform = build(log_posterior, SDEConfig(step_size=0.1, check_finite="value"))
+    state, _ = transform.update(transform.init(params(), seed=0), "nan-grad")
+    assert torch.isnan(state.params["b"]).all()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("fault", ["nan-grad", "nan-value"])
+def test_reject_policy_returns_the_input_state_and_continues(name, inplace, fault):
+    transform = build(log_posterior, CONFIGS[name](temperature=0.5, on_nonfinite="reject"))
+    state = advance(transform, transform.init(params(), seed=0), [None, None], inplace)
+    before = [t.clone() for t in flatten((state.params, state.momenta, state.xi, state.preconditioner, state.rng))[0]]
+    if name == "BAOAB" and inplace:
+        # BAOAB evaluates its gradient after moving θ: an in-place step cannot be undone, so it raises.
+        with pytest.raises(FloatingPointError):
+            transform.update(state, fault, inplace=True)
+        return
+    rejected, _ = transform.update(state, fault, inplace=inplace)
+    after = flatten((rejected.params, rejected.momenta, rejected.xi, rejected.preconditioner, rejected.rng))[0]
+    assert len(after) == len(before)
+    for old, new in zip(before, after):
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+    assert int(rejected.step) == 3
+    resumed, _ = transform.update(rejected, None, inplace=inplace)
+    assert all(torch.isfinite(t).all() for t in resumed.params.values())
+    assert not torch.equal(resumed.params["a"], before[0])
+
+
+# ----- parameters ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("bad", "error", "fragments"), [
+    (torch.zeros(3, dtype=torch.int64), TypeError, ["dtype torch.int64", "floating point"]),
+    ({"a": torch.zeros(2), "b": [1.0, 2.0]}, TypeError, ["leaf 1", "float", "torch.Tensor"]),
+    ({"a": torch.zeros(2), "b": torch.zeros(2, device="meta")}, ValueError, ["several devices", "cpu", "meta"]),
+    ({"a": torch.zeros(2, dtype=torch.float32), "b": torch.zeros(2, dtype=torch.float64)}, ValueError,
+     ["several dtypes", "float32", "float64"]),
+    ({}, ValueError, ["no tensors"]),
+])
+def test_bad_params_are_rejected_at_init(bad, error, fragments):
+    transform = build(log_posterior, momentum_config(SemiImplicitEuler()))
+    with pytest.raises(error) as raised:
+        transform.init(bad, seed=0)
+    for fragment in fragments:
+        assert fragment in str(raised.value), f"{fragment!r} not in {raised.value}"
+
+
+def test_bad_momenta_and_update_before_init_are_rejected():
+    transform = build(log_posterior, momentum_config(SemiImplicitEuler()))
+    with pytest.raises(RuntimeError, match="init"):
+        transform.update(None, None)
+    with pytest.raises(ValueError, match="structure and shapes of params"):
+        transform.init(params(), momenta={"a": torch.zeros(2, dtype=DTYPE)})
+    with pytest.raises(ValueError, match="structure and shapes of params"):
+        transform.init(params(), momenta={"a": torch.zeros(2, dtype=DTYPE), "b": torch.zeros(3, dtype=DTYPE)})
+
+
+# ----- gradients given to step ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("grads", "fragments"), [
+    ({"a": torch.zeros(2, dtype=DTYPE)}, ["structure"]),
+    ({"a": torch.zeros(2, dtype=DTYPE), "c": torch.zeros(2, dtype=DTYPE)}, ["structure"]),
+    ([torch.zeros(2, dtype=DTYPE), torch.zeros(2, dtype=DTYPE)], ["structure"]),
+    ({"a": torch.zeros(2, dtype=DTYPE), "b": torch.zeros(3, dtype=DTYPE)}, ["'b'", "shape (3,)", "(2,)"]),
+    ({"a": torch.zeros(2, dtype=torch.float32), "b": torch.zeros(2, dtype=DTYPE)}, ["'a'", "torch.float32"]),
+])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_step_rejects_gradients_that_do_not_match_params(grads, fragments, inplace):
+    transform = build(log_posterior, SDEConfig(step_size=0.1))
+    state = transform.init(params(), seed=0)
+    before = {k: v.clone() for k, v in state.params.items()}
+    with pytest.raises(ValueError) as raised:
+        transform.step(state, grads, inplace=inplace)
+    for fragment in fragments:
+        assert fragment in str(raised.value), f"{fragment!r} not in {raised.value}"
+    assert all(torch.equal(state.params[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("word", ["BAOAB", "OBABO", "ABOBA"])
+def test_step_refuses_words_that_need_a_second_gradient_without_touching_the_state(word):
+    transform = build(log_posterior, momentum_config(Splitting(word)))
+    state = transform.init(params(), seed=0)
+    before = [t.clone() for t in flatten((state.params, state.momenta, state.rng, state.step))[0]]
+    grads = {"a": -state.params["a"], "b": -state.params["b"]}
+    for _ in range(2):
+        with pytest.raises(GradientNotAvailable, match="update"):
+            transform.step(state, grads, inplace=True)
+    for old, new in zip(before, flatten((state.params, state.momenta, state.rng, state.step))[0]):
+        assert torch.equal(old, new)
+
+
+# ----- options -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("fields", "error", "fragments"), [
+    (dict(check_finite="sometimes"), ValueError, ["check_finite", "'sometimes'", "'full'"]),
+    (dict(on_nonfinite="skip"), ValueError, ["on_nonfinite", "'skip'", "'reject'"]),
+    (dict(momenta_init="random"), ValueError, ["momenta_init", "'random'", "'zero'"]),
+    (dict(integrator="BAOAB"), TypeError, ["integrator", "str"]),
+    (dict(weight_decay=-1.0), ValueError, ["non-negative"]),
+    (dict(step_scales=(("velocity", lambda t: 1.0),)), ValueError, ["'velocity'"]),
+])
+def test_bad_options_are_rejected_by_the_config(fields, error, fragments):
+    with pytest.raises(error) as raised:
+        SDEConfig(step_size=0.1, **fields)
+    for fragment in fragments:
+        assert fragment in str(raised.value), f"{fragment!r} not in {raised.value}"
+
+
+@pytest.mark.parametrize(("fields", "fragments"), [
+    (dict(temperature=-1.0), ["temperature", "non-negative"]),
+    (dict(temperature=math.nan), ["temperature", "finite"]),
+    (dict(step_size="0.1"), ["step_size", "str"]),
+    (dict(temperature=torch.tensor([0.1, 0.2])), ["temperature has 2 values", "chains"]),
+])
+def test_bad_schedules_are_rejected_at_build(fields, fragments):
+    with pytest.raises((ValueError, TypeError)) as raised:
+        build(log_posterior, SDEConfig(**{"step_size": 0.1, **fields}))
+    for fragment in fragments:
+        assert fragment in str(raised.value), f"{fragment!r} not in {raised.value}"
+
+
+@pytest.mark.parametrize(("num_data", "fragments"), [
+    (0.0, ["num_data", "positive"]), ((1.0, 2.0, 3.0), ["3 entries", "2 leaves"]), ((1.0, -2.0), ["positive"]),
+])
+def test_bad_num_data_is_rejected_at_init(num_data, fragments):
+    with pytest.raises(ValueError) as raised:
+        build(log_posterior, SDEConfig(step_size=0.1, num_data=num_data)).init(params(), seed=0)
+    for fragment in fragments:
+        assert fragment in str(raised.value), f"{fragment!r} not in {raised.value}"
+
+
+@pytest.mark.parametrize(("word", "fragment"), [("BAXB", "only the letters"), ("BAB", "lacks 'O'"), ("", "only")])
+def test_bad_splitting_words_are_rejected(word, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        Splitting(word)
+
+
+def test_splitting_without_momenta_is_rejected():
+    with pytest.raises(ValueError, match="needs momenta"):
+        # An explicit params-only curl with a splitting word and no momenta blocks.
+        build(log_posterior, SDEConfig(step_size=0.1, integrator=Splitting("BAOAB"))).init(params())
