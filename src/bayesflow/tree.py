@@ -35,7 +35,11 @@ def tree_map(fn, tree: TensorTree, *rest: TensorTree) -> TensorTree:
 
 
 def _paths(tree: TensorTree) -> list[str]:
+    """Dotted paths of the leaves; a record's (NamedTuple's) field names replace its positions."""
     paths, _, _ = optree.tree_flatten_with_path(tree, none_is_leaf=NONE_IS_LEAF, namespace="bayesflow")
+    fields = getattr(type(tree), "_fields", None)
+    if fields is not None:
+        paths = [(fields[path[0]], *path[1:]) if path else path for path in paths]
     return [".".join(str(p) for p in path) for path in paths]
 
 
@@ -89,8 +93,9 @@ def _restore_caches(template: Any, tensors: dict[str, torch.Tensor], prefix: str
     if not isinstance(template, tuple):
         return template
     items = []
+    fields = getattr(type(template), "_fields", None)
     for i, item in enumerate(template):
-        path = f"{prefix}{i}"
+        path = f"{prefix}{fields[i] if fields is not None and not prefix else i}"
         if type(item) is tuple and not item:
             item = tuple(tensors[f"{path}.{j}"] for j in range(sum(
                 1 for key in tensors if key.startswith(f"{path}.") and key[len(path) + 1:].isdigit())))
