@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.context import Context
+from bayesflow.engine.operators import Scalar
 from bayesflow.engine.system import StepInputs, System
 
 __all__ = ["EulerMaruyama", "Integrator", "Nesterov", "SemiImplicitEuler", "Splitting"]
@@ -86,22 +87,48 @@ class SemiImplicitEuler(Integrator):
 
 @dataclass(frozen=True)
 class Nesterov(Integrator):
-    """Momenta first; then θ moves with the look-ahead momentum (torch's ``nesterov=True``)."""
+    r"""Momenta first; then θ moves with the look-ahead momentum (torch's ``nesterov=True``).
+
+    The look-ahead is :math:`\tilde m = m' + h\,r(m')`, r the momenta's drift with the step's
+    gradient. With scalar operators (SGD's case) θ's update is linear in m' and the gradient, so it
+    is applied as two fused foreach updates without materialising :math:`\tilde m`.
+    """
 
     weak_order: int = field(default=1, init=False)
     needs_momenta: bool = field(default=True, init=False)
 
     def advance(self, system, ctx, inputs, scales):
         h_momenta = _h(inputs, scales, "momenta", ctx.step)
+        h_params = _h(inputs, scales, "params", ctx.step)
         system.row(ctx, inputs, "momenta", h_momenta)
-        updated = ctx.z["momenta"]
-        look_ahead = Accumulator(list(updated.leaves), owned=False)
-        system.row(ctx, inputs, "momenta", h_momenta, noise=False, target=look_ahead)
-        ctx.z["momenta"] = look_ahead
-        system.row(ctx, inputs, "params", _h(inputs, scales, "params", ctx.step))
-        ctx.z["momenta"] = updated
+        coefficients = _scalar_momentum_system(system)
+        if coefficients is not None:
+            q_pm, q_mp, friction, mass = coefficients
+            leaves, scale, _ = system.grad_h("params", ctx, inputs)  # ∇θH = scale · leaves
+            move = -h_params * q_pm / mass
+            ctx.z["params"].add(ctx.leaves("momenta"), alpha=move * (1.0 - h_momenta * friction / mass))
+            ctx.z["params"].add(leaves, alpha=-move * h_momenta * q_mp * scale)
+        else:
+            updated = ctx.z["momenta"]
+            look_ahead = Accumulator(list(updated.leaves), owned=False)
+            system.row(ctx, inputs, "momenta", h_momenta, noise=False, target=look_ahead)
+            ctx.z["momenta"] = look_ahead
+            system.row(ctx, inputs, "params", h_params)
+            ctx.z["momenta"] = updated
         if "xi" in system.rows:
             system.row(ctx, inputs, "xi", _h(inputs, scales, "xi", ctx.step))
+
+
+def _scalar_momentum_system(system: System) -> tuple[float, float, float, float] | None:
+    """(Q_θm, Q_mθ, D_mm, M) when θ's and m's rows hold only scalar blocks, else None."""
+    params_terms = dict(system.terms.get("params", ()))
+    momenta_terms = dict(system.terms.get("momenta", ()))
+    blocks = [params_terms.get("momenta"), momenta_terms.get("params"), momenta_terms.get("momenta", Scalar(0.0))]
+    if set(params_terms) != {"momenta"} or set(momenta_terms) - {"params", "momenta"} or "xi" in system.rows:
+        return None
+    if not all(isinstance(op, Scalar) for op in blocks) or not isinstance(system.mass, Scalar):
+        return None
+    return blocks[0].value, blocks[1].value, blocks[2].value, system.mass.value
 
 
 @dataclass(frozen=True)

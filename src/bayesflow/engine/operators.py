@@ -49,9 +49,14 @@ class Operator:
     def accumulate(self, out: Accumulator, v: Leaves, alpha: float, ctx: Context) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot multiply a vector")
 
-    def accumulate_divided(self, out: Accumulator, v: Leaves, divisor: Leaves, alpha: float, ctx: Context) -> None:
-        """``out += alpha * O (v / divisor)``; subclasses fuse the division where they can."""
-        self.accumulate(out, torch._foreach_div(v, divisor), alpha, ctx)
+    def accumulate_through_mass(self, out: Accumulator, v: Leaves, mass: Operator, alpha: float,
+                                ctx: Context) -> None:
+        """``out += alpha * O M⁻¹ v`` for a diagonal mass M; subclasses fuse or cancel the M⁻¹."""
+        self.accumulate(out, mass.solve(v, ctx), alpha, ctx)
+
+    def solve(self, v: Leaves, ctx: Context) -> Leaves:
+        """``O⁻¹ v`` for diagonal operators (masses)."""
+        raise ValueError(f"{type(self).__name__} cannot be inverted: a mass must be diagonal")
 
     def sqrt_accumulate(self, out: Accumulator, noise: Leaves, alpha: float, ctx: Context) -> None:
         raise ValueError(f"{type(self).__name__} has no square root: it cannot be a diffusion")
@@ -122,9 +127,21 @@ class Scalar(Operator):
         if self.value != 0.0:
             out.add(v, alpha=alpha * self.value)
 
-    def accumulate_divided(self, out, v, divisor, alpha, ctx):
-        if self.value != 0.0:
-            out.addcdiv(v, divisor, value=alpha * self.value)
+    def accumulate_through_mass(self, out, v, mass, alpha, ctx):
+        if self.value == 0.0:
+            return
+        fused = getattr(mass, "fused_inverse", None)
+        if fused is None:
+            super().accumulate_through_mass(out, v, mass, alpha, ctx)
+            return
+        values, power, scale = fused(ctx)  # M = scale · values^power
+        if power > 0:
+            out.addcdiv(v, values, value=alpha * self.value / scale)
+        else:
+            out.addcmul(v, values, value=alpha * self.value / scale)
+
+    def solve(self, v, ctx):
+        return torch._foreach_div(v, self.value)
 
     def sqrt_accumulate(self, out, noise, alpha, ctx):
         if self.value != 0.0:
@@ -182,6 +199,12 @@ class Diagonal(Operator):
 
     def tensors(self):
         return self.values
+
+    def solve(self, v, ctx):
+        return torch._foreach_div(v, self.values)
+
+    def fused_inverse(self, ctx):
+        return self.values, 1.0, 1.0
 
     def __eq__(self, other):
         return isinstance(other, Diagonal) and len(other.values) == len(self.values) and all(

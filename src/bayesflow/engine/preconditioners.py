@@ -93,7 +93,11 @@ class SquaredGradientAverage:
                 maximum = torch._foreach_maximum(maximum, second)
             new_state.append(maximum)
             second = maximum
-        scale = torch._foreach_sqrt(second)
+        if self.centered and not self.amsgrad:  # the centered variance is this step's temporary
+            scale = second
+            torch._foreach_sqrt_(scale)
+        else:  # state statistics: keep them, root into a new list
+            scale = torch._foreach_sqrt(second)
         if self.bias_correction:
             torch._foreach_div_(scale, math.sqrt(1.0 - self.decay ** (step + 1)))
         torch._foreach_add_(scale, self.eps)
@@ -132,14 +136,23 @@ class Preconditioned(Operator):
         else:
             out.addcdiv(v, self._values(ctx), value=alpha * self.scale)
 
-    def accumulate_divided(self, out, v, divisor, alpha, ctx):
-        values = self._values(ctx)
-        if divisor is values and self.power > 0:  # c·P (v / P) = c·v: an Adam-type friction on M⁻¹m
-            out.add(v, alpha=alpha * self.scale)
-        elif divisor is values:  # P⁻¹ (v / P) = v / P²
-            out.addcdiv(v, torch._foreach_mul(values, values), value=alpha * self.scale)
+    def accumulate_through_mass(self, out, v, mass, alpha, ctx):
+        if isinstance(mass, Preconditioned) and mass.preconditioner is self.preconditioner and (
+                mass.power == self.power):
+            # c·P^p (s·P^p)⁻¹ = c/s: an Adam-type friction or RMSprop coupling cancels its mass
+            out.add(v, alpha=alpha * self.scale / mass.scale)
         else:
-            super().accumulate_divided(out, v, divisor, alpha, ctx)
+            super().accumulate_through_mass(out, v, mass, alpha, ctx)
+
+    def solve(self, v, ctx):
+        values = self._values(ctx)
+        solved = torch._foreach_div(v, values) if self.power > 0 else torch._foreach_mul(v, values)
+        if self.scale != 1.0:
+            torch._foreach_div_(solved, self.scale)
+        return solved
+
+    def fused_inverse(self, ctx):
+        return self._values(ctx), self.power, self.scale
 
     def sqrt_accumulate(self, out, noise, alpha, ctx):
         root = torch._foreach_sqrt(self._values(ctx))

@@ -30,7 +30,7 @@ from bayesflow.engine.schedules import as_schedule, is_zero
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import GradientNotAvailable, StepInputs, System
 from bayesflow.engine.validation import check_finite, check_params, mismatched_leaves, resolve_num_data
-from bayesflow.tree import flatten, unflatten
+from bayesflow.tree import flatten, tree_map, unflatten
 from bayesflow.types import LogPosterior, Transform
 
 __all__ = ["build"]
@@ -219,12 +219,23 @@ class _Engine:
                 aux = value.new_zeros(())
             return value, aux
 
-        batched = torch.func.vmap(torch.func.grad_and_value(single, has_aux=True), in_dims=(0, None))
+        # vmap the forward pass only and take one ordinary autograd backward through it: the chains
+        # are independent, so the gradient of the summed values is every chain's own gradient, and
+        # this avoids the per-call cost of functorch's grad transform (vmap of grad_and_value).
+        batched = torch.func.vmap(single, in_dims=(0, None))
 
         def gradient_fn(leaves):
-            grads, (value, aux) = batched(tuple(leaf.detach() for leaf in leaves), batch)
-            aux_box[0] = None if no_aux else aux
-            return list(grads), value.detach(), True
+            detached = [leaf.detach().requires_grad_(True) for leaf in leaves]
+            with torch.enable_grad():
+                value, aux = batched(tuple(detached), batch)
+                if value.shape != (self.chains,):
+                    raise ValueError(f"log_posterior must return one number per chain, got shape "
+                                     f"{tuple(value.shape[1:])} per chain")
+                grads = torch.autograd.grad(value.sum(), detached, allow_unused=True)
+            grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+            aux_box[0] = None if no_aux else tree_map(
+                lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
+            return grads, value.detach(), True
 
         return gradient_fn
 

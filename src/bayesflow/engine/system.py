@@ -94,10 +94,10 @@ class System:
         inputs.scaled = scaled
         return scaled, 1.0
 
-    def grad_h(self, column: str, ctx: Context, inputs: StepInputs) -> tuple[Leaves, float, Leaves | None]:
-        """``(leaves, scale, divisor)`` with ``∇_column H = scale * leaves / divisor`` (divisor None: 1).
+    def grad_h(self, column: str, ctx: Context, inputs: StepInputs) -> tuple[Leaves, float, Operator | None]:
+        """``(leaves, scale, mass)`` with ``∇_column H = scale * M⁻¹ leaves`` (mass None: M = 1).
 
-        The momenta's ``M⁻¹ m`` is left as a division so that operators can fuse it (addcdiv) or
+        The momenta's ``M⁻¹ m`` is left unevaluated so that operators can fuse it (addcdiv) or
         cancel it (an Adam-type friction c·M times M⁻¹ is c) instead of materialising it.
         """
         if column == "params":
@@ -107,7 +107,7 @@ class System:
             momenta = ctx.leaves("momenta")
             if isinstance(self.mass, Scalar):
                 return momenta, 1.0 / self.mass.value, None
-            return momenta, 1.0, self.mass.diagonal(ctx)
+            return momenta, 1.0, self.mass
         xi = ctx.leaves("xi")[0]
         return [(xi - self.thermostat_target) * ctx.numel], 1.0, None
 
@@ -131,11 +131,11 @@ class System:
         if hot and self.gamma:
             self._gamma(ctx, inputs, terms, out, h)
         for column, op in terms:
-            leaves, scale, divisor = self.grad_h(column, ctx, inputs)
-            if divisor is None:
+            leaves, scale, mass = self.grad_h(column, ctx, inputs)
+            if mass is None:
                 op.accumulate(out, leaves, -h * scale, ctx)
             else:
-                op.accumulate_divided(out, leaves, divisor, -h * scale, ctx)
+                op.accumulate_through_mass(out, leaves, mass, -h * scale, ctx)
         if hot:
             diffusion = self.diffusion.get(row, row)
             if not diffusion.is_zero:
