@@ -139,7 +139,11 @@ class ThermostatCoupling(Operator):
             out.add(momenta, alpha=v[0] * (alpha / ctx.numel))
         else:  # row ξ, column m: out_ξ += -alpha · mᵀv / d (one dot product per chain)
             chains = ctx.leaves("xi")[0].shape
-            dot = sum(product.reshape(*chains, -1).sum(-1) for product in torch._foreach_mul(momenta, v))
+            if chains:  # one dot product per chain, without a product temporary
+                dot = sum(torch.einsum("ki,ki->k", m.reshape(chains[0], -1), w.reshape(chains[0], -1))
+                          for m, w in zip(momenta, v))
+            else:
+                dot = sum(torch.dot(m.reshape(-1), w.reshape(-1)) for m, w in zip(momenta, v))
             out.add([dot], alpha=-alpha / ctx.numel)
 
     def divergence(self, ctx: Context) -> Leaves | None:

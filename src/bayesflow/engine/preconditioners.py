@@ -71,9 +71,12 @@ class SquaredGradientAverage:
             fields.append([torch.zeros_like(p) for p in params])
         return tuple(fields)
 
-    def update(self, state: tuple[Leaves, ...], grads: Leaves, step: int,
-               inplace: bool) -> tuple[tuple[Leaves, ...], Leaves]:
-        """New statistics from ascent gradients ``grads`` and the diagonal P for this step."""
+    def update(self, state: tuple[Leaves, ...], grads: Leaves, step: int, inplace: bool,
+               out: Leaves | None = None) -> tuple[tuple[Leaves, ...], Leaves]:
+        """New statistics from ascent gradients ``grads`` and the diagonal P for this step.
+
+        ``out``: reusable buffers for P (a fresh list is allocated when None).
+        """
         average = Accumulator(state[0], inplace)
         average.mul(self.decay)
         average.addcmul(grads, grads, value=1.0 - self.decay)
@@ -96,7 +99,11 @@ class SquaredGradientAverage:
         if self.centered and not self.amsgrad:  # the centered variance is this step's temporary
             scale = second
             torch._foreach_sqrt_(scale)
-        else:  # state statistics: keep them, root into a new list
+        elif out is not None:  # state statistics: keep them, root into the reusable buffers
+            scale = out
+            torch._foreach_copy_(scale, second)
+            torch._foreach_sqrt_(scale)
+        else:
             scale = torch._foreach_sqrt(second)
         if self.bias_correction:
             torch._foreach_div_(scale, math.sqrt(1.0 - self.decay ** (step + 1)))
@@ -155,7 +162,10 @@ class Preconditioned(Operator):
         return self._values(ctx), self.power, self.scale
 
     def sqrt_accumulate(self, out, noise, alpha, ctx):
-        root = torch._foreach_sqrt(self._values(ctx))
+        values = self._values(ctx)
+        root = ctx.scratch(("root", id(self)), values)
+        torch._foreach_copy_(root, values)
+        torch._foreach_sqrt_(root)
         if self.power > 0:
             out.addcmul(root, noise, value=alpha * math.sqrt(self.scale))
         else:

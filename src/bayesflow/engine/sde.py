@@ -92,6 +92,7 @@ class _Engine:
         self.system = None
         self.noise = None
         self.spec = None
+        self.buffers = {}  # step-local scratch reused across steps (Context.scratch)
 
     # ----- init ---------------------------------------------------------------------------------
     def init(self, params, momenta=None, xi=None, seed: int | None = None) -> SDEState:
@@ -295,7 +296,7 @@ class _Engine:
         checked = self._checked(gradient_fn, step, inplace, caller_gradient)
         cache = list(state.gradient) if (state.gradient and not caller_gradient) else None
         inputs = StepInputs(temperature, h, self.noise, checked, cache)
-        ctx = Context(z, step, {}, self.numel)
+        ctx = Context(z, step, {}, self.numel, self.buffers)
         if inputs.hot:
             self.noise.load(state.rng)
         try:
@@ -317,7 +318,8 @@ class _Engine:
             potential = torch._foreach_mul(potential, scale)
         new = []
         for p, p_state in zip(self.system.preconditioners, state.preconditioner):
-            p_state, values = p.update(p_state, potential, ctx.step, inplace)
+            p_state, values = p.update(p_state, potential, ctx.step, inplace,
+                                       out=ctx.scratch(("preconditioner", id(p)), potential))
             ctx.preconditioned[id(p)] = values
             new.append(p_state)
         return tuple(new)

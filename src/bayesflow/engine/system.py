@@ -119,15 +119,26 @@ class System:
         ``columns`` restricts the drift to blocks from those components (splitting schemes);
         ``target`` defaults to the component itself.
         """
-        target = target if target is not None else ctx.z[row]
+        current = ctx.z[row]
+        target = target if target is not None else current
         terms = self.terms.get(row, ())
         if columns is not None:
             terms = [(column, op) for column, op in terms if column in columns]
         hot = noise and inputs.hot
-        if self.state_dependent.get(row, False):
-            out = Accumulator([torch.zeros_like(t) for t in target.leaves], owned=True)
+        if target is current and self.state_dependent.get(row, False):
+            # State-dependent operators must read the row's old values while it is written in place:
+            # they read a snapshot (a reused buffer: one copy pass, no allocation).
+            snapshot = ctx.scratch(("snapshot", row), current.leaves)
+            torch._foreach_copy_(snapshot, current.leaves)
+            ctx.z[row] = Accumulator(snapshot, owned=False)
+            try:
+                self._row_terms(ctx, inputs, row, h, terms, hot, current)
+            finally:
+                ctx.z[row] = current
         else:
-            out = target
+            self._row_terms(ctx, inputs, row, h, terms, hot, target)
+
+    def _row_terms(self, ctx, inputs, row, h, terms, hot, out):
         if hot and self.gamma:
             self._gamma(ctx, inputs, terms, out, h)
         for column, op in terms:
@@ -139,11 +150,9 @@ class System:
         if hot:
             diffusion = self.diffusion.get(row, row)
             if not diffusion.is_zero:
-                flat_noise, views = inputs.noise.normal(target.leaves, row)
+                flat_noise, views = inputs.noise.normal(out.leaves, row)
                 alpha = _noise_scale(flat_noise, inputs.temperature, h)
                 diffusion.sqrt_accumulate(out, views, alpha, ctx)
-        if out is not target:
-            target.add(out.leaves)
 
     def _gamma(self, ctx, inputs, terms, out, h):
         for _, op in terms:
