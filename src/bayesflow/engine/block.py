@@ -146,6 +146,10 @@ class ThermostatCoupling(Operator):
                 dot = sum(torch.dot(m.reshape(-1), w.reshape(-1)) for m, w in zip(momenta, v))
             out.add([dot], alpha=-alpha / ctx.numel)
 
+    def multiplier(self, ctx: Context, v: Leaves | None, alpha: float):
+        # row m, column ξ: alpha · m · v_ξ / d is the row m times alpha · v_ξ / d
+        return v[0] * (alpha / ctx.numel) if self.sign > 0 and v is not None else None
+
     def divergence(self, ctx: Context) -> Leaves | None:
         if self.sign > 0:
             return None

@@ -54,6 +54,13 @@ class Operator:
         """``out += alpha * O M⁻¹ v`` for a diagonal mass M; subclasses fuse or cancel the M⁻¹."""
         self.accumulate(out, mass.solve(v, ctx), alpha, ctx)
 
+    def multiplier(self, ctx: Context, v: Leaves | None, alpha: float):
+        """``c`` with ``alpha · O v = c · (the row)`` when this term is a multiple of its own row, else None.
+
+        ``v`` is None for a diagonal block applied to the row itself.
+        """
+        return None
+
     def solve(self, v: Leaves, ctx: Context) -> Leaves:
         """``O⁻¹ v`` for diagonal operators (masses)."""
         raise ValueError(f"{type(self).__name__} cannot be inverted: a mass must be diagonal")
@@ -142,6 +149,9 @@ class Scalar(Operator):
 
     def solve(self, v, ctx):
         return torch._foreach_div(v, self.value)
+
+    def multiplier(self, ctx, v, alpha):
+        return alpha * self.value if v is None else None
 
     def sqrt_accumulate(self, out, noise, alpha, ctx):
         if self.value != 0.0:

@@ -126,6 +126,14 @@ class System:
             terms = [(column, op) for column, op in terms if column in columns]
         hot = noise and inputs.hot
         if target is current and self.state_dependent.get(row, False):
+            fused = self._fused_self_terms(ctx, inputs, row, h, terms)
+            if fused is not None:
+                # Every term that reads this row is a multiple of it (friction, SGNHT's thermostat):
+                # apply their sum first, in one elementwise pass, then the terms that read other rows.
+                factor, rest = fused
+                current.add(current.leaves, alpha=factor)
+                self._row_terms(ctx, inputs, row, h, rest, hot, current)
+                return
             # State-dependent operators must read the row's old values while it is written in place:
             # they read a snapshot (a reused buffer: one copy pass, no allocation).
             snapshot = ctx.scratch(("snapshot", row), current.leaves)
@@ -137,6 +145,24 @@ class System:
                 ctx.z[row] = current
         else:
             self._row_terms(ctx, inputs, row, h, terms, hot, target)
+
+    def _fused_self_terms(self, ctx, inputs, row, h, terms):
+        """``(factor, other_terms)`` when each term reading ``row`` is ``factor_k · row``, else None."""
+        factor, rest = 0.0, []
+        for column, op in terms:
+            if column != row and not op.state_dependent:
+                rest.append((column, op))
+                continue
+            if op.state_dependent and op.divergence(ctx) is not None:
+                return None
+            leaves, scale, mass = self.grad_h(column, ctx, inputs)
+            if mass is not None:
+                return None
+            multiplier = op.multiplier(ctx, None if column == row else leaves, -h * scale)
+            if multiplier is None:
+                return None
+            factor = factor + multiplier
+        return factor, rest
 
     def _row_terms(self, ctx, inputs, row, h, terms, hot, out):
         if hot and self.gamma:
