@@ -21,14 +21,13 @@ Run: ``python benchmarks/bench_engine.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 from pathlib import Path
 
 import torch
 
-from common import Row, compare, fastest, fmt_size, fmt_time, markdown_table, quiet_import, row_ratio, write_json
+from common import Row, cli, compare, fastest, fmt_size, fmt_time, quiet_import, row_ratio, write_json
 
 LEAVES = 10
 HAVE_POSTERIORS = importlib.util.find_spec("posteriors") is not None
@@ -259,12 +258,7 @@ def run(quick: bool = False, out_dir: Path | None = None, verbose: bool = True) 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    rows = run(args.quick, args.out)
-    print(markdown_table(rows))
+    cli(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

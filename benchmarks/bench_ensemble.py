@@ -21,7 +21,6 @@ Run: ``python benchmarks/bench_ensemble.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import itertools
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import Row, compare, fmt_time, markdown_table, quiet_import, row_ratio, write_json
+from common import Row, cli, compare, fmt_time, quiet_import, row_ratio, write_json
 
 SIZES = (64, 100, 32, 10)
 BATCH = 64
@@ -209,12 +208,7 @@ def run(quick: bool = False, out_dir: Path | None = None, verbose: bool = True) 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    rows = run(args.quick, args.out)
-    print(markdown_table(rows))
+    cli(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Run: ``python benchmarks/bench_presets.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 from pathlib import Path
@@ -31,10 +30,10 @@ import torch
 
 from common import (
     Row,
+    cli,
     compare,
     fmt_size,
     fmt_time,
-    markdown_table,
     peak_extra_bytes,
     quiet_import,
     row_ratio,
@@ -562,12 +561,7 @@ def run(quick: bool = False, out_dir: Path | None = None, verbose: bool = True) 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    rows = run(args.quick, args.out)
-    print(markdown_table(rows))
+    cli(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -416,3 +416,14 @@ def markdown_table(rows: list[Row | dict[str, Any]]) -> str:
         what = r.what + (f" — {r.note}" if r.note else "")
         lines.append(f"| {what} | {r.size} | {_fmt_value(r.ours, r.unit)} | {base} | {ratio} | {target} | {verdict} |")
     return "\n".join(lines)
+
+
+def cli(run: Callable[..., list[Row]], description: str, argv=None) -> None:
+    """The command line every benchmark module shares: ``--quick`` and ``--out``, then print the table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    print(markdown_table(run(args.quick, args.out)))
