@@ -81,6 +81,26 @@ def test_nonfinite_gradient_of_a_caller_is_caught_when_checks_are_full():
         transform.step(state, {"a": torch.tensor([math.nan, 0.0], dtype=DTYPE), "b": torch.zeros(2, dtype=DTYPE)})
 
 
+@pytest.mark.parametrize("entry", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("flat_buffer", [False, True])
+def test_finite_check_finds_every_kind_of_bad_entry_on_both_paths(entry, flat_buffer):
+    """The one-buffer sum (small models) and the per-leaf norms (large ones) both catch NaN, +inf
+    and -inf and name the leaf; huge finite gradients whose sum overflows are not reported."""
+    from bayesflow.engine.validation import check_finite
+
+    grads = [torch.ones(3, 2), torch.ones(4)]
+    spec = flatten({"w": grads[0], "b": grads[1]})[1]
+    flat = torch.empty(10)
+    buffer = (flat, [flat[:6].view(3, 2), flat[6:]]) if flat_buffer else None
+    value = torch.tensor(0.0)
+    assert check_finite(value, grads, spec, 4, buffer) is None
+    grads[1][2] = entry
+    message = check_finite(value, grads, spec, 4, buffer)
+    assert message is not None and "step 4" in message and "'w'" in message  # leaf order of a dict: b, w
+    huge = [torch.full((3, 2), 3e38), torch.full((4,), 3e38)]
+    assert check_finite(value, huge, spec, 4, buffer) is None
+
+
 def test_checks_can_be_switched_off():
     transform = build(log_posterior, SDEConfig(step_size=0.1, check_finite="none"))
     state, _ = transform.update(transform.init(params(), seed=0), "nan-grad")

@@ -19,9 +19,12 @@ class Context:
         preconditioned: id of a preconditioner -> its current diagonal values (one tensor per leaf).
         numel: number of scalar parameters d (the thermostat's dimension).
         buffers: the transform's reusable scratch buffers (see :meth:`scratch`), or None.
+        scratch_values: ids of preconditioners whose ``preconditioned`` values lie in the
+            transform's scratch buffers (not in their state): an operator may transform those in
+            place for a moment if it restores them (see ``Preconditioned.sqrt_accumulate``).
     """
 
-    __slots__ = ("buffers", "numel", "preconditioned", "step", "z")
+    __slots__ = ("buffers", "numel", "preconditioned", "scratch_values", "step", "z")
 
     def __init__(self, z: dict[str, Accumulator], step: int, preconditioned: dict, numel: int,
                  buffers: dict | None = None):
@@ -30,6 +33,7 @@ class Context:
         self.preconditioned = preconditioned
         self.numel = numel
         self.buffers = buffers
+        self.scratch_values = set()
 
     def leaves(self, component: str) -> Leaves:
         return self.z[component].leaves

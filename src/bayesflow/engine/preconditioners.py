@@ -163,13 +163,24 @@ class Preconditioned(Operator):
 
     def sqrt_accumulate(self, out, noise, alpha, ctx):
         values = self._values(ctx)
-        root = ctx.scratch(("root", id(self)), values)
-        torch._foreach_copy_(root, values)
+        in_scratch = id(self.preconditioner) in ctx.scratch_values
+        if in_scratch:
+            # P lies in a scratch buffer: take its root in place and square it back afterwards
+            # (two passes, as many as copying into a root buffer, and no buffer: the difference
+            # between the root buffer and P would be one more parameter-sized tensor per step).
+            # The round trip can move P by an ulp; it only happens at T > 0, where that is far
+            # below the noise, so the T = 0 presets stay bitwise equal to torch.optim.
+            root = values
+        else:
+            root = ctx.scratch(("root", id(self)), values)
+            torch._foreach_copy_(root, values)
         torch._foreach_sqrt_(root)
         if self.power > 0:
             out.addcmul(root, noise, value=alpha * math.sqrt(self.scale))
         else:
             out.addcdiv(noise, root, value=alpha * math.sqrt(self.scale))
+        if in_scratch:
+            torch._foreach_mul_(root, root)
 
     def diagonal(self, ctx):
         values = self._values(ctx)

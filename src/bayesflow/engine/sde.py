@@ -29,7 +29,13 @@ from bayesflow.engine.noise import NoiseStream
 from bayesflow.engine.schedules import as_schedule, is_zero
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import GradientNotAvailable, StepInputs, System
-from bayesflow.engine.validation import check_finite, check_params, mismatched_leaves, resolve_num_data
+from bayesflow.engine.validation import (
+    SMALL_CHECK_NUMEL,
+    check_finite,
+    check_params,
+    mismatched_leaves,
+    resolve_num_data,
+)
 from bayesflow.tree import flatten, tree_map, unflatten
 from bayesflow.types import LogPosterior, Transform
 
@@ -111,6 +117,7 @@ class _Engine:
                         raise ValueError(f"{op!r} acts on flat single-chain parameters and does not batch "
                                          "over chains; run chains separately")
         self.spec = spec
+        self.buffers = {}
         self.signature = [(leaf.shape, leaf.dtype) for leaf in leaves]  # what step() accepts as grads
         shapes = [leaf.shape for leaf in leaves]
         xi_shape = torch.Size([self.chains]) if self.chains else torch.Size([])
@@ -318,9 +325,11 @@ class _Engine:
             potential = torch._foreach_mul(potential, scale)
         new = []
         for p, p_state in zip(self.system.preconditioners, state.preconditioner):
-            p_state, values = p.update(p_state, potential, ctx.step, inplace,
-                                       out=ctx.scratch(("preconditioner", id(p)), potential))
+            out = ctx.scratch(("preconditioner", id(p)), potential)
+            p_state, values = p.update(p_state, potential, ctx.step, inplace, out=out)
             ctx.preconditioned[id(p)] = values
+            if values is out:
+                ctx.scratch_values.add(id(p))
             new.append(p_state)
         return tuple(new)
 
@@ -363,9 +372,20 @@ class _Engine:
         if mode == "none":
             return gradient_fn
 
+        buffer = None
+        total = self.numel * (self.chains or 1)
+        if mode == "full" and total <= SMALL_CHECK_NUMEL:
+            buffer = self.buffers.get("finite check")
+            if buffer is None:
+                flat_buffer = torch.empty(total, dtype=self.signature[0][1], device=self.noise.device)
+                shapes = [shape for shape, _ in self.signature]
+                views = [part.view(shape) for part, shape in zip(flat_buffer.split([s.numel() for s in shapes]),
+                                                                  shapes)]
+                buffer = self.buffers["finite check"] = (flat_buffer, views)
+
         def checked(leaves):
             grads, value, owned = gradient_fn(leaves)
-            problem = check_finite(value, grads if mode == "full" else None, self.spec, step)
+            problem = check_finite(value, grads if mode == "full" else None, self.spec, step, buffer)
             if problem is not None:
                 mid_step = self.config.integrator.caches_gradient or not (
                     self.config.integrator.evaluates_at_start())

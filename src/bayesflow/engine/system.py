@@ -32,10 +32,12 @@ class StepInputs:
     ``gradient_fn(params_leaves) -> (grads_leaves, value, owned)`` evaluates ∇ℓ (ascent) at θ.
     """
 
-    __slots__ = ("fresh", "gradient_fn", "grads", "h", "noise", "owned", "scaled", "temperature", "value")
+    __slots__ = ("fresh", "gradient_fn", "grads", "h", "hot", "noise", "owned", "scaled", "temperature", "value")
 
     def __init__(self, temperature, h: float, noise, gradient_fn, cached: Leaves | None):
         self.temperature = temperature
+        # whether noise and Γ are active (T > 0) this step
+        self.hot = bool((temperature != 0).any()) if isinstance(temperature, torch.Tensor) else temperature != 0.0
         self.h = h
         self.noise = noise
         self.gradient_fn = gradient_fn
@@ -44,12 +46,6 @@ class StepInputs:
         self.value = None
         self.scaled = cached  # a cached gradient is stored as the potential -∇_θ H itself
         self.fresh = cached is not None  # gradient valid at the current θ
-
-    @property
-    def hot(self) -> bool:
-        """Whether noise and Γ are active (T > 0) this step."""
-        T = self.temperature
-        return bool((T != 0).any()) if isinstance(T, torch.Tensor) else T != 0.0
 
 
 class System:
