@@ -19,12 +19,16 @@ class Context:
         preconditioned: id of a preconditioner -> its current diagonal values (one tensor per leaf).
         numel: number of scalar parameters d (the thermostat's dimension).
         buffers: the transform's reusable scratch buffers (see :meth:`scratch`), or None.
-        scratch_values: ids of preconditioners whose ``preconditioned`` values lie in the
-            transform's scratch buffers (not in their state): an operator may transform those in
-            place for a moment if it restores them (see ``Preconditioned.sqrt_accumulate``).
+        scratch_values: ids of preconditioners whose ``preconditioned`` values lie in memory the
+            engine owns (scratch or a released gradient), not in their state: an operator may
+            transform those in place for a moment if it restores them (``Preconditioned.sqrt_accumulate``).
+        pending: id of a preconditioner -> ``(preconditioner, updated statistics)`` whose values
+            are computed on first read (:meth:`values`).
+        donor: a released gradient (leaves shaped like params that nothing reads any more this
+            step) that the next values computed may be written into, or None.
     """
 
-    __slots__ = ("buffers", "numel", "preconditioned", "scratch_values", "step", "z")
+    __slots__ = ("buffers", "donor", "numel", "pending", "preconditioned", "scratch_values", "step", "z")
 
     def __init__(self, z: dict[str, Accumulator], step: int, preconditioned: dict, numel: int,
                  buffers: dict | None = None):
@@ -34,6 +38,26 @@ class Context:
         self.numel = numel
         self.buffers = buffers
         self.scratch_values = set()
+        self.pending = {}
+        self.donor = None
+
+    def values(self, preconditioner) -> Leaves:
+        """The preconditioner's diagonal P for this step, computed on first read.
+
+        Computing P late lets it take the memory of the step's gradient once that is released
+        (the gradient kick is done): Adam-type steps then need no parameter-sized buffer for P.
+        """
+        key = id(preconditioner)
+        values = self.preconditioned.get(key)
+        if values is None:
+            preconditioner, statistics = self.pending.pop(key)
+            out, self.donor = self.donor, None
+            if out is None:
+                out = self.scratch(("preconditioner", key), self.z["params"].leaves)
+            values = self.preconditioned[key] = preconditioner.values(statistics, self.step, out)
+            if values is out:
+                self.scratch_values.add(key)
+        return values
 
     def leaves(self, component: str) -> Leaves:
         return self.z[component].leaves

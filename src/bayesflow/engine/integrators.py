@@ -80,9 +80,11 @@ class SemiImplicitEuler(Integrator):
 
     def advance(self, system, ctx, inputs, scales):
         system.potential(ctx, inputs)
+        last = system.last_gradient_reader(self.order)
         for row in self.order:
             if row in system.rows:
-                system.row(ctx, inputs, row, _h(inputs, scales, row, ctx.step))
+                # after the last row that kicks with ∇θH its memory may hold P (Adam: no P buffer)
+                system.row(ctx, inputs, row, _h(inputs, scales, row, ctx.step), release_gradient=row == last)
 
 
 @dataclass(frozen=True)

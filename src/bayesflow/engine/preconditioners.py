@@ -13,6 +13,10 @@ RMSprop (and pSGLD) is ``SquaredGradientAverage(alpha, eps)``, its centered vari
 bias_correction=True, amsgrad=...)``. Because v is built from past gradients, P is frozen within a
 step and treated as independent of z; its Γ is zero by that convention (pSGLD's choice).
 
+The statistics are updated at the start of a step (:meth:`SquaredGradientAverage.update_state`);
+P itself (:meth:`SquaredGradientAverage.values`) is computed when an operator first reads it, so
+that it can be written into memory that is free by then (see ``Context.values``).
+
 Example:
     >>> rms = SquaredGradientAverage(decay=0.99, eps=1e-8)
     >>> D = Preconditioned(rms, power=-1.0)   # pSGLD: D = diag(1 / (sqrt(v) + eps))
@@ -71,44 +75,52 @@ class SquaredGradientAverage:
             fields.append([torch.zeros_like(p) for p in params])
         return tuple(fields)
 
-    def update(self, state: tuple[Leaves, ...], grads: Leaves, step: int, inplace: bool,
-               out: Leaves | None = None) -> tuple[tuple[Leaves, ...], Leaves]:
-        """New statistics from ascent gradients ``grads`` and the diagonal P for this step.
-
-        ``out``: reusable buffers for P (a fresh list is allocated when None).
-        """
+    def update_state(self, state: tuple[Leaves, ...], grads: Leaves, step: int, inplace: bool) -> tuple[Leaves, ...]:
+        """New statistics (v, the mean when centered, the running maximum with AMSGrad) from ascent
+        gradients ``grads``."""
         average = Accumulator(state[0], inplace)
         average.mul(self.decay)
         average.addcmul(grads, grads, value=1.0 - self.decay)
         new_state = [average.leaves]
-        second = average.leaves
         if self.centered:
             mean = Accumulator(state[1], inplace)
             mean.mul(self.decay)
             mean.add(grads, alpha=1.0 - self.decay)
             new_state.append(mean.leaves)
-            second = torch._foreach_addcmul(second, mean.leaves, mean.leaves, value=-1.0)
         if self.amsgrad:
+            second = average.leaves
+            if self.centered:
+                second = torch._foreach_addcmul(second, new_state[1], new_state[1], value=-1.0)
             maximum = state[-1]
             if inplace:
                 torch._foreach_maximum_(maximum, second)
             else:
                 maximum = torch._foreach_maximum(maximum, second)
             new_state.append(maximum)
-            second = maximum
-        if self.centered and not self.amsgrad:  # the centered variance is this step's temporary
-            scale = second
-            torch._foreach_sqrt_(scale)
-        elif out is not None:  # state statistics: keep them, root into the reusable buffers
-            scale = out
-            torch._foreach_copy_(scale, second)
-            torch._foreach_sqrt_(scale)
-        else:
-            scale = torch._foreach_sqrt(second)
+        return tuple(new_state)
+
+    def values(self, state: tuple[Leaves, ...], step: int, out: Leaves | None = None) -> Leaves:
+        """The diagonal P of this step from updated statistics, written into ``out`` when given.
+
+        The engine asks for P only when an operator first reads it, so that ``out`` may be a
+        buffer whose previous contents are dead by then (the step's own gradient).
+        """
+        second = state[-1] if self.amsgrad else state[0]
+        scale = out if out is not None else [torch.empty_like(t) for t in second]
+        torch._foreach_copy_(scale, second)
+        if self.centered and not self.amsgrad:  # AMSGrad's maximum is already of the centered variance
+            torch._foreach_addcmul_(scale, state[1], state[1], value=-1.0)
+        torch._foreach_sqrt_(scale)
         if self.bias_correction:
             torch._foreach_div_(scale, math.sqrt(1.0 - self.decay ** (step + 1)))
         torch._foreach_add_(scale, self.eps)
-        return tuple(new_state), scale
+        return scale
+
+    def update(self, state: tuple[Leaves, ...], grads: Leaves, step: int, inplace: bool,
+               out: Leaves | None = None) -> tuple[tuple[Leaves, ...], Leaves]:
+        """``(new statistics, P)``: :meth:`update_state` then :meth:`values` (``out``: buffers for P)."""
+        new_state = self.update_state(state, grads, step, inplace)
+        return new_state, self.values(new_state, step, out)
 
     def __repr__(self):
         flags = [n for n in ("centered", "bias_correction", "amsgrad") if getattr(self, n)]
@@ -135,7 +147,7 @@ class Preconditioned(Operator):
         return (self.preconditioner,)
 
     def _values(self, ctx: Context) -> Leaves:
-        return ctx.preconditioned[id(self.preconditioner)]
+        return ctx.values(self.preconditioner)
 
     def accumulate(self, out, v, alpha, ctx):
         if self.power > 0:

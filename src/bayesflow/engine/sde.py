@@ -325,11 +325,15 @@ class _Engine:
             potential = torch._foreach_mul(potential, scale)
         new = []
         for p, p_state in zip(self.system.preconditioners, state.preconditioner):
-            out = ctx.scratch(("preconditioner", id(p)), potential)
-            p_state, values = p.update(p_state, potential, ctx.step, inplace, out=out)
-            ctx.preconditioned[id(p)] = values
-            if values is out:
-                ctx.scratch_values.add(id(p))
+            if hasattr(p, "update_state") and hasattr(p, "values"):
+                p_state = p.update_state(p_state, potential, ctx.step, inplace)
+                ctx.pending[id(p)] = (p, p_state)  # P itself is computed when first read
+            else:  # a preconditioner with only update(...) -> (state, P): eagerly
+                out = ctx.scratch(("preconditioner", id(p)), potential)
+                p_state, values = p.update(p_state, potential, ctx.step, inplace, out=out)
+                ctx.preconditioned[id(p)] = values
+                if values is out:
+                    ctx.scratch_values.add(id(p))
             new.append(p_state)
         return tuple(new)
 

@@ -12,6 +12,7 @@ thermostat with target friction A, d parameters). Integrators are words over suc
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -32,7 +33,8 @@ class StepInputs:
     ``gradient_fn(params_leaves) -> (grads_leaves, value, owned)`` evaluates ∇ℓ (ascent) at θ.
     """
 
-    __slots__ = ("fresh", "gradient_fn", "grads", "h", "hot", "noise", "owned", "scaled", "temperature", "value")
+    __slots__ = ("fresh", "gradient_fn", "grads", "h", "hot", "noise", "owned", "released", "scaled", "temperature",
+                 "value")
 
     def __init__(self, temperature, h: float, noise, gradient_fn, cached: Leaves | None):
         self.temperature = temperature
@@ -46,6 +48,35 @@ class StepInputs:
         self.value = None
         self.scaled = cached  # a cached gradient is stored as the potential -∇_θ H itself
         self.fresh = cached is not None  # gradient valid at the current θ
+        self.released = False  # the gradient's memory was handed on (System.row(release_gradient=True))
+
+    def disposable(self) -> Leaves | None:
+        """The leaves holding -∇θH if the engine owns them (its own autograd output or a scaled
+        copy) and they may be written over, else None (a caller's or a cached gradient is never)."""
+        if self.owned:
+            leaves = self.grads
+        elif self.scaled is not None and self.scaled is not self.grads and self.grads is not None:
+            leaves = self.scaled
+        else:
+            return None
+        return leaves if _exclusive(leaves) else None
+
+
+def _exclusive(leaves: Leaves) -> bool:
+    """Whether every leaf is dense and no two share memory.
+
+    Autograd may hand out broadcast views (the gradient of a sum is an expanded scalar) or one
+    tensor for several leaves (the two inputs of an addition): such leaves cannot hold separate
+    values.
+    """
+    spans = []
+    for leaf in leaves:
+        if not leaf.is_contiguous():
+            return False
+        start = leaf.data_ptr()
+        spans.append((start, start + leaf.numel() * leaf.element_size()))
+    spans.sort()
+    return all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
 
 
 class System:
@@ -66,10 +97,21 @@ class System:
         self.state_dependent = {row: any(op.state_dependent for _, op in t) for row, t in self.terms.items()}
         self.preconditioners = tuple({id(p): p for p in diffusion.preconditioners() + curl.preconditioners()
                                       + mass.preconditioners()}.values())
+        self._last_readers: dict = {}
+
+    def last_gradient_reader(self, order: tuple[str, ...]) -> str | None:
+        """The last row in ``order`` whose drift reads ∇θH (the gradient is dead after it)."""
+        last = self._last_readers.get(order, "")
+        if last == "":
+            readers = [row for row in order if any(column == "params" for column, _ in self.terms.get(row, ()))]
+            last = self._last_readers[order] = readers[-1] if readers else None
+        return last
 
     # ----- gradients of H -------------------------------------------------------------------
     def potential(self, ctx: Context, inputs: StepInputs) -> tuple[Leaves, float]:
         """``(leaves, scale)`` with ``scale * leaves = -∇_θ H``, evaluating ∇ℓ on first use."""
+        if inputs.released:
+            raise RuntimeError("internal error: the gradient was read after its memory was released")
         if not inputs.fresh:
             inputs.grads, inputs.value, inputs.owned = inputs.gradient_fn(ctx.leaves("params"))
             inputs.fresh = True
@@ -80,7 +122,7 @@ class System:
         if isinstance(N, float) and self.weight_decay == 0.0:
             return inputs.grads, 1.0 / N
         factor = [1.0 / n for n in N] if isinstance(N, list) else 1.0 / N
-        if inputs.owned:  # our own autograd output: scale it where it lies
+        if inputs.owned and _exclusive(inputs.grads):  # our own autograd output: scale it where it lies
             scaled = inputs.grads
             torch._foreach_mul_(scaled, factor)
         else:
@@ -109,11 +151,14 @@ class System:
 
     # ----- one row ----------------------------------------------------------------------------
     def row(self, ctx: Context, inputs: StepInputs, row: str, h: float, *, noise: bool = True,
-            columns: tuple[str, ...] | None = None, target: Accumulator | None = None) -> None:
+            columns: tuple[str, ...] | None = None, target: Accumulator | None = None,
+            release_gradient: bool = False) -> None:
         """Advance component ``row`` by one Euler sub-step of length h (in place on ``target``).
 
         ``columns`` restricts the drift to blocks from those components (splitting schemes);
-        ``target`` defaults to the component itself.
+        ``target`` defaults to the component itself. ``release_gradient``: the integrator
+        guarantees that nothing reads ∇θH after this row's drift, so the gradient's memory may hold
+        the preconditioner values computed after it (see :meth:`Context.values`).
         """
         current = ctx.z[row]
         target = target if target is not None else current
@@ -128,7 +173,7 @@ class System:
                 # apply their sum first, in one elementwise pass, then the terms that read other rows.
                 factor, rest = fused
                 current.add(current.leaves, alpha=factor)
-                self._row_terms(ctx, inputs, row, h, rest, hot, current)
+                self._row_terms(ctx, inputs, row, h, rest, hot, current, release_gradient)
                 return
             # State-dependent operators must read the row's old values while it is written in place:
             # they read a snapshot (a reused buffer: one copy pass, no allocation).
@@ -136,11 +181,11 @@ class System:
             torch._foreach_copy_(snapshot, current.leaves)
             ctx.z[row] = Accumulator(snapshot, owned=False)
             try:
-                self._row_terms(ctx, inputs, row, h, terms, hot, current)
+                self._row_terms(ctx, inputs, row, h, terms, hot, current, release_gradient)
             finally:
                 ctx.z[row] = current
         else:
-            self._row_terms(ctx, inputs, row, h, terms, hot, target)
+            self._row_terms(ctx, inputs, row, h, terms, hot, target, release_gradient)
 
     def _fused_self_terms(self, ctx, inputs, row, h, terms):
         """``(factor, other_terms)`` when each term reading ``row`` is ``factor_k · row``, else None."""
@@ -160,7 +205,7 @@ class System:
             factor = factor + multiplier
         return factor, rest
 
-    def _row_terms(self, ctx, inputs, row, h, terms, hot, out):
+    def _row_terms(self, ctx, inputs, row, h, terms, hot, out, release_gradient=False):
         if hot and self.gamma:
             self._gamma(ctx, inputs, terms, out, h)
         for column, op in terms:
@@ -169,6 +214,10 @@ class System:
                 op.accumulate(out, leaves, -h * scale, ctx)
             else:
                 op.accumulate_through_mass(out, leaves, mass, -h * scale, ctx)
+        if release_gradient and inputs.fresh:
+            if ctx.pending:  # preconditioner values still to compute: they may take the memory
+                ctx.donor = inputs.disposable()
+            inputs.released = True
         if hot:
             diffusion = self.diffusion.get(row, row)
             if not diffusion.is_zero:
