@@ -152,8 +152,10 @@ def test_bad_params_are_rejected_at_init(bad, error, fragments):
 
 def test_bad_momenta_and_update_before_init_are_rejected():
     transform = build(log_posterior, momentum_config(SemiImplicitEuler()))
-    with pytest.raises(RuntimeError, match="init"):
+    with pytest.raises(TypeError, match="init"):
         transform.update(None, None)
+    with pytest.raises(TypeError, match="init"):
+        transform.step(params(), params())
     with pytest.raises(ValueError, match="structure and shapes of params"):
         transform.init(params(), momenta={"a": torch.zeros(2, dtype=DTYPE)})
     with pytest.raises(ValueError, match="structure and shapes of params"):

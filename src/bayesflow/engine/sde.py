@@ -25,17 +25,11 @@ import torch
 from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.context import Context
-from bayesflow.engine.noise import NoiseStream
+from bayesflow.engine.layout import Layout
 from bayesflow.engine.schedules import as_schedule, is_zero
 from bayesflow.engine.state import SDEState
-from bayesflow.engine.system import GradientNotAvailable, StepInputs, System
-from bayesflow.engine.validation import (
-    SMALL_CHECK_NUMEL,
-    check_finite,
-    check_params,
-    mismatched_leaves,
-    resolve_num_data,
-)
+from bayesflow.engine.system import GradientNotAvailable, StepInputs
+from bayesflow.engine.validation import check_finite, check_params, mismatched_leaves
 from bayesflow.tree import flatten, tree_map, unflatten
 from bayesflow.types import LogPosterior, Transform
 
@@ -95,54 +89,53 @@ class _Engine:
             if isinstance(value, torch.Tensor) and value.ndim == 1 and value.numel() != (chains or 0):
                 raise ValueError(f"{name} has {value.numel()} values but the transform has chains={chains}; "
                                  "per-chain values need chains=K with K values")
-        self.system = None
-        self.noise = None
-        self.spec = None
-        self.buffers = {}  # step-local scratch reused across steps (Context.scratch)
+        self._layouts: dict = {}  # Layout.key -> Layout: one per parameter layout this transform has seen
+        self.layout = self.system = self.noise = self.spec = self.signature = None
+        self.numel = 0
+        self.buffers: dict = {}
+
+    def _use(self, layout: Layout) -> None:
+        self.layout, self.spec, self.signature = layout, layout.spec, layout.signature
+        self.system, self.noise, self.numel, self.buffers = layout.system, layout.noise, layout.numel, layout.buffers
+
+    def _layout(self, leaves: list, spec) -> Layout:
+        check_params(leaves)
+        key = Layout.key(leaves, spec)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = Layout(self.config, self.chains, self.components, leaves, spec)
+        self._use(layout)
+        return layout
+
+    def _select(self, params) -> list:
+        """The leaves of a state's params, switching to the state's layout when it is not the current one
+        (one transform may drive states of several parameter trees, or a state loaded from a checkpoint)."""
+        layout = self.layout
+        if layout is not None:
+            try:
+                leaves = layout.spec.flatten_up_to(params)
+                if [leaf.shape for leaf in leaves] == layout.shapes and (
+                        leaves[0].dtype, leaves[0].device) == layout.signature_head:
+                    return leaves
+            except (ValueError, TypeError, AttributeError, IndexError):
+                pass
+        leaves, spec = flatten(params)
+        if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            raise ValueError(f"state.params must be a tensor or a tree of tensors, got {spec}")
+        self._layout(leaves, spec)
+        return leaves
 
     # ----- init ---------------------------------------------------------------------------------
     def init(self, params, momenta=None, xi=None, seed: int | None = None) -> SDEState:
         """The initial state at ``params`` (a tensor or tree); momenta default to N(0, T·M)."""
         config = self.config
         leaves, spec = flatten(params)
-        check_params(leaves)
-        if self.chains is not None:
-            for i, leaf in enumerate(leaves):
-                if leaf.ndim == 0 or leaf.shape[0] != self.chains:
-                    raise ValueError(f"with chains={self.chains} every params leaf needs a leading chain "
-                                     f"dimension of {self.chains}; leaf {i} has shape {tuple(leaf.shape)}")
-            for block in (config.diffusion_block, config.curl_block):
-                for op in block.blocks.values():
-                    if op.__class__.__name__ in ("Dense", "Function"):
-                        raise ValueError(f"{op!r} acts on flat single-chain parameters and does not batch "
-                                         "over chains; run chains separately")
-        self.spec = spec
-        self.buffers = {}
-        self.signature = [(leaf.shape, leaf.dtype) for leaf in leaves]  # what step() accepts as grads
-        shapes = [leaf.shape for leaf in leaves]
-        xi_shape = torch.Size([self.chains]) if self.chains else torch.Size([])
-        layout = {"params": shapes, "momenta": shapes, "xi": [xi_shape]}
-        layout = {c: layout[c] for c in self.components}
-        diffusion, curl = config.diffusion_block, config.curl_block
-        diffusion.check(layout, "diffusion", "diffusion")
-        curl.check(layout, "curl", "curl")
-        from bayesflow.engine.operators import Function
-
-        for name, block, role in (("diffusion", diffusion, "diffusion"), ("curl", curl, "curl")):
-            op = block.blocks.get(("params", "params"))
-            if isinstance(op, Function):
-                op.validate_at(torch.cat([leaf.detach().reshape(-1) for leaf in leaves]), role, name)
-        num_data = resolve_num_data(config.num_data, leaves)
-        self.system = System(diffusion, curl, num_data, config.mass, config.thermostat_target,
-                             config.weight_decay, config.gamma)
-        _check_operator_tensors(diffusion, curl, config.mass, leaves[0])
-        self.noise = NoiseStream(leaves[0].device, self.chains)
+        layout = self._layout(leaves, spec)
+        xi_shape = layout.xi_shape
         if seed is None and is_zero(self.temperature):
             seed = 0  # a T = 0 transform never draws: leave torch's global generator untouched
         rng = self.noise.initial_state(seed)
-        numel = sum(leaf[0].numel() if self.chains else leaf.numel() for leaf in leaves)
-        self.numel = numel
-        ctx = Context({"params": Accumulator(leaves, False)}, 0, {}, numel)
+        ctx = Context({"params": Accumulator(leaves, False)}, 0, {}, layout.numel)
         states = tuple(p.init(leaves) for p in self.system.preconditioners)
         momenta_tree = None
         if "momenta" in self.components:
@@ -196,8 +189,9 @@ class _Engine:
     def update(self, state: SDEState, batch, inplace: bool = False):
         """Advance one step, evaluating ∇ℓ with autograd on ``batch``. Returns ``(state, aux)``."""
         aux_box = [None]
+        params = self._select(_checked_state(state).params)
         if self.chains is not None and self.vectorize == "vmap":
-            return self._advance(state, self._vmapped_gradient(batch, aux_box), inplace), aux_box[0]
+            return self._advance(state, params, self._vmapped_gradient(batch, aux_box), inplace), aux_box[0]
 
         def gradient_fn(leaves):
             detached = [leaf.detach().requires_grad_(True) for leaf in leaves]
@@ -212,7 +206,7 @@ class _Engine:
             aux_box[0] = aux
             return grads, value.detach(), True
 
-        new_state = self._advance(state, gradient_fn, inplace)
+        new_state = self._advance(state, params, gradient_fn, inplace)
         return new_state, aux_box[0]
 
     def _vmapped_gradient(self, batch, aux_box):
@@ -249,6 +243,7 @@ class _Engine:
 
     def step(self, state: SDEState, grads, inplace: bool = False, log_posterior=None) -> SDEState:
         """Advance one step with the caller's gradient ∇ℓ(θ_t) (same structure as params)."""
+        params = self._select(_checked_state(state).params)
         grad_leaves = self._flatten_like_params(grads, "grads")
         given = [grad_leaves]
 
@@ -268,7 +263,7 @@ class _Engine:
         if self.config.integrator.caches_gradient:
             raise GradientNotAvailable(f"{self.config.integrator!r} also needs the gradient at the end of the "
                                        "step (first same as last); use update(state, batch)")
-        return self._advance(state, gradient_fn, inplace, caller_gradient=True)
+        return self._advance(state, params, gradient_fn, inplace, caller_gradient=True)
 
     def _flatten_like_params(self, tree, name: str) -> list:
         """Leaves of a tree with the structure of params (the spec from ``init``).
@@ -287,14 +282,13 @@ class _Engine:
                              f"expected {self.spec}")
         return leaves
 
-    def _advance(self, state: SDEState, gradient_fn, inplace: bool, caller_gradient: bool = False) -> SDEState:
-        if self.system is None:
-            raise RuntimeError("call init(params) before update")
+    def _advance(self, state: SDEState, params: list, gradient_fn, inplace: bool,
+                 caller_gradient: bool = False) -> SDEState:
         config = self.config
         step = int(state.step)
         temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else self.temperature(step)
         h = self.step_size if isinstance(self.step_size, torch.Tensor) else self.step_size(step)
-        params, spec = self._flatten_like_params(state.params, "state.params"), self.spec
+        spec = self.spec
         z = {"params": Accumulator(params, inplace)}
         if state.momenta is not None:
             z["momenta"] = Accumulator(self._flatten_like_params(state.momenta, "state.momenta"), inplace)
@@ -376,16 +370,7 @@ class _Engine:
         if mode == "none":
             return gradient_fn
 
-        buffer = None
-        total = self.numel * (self.chains or 1)
-        if mode == "full" and total <= SMALL_CHECK_NUMEL:
-            buffer = self.buffers.get("finite check")
-            if buffer is None:
-                flat_buffer = torch.empty(total, dtype=self.signature[0][1], device=self.noise.device)
-                shapes = [shape for shape, _ in self.signature]
-                views = [part.view(shape) for part, shape in zip(flat_buffer.split([s.numel() for s in shapes]),
-                                                                  shapes)]
-                buffer = self.buffers["finite check"] = (flat_buffer, views)
+        buffer = self.layout.check_buffer if mode == "full" else None
 
         def checked(leaves):
             grads, value, owned = gradient_fn(leaves)
@@ -401,12 +386,8 @@ class _Engine:
         return checked
 
 
-def _check_operator_tensors(diffusion, curl, mass, reference: torch.Tensor) -> None:
-    """Operator tensors must share the parameters' dtype and device (checked here, not deep in torch)."""
-    named = [(f"diffusion[{r}, {c}]", op) for (r, c), op in diffusion.blocks.items()]
-    named += [(f"curl[{r}, {c}]", op) for (r, c), op in curl.blocks.items()] + [("mass", mass)]
-    for where, op in named:
-        for tensor in op.tensors():
-            if tensor.dtype != reference.dtype or tensor.device != reference.device:
-                raise ValueError(f"{where}: {op!r} holds a {tensor.dtype} tensor on {tensor.device}, but params are "
-                                 f"{reference.dtype} on {reference.device}; convert the operator with .to()")
+def _checked_state(state) -> SDEState:
+    if not isinstance(state, SDEState):
+        raise TypeError(f"state must be the SDEState that init(params) or update returned, got "
+                        f"{type(state).__name__}; call init(params) first")
+    return state
