@@ -168,13 +168,15 @@ def paired_ratio(result: dict[str, Any], a: str, b: str) -> dict[str, float]:
 
 
 def row_ratio(result: dict[str, Any], a: str, b: str) -> tuple[float, str]:
-    """``(ratio, note)`` for a table row: the ratio of the medians (consistent with the times shown)
-    and, when the paired per-round ratio disagrees by more than 10 % (a noisy machine), a note."""
+    """``(ratio, note)`` for a table row: the paired ratio (median over rounds of the per-round ratio
+    time(a) / time(b), which cancels the machine's drift between rounds) and, when the ratio of the
+    two medians disagrees by more than 10 % (a noisy machine), a note with it and the quartiles."""
     r = paired_ratio(result, a, b)
     note = ""
     if abs(r["ratio"] / r["ratio_of_medians"] - 1) > 0.10:
-        note = f"noisy: paired ratio {r['ratio']:.2f}× (IQR {r['q1']:.2f}–{r['q3']:.2f})"
-    return r["ratio_of_medians"], note
+        note = (f"noisy: ratio of medians {r['ratio_of_medians']:.2f}×, paired IQR "
+                f"{r['q1']:.2f}–{r['q3']:.2f}")
+    return r["ratio"], note
 
 
 def fastest(result: dict[str, Any], names: list[str]) -> str:

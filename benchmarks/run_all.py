@@ -32,9 +32,11 @@ def render(sections: list[tuple[str, list[Row]]], info: dict, quick: bool = Fals
     passed = [r.passed for _, rows in sections for r in rows if r.passed is not None]
     lines = [
         "Reproduce with `python benchmarks/run_all.py` (one torch thread; `--quick` for a smoke run). "
-        "Times are medians of interleaved repeats in one process; ratios are ours / baseline from the same "
-        "run. Memory rows give extra tensor memory as a multiple of the parameter bytes. Raw samples: "
-        "`benchmarks/results/*.json`.",
+        "Contenders run interleaved in one process (order rotated every round); times are medians over "
+        "rounds and a ratio is the median over rounds of the per-round ratio ours / baseline (paired, so "
+        "the machine's drift between rounds cancels; a note gives the ratio of the medians where the two "
+        "differ by over 10 %). Memory rows give extra tensor memory as a multiple of the parameter bytes. "
+        "Raw samples: `benchmarks/results/*.json`.",
         "",
         f"Measured {info['date']} on {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch "
         f"thread), torch {info['torch']}, Python {info['python']}"

@@ -248,6 +248,31 @@ def test_preset_equals_torch_optim_float64(name):
     check()
 
 
+@pytest.mark.parametrize("name, hyper", [
+    ("adam", dict(lr=1e-2, amsgrad=False)), ("adam", dict(lr=1e-2, amsgrad=True)),
+    ("adamw", dict(lr=1e-2, weight_decay=0.1)), ("rmsprop", dict(lr=1e-2, momentum=0.5)),
+    ("rmsprop", dict(lr=1e-2, centered=True)),
+])
+def test_large_leaves_equal_torch_optim(name, hyper):
+    """Leaves past LARGE_LEAVES take the preconditioner's root leaf by leaf (one memory pass): the
+    small random problems above never reach that path."""
+    from bayesflow.engine.preconditioners import LARGE_LEAVES
+
+    module, optimizer_class, _ = OPTIMIZERS[name]
+    generator = torch.Generator().manual_seed(3)
+    targets = {"w": torch.randn(2 * LARGE_LEAVES, dtype=torch.float64, generator=generator),
+               "v": torch.randn(LARGE_LEAVES // 64, 64, dtype=torch.float64, generator=generator)}
+
+    def loss(params, step):
+        return sum(((params[k] - targets[k] * (1 + 0.1 * step)) ** 2).mean() + 0.1 * (params[k] ** 4).mean()
+                   for k in targets)
+
+    problem = Problem({k: torch.zeros_like(t) for k, t in targets.items()}, loss, steps=8)
+    reference = torch_trajectory(problem, optimizer_class, hyper)
+    ours = engine_trajectory(module.build(problem.log_posterior, **hyper), problem, inplace=True)
+    assert_trajectories_close(ours, reference, FLOAT64_RTOL, f"{name} large leaves")
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_preset_equals_torch_optim_float32(name):
     module, optimizer_class, hyper_strategy = OPTIMIZERS[name]

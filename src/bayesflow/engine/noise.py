@@ -1,6 +1,6 @@
 """Seeded Gaussian noise whose generator state lives in the (checkpointable) sampler state.
 
-One :class:`NoiseStream` per transform keeps a ``torch.Generator`` per chain and scratch buffers.
+One :class:`NoiseStream` per parameter layout of a transform keeps a ``torch.Generator`` per chain and scratch buffers.
 A step loads the state's generator state (skipped when it is the state this stream just produced,
 the usual case of a chain advancing), draws one flat buffer per component and writes the new
 generator state back into the returned state. Runs are exactly reproducible from the seed, and a
@@ -73,11 +73,12 @@ class NoiseStream:
         With chains, leaves carry a leading chain dimension and each chain draws from its own stream.
         """
         entry = self._buffers.get(key)
-        signature = [(leaf.shape, leaf.dtype) for leaf in like]  # a list comprehension: cheaper per step
-        if entry is None or entry[0] != signature:
-            entry = self._allocate(like, signature)
+        # A stream belongs to one parameter layout (engine.layout), where a key always names leaves of
+        # the same shapes: the count and the first shape guard against misuse at no per-leaf cost.
+        if entry is None or len(entry[1]) != len(like) or entry[1][0].shape != like[0].shape:
+            entry = self._allocate(like)
             self._buffers[key] = entry
-        _, buffer, views = entry
+        buffer, views = entry
         if self.chains is None:
             torch.randn(buffer.shape, generator=self.generators[0], out=buffer)
         else:
@@ -85,7 +86,7 @@ class NoiseStream:
                 torch.randn(buffer.shape[1:], generator=generator, out=buffer[chain])
         return buffer, views
 
-    def _allocate(self, like: Leaves, signature):
+    def _allocate(self, like: Leaves) -> tuple[torch.Tensor, Leaves]:
         dtype, device = like[0].dtype, like[0].device
         if self.chains is None:
             sizes = [leaf.numel() for leaf in like]
@@ -95,4 +96,4 @@ class NoiseStream:
             sizes = [leaf[0].numel() for leaf in like]
             buffer = torch.empty(self.chains, sum(sizes), dtype=dtype, device=device)
             views = [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes, dim=1), like)]
-        return signature, buffer, views
+        return buffer, views

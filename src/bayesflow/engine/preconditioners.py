@@ -34,6 +34,9 @@ from bayesflow.engine.operators import Operator
 
 __all__ = ["Preconditioned", "SquaredGradientAverage"]
 
+LARGE_LEAVES = 1 << 14
+"""Mean leaf size from which a per-leaf kernel (one memory pass) beats two foreach kernels."""
+
 
 class SquaredGradientAverage:
     """Exponential moving average of squared gradients (RMSprop, Adam's second moment).
@@ -107,10 +110,18 @@ class SquaredGradientAverage:
         """
         second = state[-1] if self.amsgrad else state[0]
         scale = out if out is not None else [torch.empty_like(t) for t in second]
-        torch._foreach_copy_(scale, second)
         if self.centered and not self.amsgrad:  # AMSGrad's maximum is already of the centered variance
+            torch._foreach_copy_(scale, second)
             torch._foreach_addcmul_(scale, state[1], state[1], value=-1.0)
-        torch._foreach_sqrt_(scale)
+            torch._foreach_sqrt_(scale)
+        elif sum(t.numel() for t in second) >= LARGE_LEAVES * len(second):
+            # large leaves: one pass per leaf (sqrt straight into the buffer) beats a foreach copy
+            # and an in-place root, which pass over the memory twice
+            for target, source in zip(scale, second):
+                torch.sqrt(source, out=target)
+        else:  # small leaves: two foreach launches beat a launch per leaf
+            torch._foreach_copy_(scale, second)
+            torch._foreach_sqrt_(scale)
         if self.bias_correction:
             torch._foreach_div_(scale, math.sqrt(1.0 - self.decay ** (step + 1)))
         torch._foreach_add_(scale, self.eps)

@@ -25,12 +25,13 @@ import torch
 from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.context import Context
+from bayesflow.engine.gradients import autograd_gradient, caller_gradient, vmapped_gradient
 from bayesflow.engine.layout import Layout
 from bayesflow.engine.schedules import as_schedule, is_zero
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import GradientNotAvailable, StepInputs
-from bayesflow.engine.validation import check_finite, check_params, mismatched_leaves
-from bayesflow.tree import flatten, tree_map, unflatten
+from bayesflow.engine.validation import check_finite, check_params
+from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogPosterior, Transform
 
 __all__ = ["build"]
@@ -190,73 +191,15 @@ class _Engine:
         """Advance one step, evaluating ∇ℓ with autograd on ``batch``. Returns ``(state, aux)``."""
         aux_box = [None]
         params = self._select(_checked_state(state).params)
-        if self.chains is not None and self.vectorize == "vmap":
-            return self._advance(state, params, self._vmapped_gradient(batch, aux_box), inplace), aux_box[0]
-
-        def gradient_fn(leaves):
-            detached = [leaf.detach().requires_grad_(True) for leaf in leaves]
-            with torch.enable_grad():
-                value, aux = self.log_posterior(unflatten(self.spec, detached), batch)
-                if self.chains is not None and value.shape != (self.chains,):
-                    raise ValueError(f"vectorize='batched' needs log_posterior to return {self.chains} values, "
-                                     f"got shape {tuple(value.shape)}")
-                total = value.sum() if self.chains is not None else value
-                grads = torch.autograd.grad(total, detached, allow_unused=True)
-            grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
-            aux_box[0] = aux
-            return grads, value.detach(), True
-
-        new_state = self._advance(state, params, gradient_fn, inplace)
-        return new_state, aux_box[0]
-
-    def _vmapped_gradient(self, batch, aux_box):
-        spec, log_posterior = self.spec, self.log_posterior
-
-        no_aux = []
-
-        def single(leaves, batch):
-            value, aux = log_posterior(unflatten(spec, list(leaves)), batch)
-            if aux is None:  # vmap returns tensors only: stand in for a missing aux
-                no_aux.append(True)
-                aux = value.new_zeros(())
-            return value, aux
-
-        # vmap the forward pass only and take one ordinary autograd backward through it: the chains
-        # are independent, so the gradient of the summed values is every chain's own gradient, and
-        # this avoids the per-call cost of functorch's grad transform (vmap of grad_and_value).
-        batched = torch.func.vmap(single, in_dims=(0, None))
-
-        def gradient_fn(leaves):
-            detached = [leaf.detach().requires_grad_(True) for leaf in leaves]
-            with torch.enable_grad():
-                value, aux = batched(tuple(detached), batch)
-                if value.shape != (self.chains,):
-                    raise ValueError(f"log_posterior must return one number per chain, got shape "
-                                     f"{tuple(value.shape[1:])} per chain")
-                grads = torch.autograd.grad(value.sum(), detached, allow_unused=True)
-            grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
-            aux_box[0] = None if no_aux else tree_map(
-                lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
-            return grads, value.detach(), True
-
-        return gradient_fn
+        make = vmapped_gradient if self.chains is not None and self.vectorize == "vmap" else autograd_gradient
+        gradient_fn = make(self.log_posterior, self.spec, batch, self.chains, aux_box)
+        return self._advance(state, params, gradient_fn, inplace), aux_box[0]
 
     def step(self, state: SDEState, grads, inplace: bool = False, log_posterior=None) -> SDEState:
         """Advance one step with the caller's gradient ∇ℓ(θ_t) (same structure as params)."""
         params = self._select(_checked_state(state).params)
-        grad_leaves = self._flatten_like_params(grads, "grads")
-        given = [grad_leaves]
-
-        def gradient_fn(leaves):
-            if not given:
-                raise GradientNotAvailable(
-                    f"{self.config.integrator!r} needs a gradient at a second point in the step; "
-                    "use update(state, batch) instead of step(state, grads)")
-            if [(g.shape, g.dtype) for g in given[0]] != self.signature:
-                raise ValueError(mismatched_leaves(given[0], leaves, self.spec))
-            value = None if log_posterior is None else torch.as_tensor(log_posterior).detach()
-            return given.pop(), value, False
-
+        gradient_fn = caller_gradient(self._flatten_like_params(grads, "grads"), log_posterior, self.signature,
+                                      self.spec, self.config.integrator)
         if not self.config.integrator.evaluates_at_start():
             raise GradientNotAvailable(f"{self.config.integrator!r} evaluates its gradient mid-step; "
                                        "use update(state, batch)")
