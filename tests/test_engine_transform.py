@@ -78,6 +78,7 @@ STEPPABLE = {
     "Adam-SGHMC": lambda: adam_sghmc.config(lr=0.01, temperature=0.3),
     "Adam-SGHMC AMSGrad, weight decay": lambda: adam_sghmc.config(lr=0.01, temperature=0.3, amsgrad=True,
                                                                  weight_decay=0.1),
+    "Adam-SGHMC num_data": lambda: adam_sghmc.config(lr=0.01, temperature=0.3, num_data=5.0),
     "RMSprop centered momentum (T>0)": lambda: rmsprop.config(lr=0.01, momentum=0.9, centered=True, temperature=0.3),
 }
 
