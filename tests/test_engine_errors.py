@@ -82,23 +82,33 @@ def test_nonfinite_gradient_of_a_caller_is_caught_when_checks_are_full():
 
 
 @pytest.mark.parametrize("entry", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("flat_buffer", [False, True])
-def test_finite_check_finds_every_kind_of_bad_entry_on_both_paths(entry, flat_buffer):
-    """The one-buffer sum (small models) and the per-leaf norms (large ones) both catch NaN, +inf
-    and -inf and name the leaf; huge finite gradients whose sum overflows are not reported."""
-    from bayesflow.engine.validation import check_finite
+@pytest.mark.parametrize("path", ["norms", "buffer", "buffer, value of another shape"])
+@pytest.mark.parametrize("where", ["gradient", "value"])
+def test_finite_check_finds_every_kind_of_bad_entry_on_every_path(entry, path, where):
+    """The one-buffer sum (small models, value included), the per-leaf norms (large ones) and the
+    buffer with a separately summed value all catch NaN, +inf and -inf and name the culprit; huge
+    finite gradients whose sum overflows are not reported."""
+    from bayesflow.engine.validation import CheckBuffer, check_finite
 
     grads = [torch.ones(3, 2), torch.ones(4)]
     spec = flatten({"w": grads[0], "b": grads[1]})[1]
-    flat = torch.empty(10)
-    buffer = (flat, [flat[:6].view(3, 2), flat[6:]]) if flat_buffer else None
+    value_shape = torch.Size([2]) if path == "buffer, value of another shape" else torch.Size([])
+    buffer = None if path == "norms" else CheckBuffer([g.shape for g in grads], value_shape, torch.float32,
+                                                      torch.device("cpu"))
     value = torch.tensor(0.0)
     assert check_finite(value, grads, spec, 4, buffer) is None
-    grads[1][2] = entry
+    if where == "gradient":
+        grads[1][2] = entry
+    else:
+        value = torch.tensor(entry)
     message = check_finite(value, grads, spec, 4, buffer)
-    assert message is not None and "step 4" in message and "'w'" in message  # leaf order of a dict: b, w
+    assert message is not None and "step 4" in message
+    # leaf order of a dict: b, w — grads[1] is "w"
+    assert ("'w'" in message) if where == "gradient" else ("log posterior" in message)
     huge = [torch.full((3, 2), 3e38), torch.full((4,), 3e38)]
-    assert check_finite(value, huge, spec, 4, buffer) is None
+    assert check_finite(torch.tensor(0.0), huge, spec, 4, buffer) is None
+    assert check_finite(torch.tensor(entry), None, spec, 4, buffer) is not None  # value-only mode
+    assert check_finite(torch.tensor([0.0, 1.0]), None, spec, 4, buffer) is None
 
 
 def test_checks_can_be_switched_off():

@@ -16,7 +16,7 @@ from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.noise import NoiseStream
 from bayesflow.engine.operators import Function
 from bayesflow.engine.system import System
-from bayesflow.engine.validation import SMALL_CHECK_NUMEL, check_params, resolve_num_data
+from bayesflow.engine.validation import SMALL_CHECK_NUMEL, CheckBuffer, check_params, resolve_num_data
 
 
 class Layout:
@@ -30,7 +30,8 @@ class Layout:
         noise: the seeded noise stream (one generator per chain).
         numel: scalar parameters per chain (the thermostat's dimension d).
         buffers: step-local scratch reused across steps (``Context.scratch``).
-        check_buffer: ``(flat, views)`` for the small-model finiteness test, or None.
+        check_buffer: a :class:`~bayesflow.engine.validation.CheckBuffer` for the small-model
+            finiteness test, or None.
     """
 
     def __init__(self, config: SDEConfig, chains: int | None, components: tuple[str, ...], leaves: list, spec):
@@ -67,12 +68,8 @@ class Layout:
         self.xi_shape = xi_shape
         self.buffers: dict = {}
         self.check_buffer = None
-        total = sum(leaf.numel() for leaf in leaves)
-        if total <= SMALL_CHECK_NUMEL:
-            flat = torch.empty(total, dtype=leaves[0].dtype, device=leaves[0].device)
-            views = [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in self.shapes]),
-                                                              self.shapes)]
-            self.check_buffer = (flat, views)
+        if sum(leaf.numel() for leaf in leaves) <= SMALL_CHECK_NUMEL:
+            self.check_buffer = CheckBuffer(self.shapes, xi_shape, leaves[0].dtype, leaves[0].device)
 
     @staticmethod
     def key(leaves: list, spec) -> tuple:

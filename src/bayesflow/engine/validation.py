@@ -62,27 +62,35 @@ at small sizes per-leaf kernel launches, not arithmetic, dominate the test."""
 
 
 def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int,
-                 buffer: tuple | None = None) -> str | None:
+                 buffer: CheckBuffer | None = None) -> str | None:
     """A message naming the step and the first non-finite quantity, or None if all are finite.
 
-    ``buffer`` (optional) is ``(flat, views)``: a flat scratch tensor with room for every gradient
-    entry and its views shaped like the leaves; with it the cheap test is one foreach copy and one
-    sum instead of a norm per leaf.
+    The value and the gradient are tested with one read back to the host (one device sync on a
+    GPU): a reduction that is finite only if every entry is (NaN and ±inf propagate). A sum or
+    norm of huge but finite values can overflow, so a non-finite result falls through to the exact
+    tests, which decide. ``buffer`` (small models): the gradient and the value are copied into one
+    flat tensor by one foreach copy and summed, instead of a norm per leaf.
     """
-    if value is not None and not (math.isfinite(value.item()) if value.numel() == 1 and not value.is_complex()
-                                  else bool(torch.isfinite(value).all())):  # .item(): no kernel launches
+    if grads is None:
+        if value is None or math.isfinite((value if value.numel() == 1 else value.sum()).item()):
+            return None
+    elif buffer is not None and value is not None and value.shape == buffer.value.shape:
+        torch._foreach_copy_(buffer.views_and_value, [*grads, value])
+        if math.isfinite(buffer.flat.sum().item()):
+            return None
+    else:
+        if buffer is not None:
+            torch._foreach_copy_(buffer.views, grads)
+            total = buffer.gradient.sum()
+        else:
+            total = torch.stack(torch._foreach_norm(grads)).sum()
+        if value is not None:
+            total = total + value.sum()
+        if math.isfinite(total.item()):
+            return None
+    if value is not None and not bool(torch.isfinite(value).all()):
         return f"log posterior is {value.tolist()} at step {step}"
     if grads is None:
-        return None
-    # One cheap reduction whose result is finite only if every entry is (NaN and ±inf propagate);
-    # a sum or norm of huge but finite values can overflow, so a non-finite result falls through to
-    # the exact per-leaf test, which decides.
-    if buffer is not None:
-        flat, views = buffer
-        torch._foreach_copy_(views, grads)
-        if math.isfinite(flat.sum().item()):
-            return None
-    elif math.isfinite(sum(norm.item() for norm in torch._foreach_norm(grads))):
         return None
     bad_leaves = [i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all())]
     if not bad_leaves:
@@ -91,3 +99,22 @@ def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int
              optree.tree_paths(optree.tree_unflatten(spec, grads), none_is_leaf=False, namespace="bayesflow")]
     bad = [paths[i] for i in bad_leaves]
     return f"gradient of the log posterior is not finite at step {step} in leaf {bad[0]!r} (all: {bad})"
+
+
+class CheckBuffer:
+    """A flat scratch tensor for :func:`check_finite`: gradient entries first, then the value.
+
+    Attributes:
+        flat: the whole buffer; ``gradient``: its gradient part; ``views``: that part cut into the
+        leaves' shapes; ``value``: the last entries, shaped like the log posterior (one per chain);
+        ``views_and_value``: ``views + [value]``, the targets of one foreach copy.
+    """
+
+    def __init__(self, shapes: list, value_shape: torch.Size, dtype: torch.dtype, device: torch.device):
+        sizes = [shape.numel() for shape in shapes]
+        total = sum(sizes)
+        self.flat = torch.empty(total + value_shape.numel(), dtype=dtype, device=device)
+        self.gradient = self.flat[:total]
+        self.views = [part.view(shape) for part, shape in zip(self.gradient.split(sizes), shapes)]
+        self.value = self.flat[total:].view(value_shape)
+        self.views_and_value = [*self.views, self.value]
