@@ -160,6 +160,25 @@ def test_one_transform_drives_states_of_different_parameter_layouts(name):
         assert_identical(b, ref_b)
 
 
+def test_layouts_are_bounded_and_an_evicted_layout_is_rebuilt():
+    from bayesflow.engine.sde import MAX_LAYOUTS
+
+    def generic(params, batch):
+        return -0.5 * (params["w"] ** 2).sum(), None
+
+    shared = build(generic, CONFIGS["SGHMC"]())
+    alone = build(generic, CONFIGS["SGHMC"]())
+    first = {"w": torch.linspace(-1, 1, 2, dtype=DTYPE)}
+    a, ref = shared.init(first, seed=1), alone.init(first, seed=1)
+    for size in range(3, 3 + MAX_LAYOUTS + 2):  # more layouts than are kept: the first is evicted
+        shared.init({"w": torch.zeros(size, dtype=DTYPE)}, seed=0)
+    assert len(shared.update.__self__._layouts) == MAX_LAYOUTS
+    for _ in range(3):
+        a, _ = shared.update(a, None)
+        ref, _ = alone.update(ref, None)
+    assert_identical(a, ref)
+
+
 @pytest.mark.parametrize("name", ["SGHMC", "pSGLD", "chains"])
 def test_a_loaded_state_resumes_in_a_transform_that_never_ran_init(name):
     transform = new_transform(name)

@@ -37,6 +37,11 @@ from bayesflow.types import LogPosterior, Transform
 __all__ = ["build"]
 
 
+MAX_LAYOUTS = 8
+"""Parameter layouts a transform keeps (each holds scratch buffers the size of its parameters);
+a state of an evicted layout still advances: its layout is rebuilt."""
+
+
 class _Rejected(Exception):
     pass
 
@@ -105,6 +110,8 @@ class _Engine:
         layout = self._layouts.get(key)
         if layout is None:
             layout = self._layouts[key] = Layout(self.config, self.chains, self.components, leaves, spec)
+            if len(self._layouts) > MAX_LAYOUTS:  # a bounded cache: the oldest layout's buffers go
+                del self._layouts[next(iter(self._layouts))]
         self._use(layout)
         return layout
 
