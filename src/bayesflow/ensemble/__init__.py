@@ -1,5 +1,6 @@
 """Many chains: deep ensembles, Bayesian deep ensembles, temperature sweeps and their diagnostics."""
 
+from bayesflow.ensemble.batched import batched_forward
 from bayesflow.ensemble.chains import bayesian_deep_ensemble, deep_ensemble, lift, replicate, stack, unstack
 from bayesflow.ensemble.diagnostics import ess, rhat
 from bayesflow.ensemble.moments import MomentsState, running_moments
@@ -15,6 +16,7 @@ from bayesflow.ensemble.temperature import (
 
 __all__ = [
     "MomentsState",
+    "batched_forward",
     "bayesian_deep_ensemble",
     "configurational_temperature",
     "configurational_terms",
