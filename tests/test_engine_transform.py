@@ -207,3 +207,32 @@ def test_weight_decay_and_per_leaf_num_data_with_aliased_gradients(objective):
     state, _ = transform.update(transform.init(params), None)
     torch.testing.assert_close(state.params["a"], 1 + gradient / 2 - 0.5 * 1)
     torch.testing.assert_close(state.params["b"], 2 + gradient / 4 - 0.5 * 2)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_module_parameters_as_in_the_quick_start(inplace):
+    """``init(dict(model.named_parameters()))``: in place, the module's own nn.Parameters move (as
+    a torch optimizer moves them); functionally, the new params carry no autograd graph (steps
+    must not chain one), and the module is untouched."""
+    from torch import nn
+
+    from bayesflow.sgmcmc import sghmc
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(8, 3, dtype=DTYPE), torch.randn(8, 2, dtype=DTYPE)
+
+    def log_posterior(params, batch):
+        return -((torch.func.functional_call(model, params, (x,)) - y) ** 2).mean(), None
+
+    before = model.weight.detach().clone()
+    transform = sghmc.build(log_posterior, lr=1e-2, temperature=1e-3)
+    state = transform.init(dict(model.named_parameters()), seed=0)
+    for _ in range(3):
+        state, _ = transform.update(state, None, inplace=inplace)
+    if inplace:
+        assert state.params["weight"] is model.weight and not torch.equal(model.weight.detach(), before)
+    else:
+        assert torch.equal(model.weight.detach(), before)
+        assert all(not v.requires_grad and v.grad_fn is None for v in state.params.values())
+        assert not torch.equal(state.params["weight"], before)

@@ -200,7 +200,11 @@ class _Engine:
         params = self._select(_checked_state(state).params)
         make = vmapped_gradient if self.chains is not None and self.vectorize == "vmap" else autograd_gradient
         gradient_fn = make(self.log_posterior, self.spec, batch, self.chains, aux_box)
-        return self._advance(state, params, gradient_fn, inplace), aux_box[0]
+        # The step itself is not differentiated (the gradient is taken inside gradient_fn, under
+        # enable_grad): without no_grad, nn.Parameter leaves would refuse in-place updates and
+        # functional updates would chain an autograd graph through every step.
+        with torch.no_grad():
+            return self._advance(state, params, gradient_fn, inplace), aux_box[0]
 
     def step(self, state: SDEState, grads, inplace: bool = False, log_posterior=None) -> SDEState:
         """Advance one step with the caller's gradient ∇ℓ(θ_t) (same structure as params)."""
@@ -213,7 +217,8 @@ class _Engine:
         if self.config.integrator.caches_gradient:
             raise GradientNotAvailable(f"{self.config.integrator!r} also needs the gradient at the end of the "
                                        "step (first same as last); use update(state, batch)")
-        return self._advance(state, params, gradient_fn, inplace, caller_gradient=True)
+        with torch.no_grad():
+            return self._advance(state, params, gradient_fn, inplace, caller_gradient=True)
 
     def _flatten_like_params(self, tree, name: str) -> list:
         """Leaves of a tree with the structure of params (the spec from ``init``).
