@@ -160,6 +160,20 @@ def test_bad_params_are_rejected_at_init(bad, error, fragments):
         assert fragment in str(raised.value), f"{fragment!r} not in {raised.value}"
 
 
+@pytest.mark.parametrize(("source", "target"), [("SGLD", "SGHMC"), ("SGHMC", "SGLD"), ("SGLD", "pSGLD"),
+                                                ("pSGLD", "SGLD")])
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_state_of_another_method_is_rejected_with_its_components(source, target, fresh):
+    """A state made by another method's transform (other components or preconditioners) is named
+    as such, also in a transform that never ran init — never advanced with parts missing or ignored."""
+    state = build(log_posterior, CONFIGS[source]()).init(params(), seed=0)
+    transform = build(log_posterior, CONFIGS[target]())
+    if not fresh:
+        transform.init(params(), seed=0)
+    with pytest.raises(ValueError, match="another method's transform"):
+        transform.update(state, None)
+
+
 def test_bad_momenta_and_update_before_init_are_rejected():
     transform = build(log_posterior, momentum_config(SemiImplicitEuler()))
     with pytest.raises(TypeError, match="init"):

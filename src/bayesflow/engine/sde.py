@@ -115,6 +115,23 @@ class _Engine:
         self._use(layout)
         return layout
 
+    def _state_params(self, state) -> list:
+        """The leaves of ``state.params`` (its layout selected), after checking that ``state`` is an
+        SDEState with this transform's components, not another method's."""
+        if not isinstance(state, SDEState):
+            raise TypeError(f"state must be the SDEState that init(params) or update returned, got "
+                            f"{type(state).__name__}; call init(params) first")
+        params = self._select(state.params)
+        components, preconditioners = self.components, len(self.system.preconditioners)
+        if ((state.momenta is not None) != ("momenta" in components) or (state.xi is not None) != ("xi" in components)
+                or len(state.preconditioner) != preconditioners):
+            held = ("params", *(["momenta"] if state.momenta is not None else []),
+                    *(["xi"] if state.xi is not None else []))
+            raise ValueError(f"this state holds {held} with {len(state.preconditioner)} preconditioner state(s), "
+                             f"but this transform's SDE is on {components} with {preconditioners}: it comes from "
+                             "another method's transform; init a state with this one")
+        return params
+
     def _select(self, params) -> list:
         """The leaves of a state's params, switching to the state's layout when it is not the current one
         (one transform may drive states of several parameter trees, or a state loaded from a checkpoint)."""
@@ -197,7 +214,7 @@ class _Engine:
     def update(self, state: SDEState, batch, inplace: bool = False):
         """Advance one step, evaluating ∇ℓ with autograd on ``batch``. Returns ``(state, aux)``."""
         aux_box = [None]
-        params = self._select(_checked_state(state).params)
+        params = self._state_params(state)
         make = vmapped_gradient if self.chains is not None and self.vectorize == "vmap" else autograd_gradient
         gradient_fn = make(self.log_posterior, self.spec, batch, self.chains, aux_box)
         # The step itself is not differentiated (the gradient is taken inside gradient_fn, under
@@ -208,7 +225,7 @@ class _Engine:
 
     def step(self, state: SDEState, grads, inplace: bool = False, log_posterior=None) -> SDEState:
         """Advance one step with the caller's gradient ∇ℓ(θ_t) (same structure as params)."""
-        params = self._select(_checked_state(state).params)
+        params = self._state_params(state)
         gradient_fn = caller_gradient(self._flatten_like_params(grads, "grads"), log_posterior, self.signature,
                                       self.spec, self.config.integrator)
         if not self.config.integrator.evaluates_at_start():
@@ -339,10 +356,3 @@ class _Engine:
             return grads, value, owned
 
         return checked
-
-
-def _checked_state(state) -> SDEState:
-    if not isinstance(state, SDEState):
-        raise TypeError(f"state must be the SDEState that init(params) or update returned, got "
-                        f"{type(state).__name__}; call init(params) first")
-    return state
