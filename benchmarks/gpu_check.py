@@ -95,6 +95,26 @@ def check_presets() -> None:
             report(f"preset {name} on {DEVICE}", False, f"{type(error).__name__}: {error}")
 
 
+def check_module_parameters() -> None:
+    """The README quick start on the GPU: nn.Parameters of a module move in place."""
+    from bayesflow.sgmcmc import sghmc
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).to(DEVICE)
+    x, y = torch.randn(32, 8, device=DEVICE), torch.randint(0, 2, (32,), device=DEVICE)
+
+    def log_posterior(params, batch):
+        logits = torch.func.functional_call(model, params, (x,))
+        return -torch.nn.functional.cross_entropy(logits, y), None
+
+    transform = sghmc.build(log_posterior, lr=1e-2, temperature=1e-3)
+    state = transform.init(dict(model.named_parameters()), seed=0)
+    before = model[0].weight.detach().clone()
+    for _ in range(5):
+        state, _ = transform.update(state, None, inplace=True)
+    report("module parameters updated in place", state.params["0.weight"] is model[0].weight
+           and not torch.equal(before, model[0].weight.detach()))
+
+
 def check_reproducibility() -> None:
     from bayesflow.sgmcmc import sghmc
 
@@ -173,6 +193,14 @@ def check_stationary_variance() -> None:
     standard_error = math.sqrt(2.0) * exact / math.sqrt(effective)
     report("SGLD on N(0, I): Var = 1/(1 - h/2)", abs(estimate - exact) < 5 * standard_error,
            f"estimate {estimate:.5f} exact {exact:.5f} ± {standard_error:.5f}")
+
+    misplaced = lift(sgld.build(log_posterior, lr=h, temperature=1.0), 8, temperature=torch.ones(8))
+    try:
+        misplaced.init({"x": torch.zeros(8, 4, device=DEVICE, dtype=torch.float64)})
+        raised = DEVICE == "cpu"  # on the CPU there is no other device to misplace it on
+    except ValueError as error:
+        raised = "move it with .to(" in str(error)
+    report("a per-chain temperature on another device is rejected at init", raised)
 
     chains = lift(sgld.build(log_posterior, lr=h, temperature=1.0), 8,
                   temperature=torch.linspace(0.5, 2.0, 8, dtype=torch.float64, device=DEVICE))
@@ -302,8 +330,8 @@ def main(argv=None) -> None:
         return
     RESULTS["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     RESULTS["torch"] = torch.__version__
-    for check in (check_presets, check_reproducibility, check_optim_equivalence, check_stationary_variance,
-                  check_ensemble, check_timings):
+    for check in (check_presets, check_module_parameters, check_reproducibility, check_optim_equivalence,
+                  check_stationary_variance, check_ensemble, check_timings):
         try:
             check()
         except Exception as error:

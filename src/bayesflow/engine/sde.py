@@ -109,6 +109,10 @@ class _Engine:
         key = Layout.key(leaves, spec)
         layout = self._layouts.get(key)
         if layout is None:
+            for name, value in (("temperature", self.temperature), ("step_size", self.step_size)):
+                if isinstance(value, torch.Tensor) and value.device != leaves[0].device:
+                    raise ValueError(f"{name} is a tensor on {value.device} but params are on {leaves[0].device}; "
+                                     f"move it with .to({str(leaves[0].device)!r})")
             layout = self._layouts[key] = Layout(self.config, self.chains, self.components, leaves, spec)
             if len(self._layouts) > MAX_LAYOUTS:  # a bounded cache: the oldest layout's buffers go
                 del self._layouts[next(iter(self._layouts))]

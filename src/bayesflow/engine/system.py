@@ -172,7 +172,7 @@ class System:
                 # Every term that reads this row is a multiple of it (friction, SGNHT's thermostat):
                 # apply their sum first, in one elementwise pass, then the terms that read other rows.
                 factor, rest = fused
-                current.add(current.leaves, alpha=factor)
+                current.mul(1.0 + factor)  # one read of the row (row + factor·row would read it twice)
                 self._row_terms(ctx, inputs, row, h, rest, hot, current, release_gradient)
                 return
             # State-dependent operators must read the row's old values while it is written in place:
