@@ -86,6 +86,7 @@ class _Engine:
         self.log_posterior = log_posterior
         self.config = config
         self.components = config.components
+        self._momenta, self._xi = "momenta" in self.components, "xi" in self.components
         self.temperature = as_schedule(config.temperature, "temperature")
         self.step_size = as_schedule(config.step_size, "step_size")
         self.scales = dict(config.step_scales)
@@ -126,9 +127,9 @@ class _Engine:
             raise TypeError(f"state must be the SDEState that init(params) or update returned, got "
                             f"{type(state).__name__}; call init(params) first")
         params = self._select(state.params)
-        components, preconditioners = self.components, len(self.system.preconditioners)
-        if ((state.momenta is not None) != ("momenta" in components) or (state.xi is not None) != ("xi" in components)
-                or len(state.preconditioner) != preconditioners):
+        if ((state.momenta is None) == self._momenta or (state.xi is None) == self._xi
+                or len(state.preconditioner) != len(self.system.preconditioners)):
+            components, preconditioners = self.components, len(self.system.preconditioners)
             held = ("params", *(["momenta"] if state.momenta is not None else []),
                     *(["xi"] if state.xi is not None else []))
             raise ValueError(f"this state holds {held} with {len(state.preconditioner)} preconditioner state(s), "
@@ -224,8 +225,12 @@ class _Engine:
         # The step itself is not differentiated (the gradient is taken inside gradient_fn, under
         # enable_grad): without no_grad, nn.Parameter leaves would refuse in-place updates and
         # functional updates would chain an autograd graph through every step.
-        with torch.no_grad():
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() costs several µs of Python per step
+        try:
             return self._advance(state, params, gradient_fn, inplace), aux_box[0]
+        finally:
+            torch._C._set_grad_enabled(enabled)
 
     def step(self, state: SDEState, grads, inplace: bool = False, log_posterior=None) -> SDEState:
         """Advance one step with the caller's gradient ∇ℓ(θ_t) (same structure as params)."""
@@ -238,8 +243,12 @@ class _Engine:
         if self.config.integrator.caches_gradient:
             raise GradientNotAvailable(f"{self.config.integrator!r} also needs the gradient at the end of the "
                                        "step (first same as last); use update(state, batch)")
-        with torch.no_grad():
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
             return self._advance(state, params, gradient_fn, inplace, caller_gradient=True)
+        finally:
+            torch._C._set_grad_enabled(enabled)
 
     def _flatten_like_params(self, tree, name: str) -> list:
         """Leaves of a tree with the structure of params (the spec from ``init``).
