@@ -82,33 +82,32 @@ def test_nonfinite_gradient_of_a_caller_is_caught_when_checks_are_full():
 
 
 @pytest.mark.parametrize("entry", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("path", ["norms", "buffer", "buffer, value of another shape"])
+@pytest.mark.parametrize("path", ["norms", "concatenated", "concatenated, one value per chain"])
 @pytest.mark.parametrize("where", ["gradient", "value"])
 def test_finite_check_finds_every_kind_of_bad_entry_on_every_path(entry, path, where):
-    """The one-buffer sum (small models, value included), the per-leaf norms (large ones) and the
-    buffer with a separately summed value all catch NaN, +inf and -inf and name the culprit; huge
-    finite gradients whose sum overflows are not reported."""
-    from bayesflow.engine.validation import CheckBuffer, check_finite
+    """The sum of one concatenation (small models, value included, one or one per chain) and the
+    per-leaf norms (large ones) catch NaN, +inf and -inf and name the culprit; huge finite
+    gradients whose sum overflows are not reported."""
+    from bayesflow.engine.validation import check_finite
 
     grads = [torch.ones(3, 2), torch.ones(4)]
     spec = flatten({"w": grads[0], "b": grads[1]})[1]
-    value_shape = torch.Size([2]) if path == "buffer, value of another shape" else torch.Size([])
-    buffer = None if path == "norms" else CheckBuffer([g.shape for g in grads], value_shape, torch.float32,
-                                                      torch.device("cpu"))
-    value = torch.tensor(0.0)
-    assert check_finite(value, grads, spec, 4, buffer) is None
+    per_chain = path == "concatenated, one value per chain"
+    small = path != "norms"
+    value = torch.zeros(2) if per_chain else torch.tensor(0.0)
+    assert check_finite(value, grads, spec, 4, small) is None
     if where == "gradient":
         grads[1][2] = entry
     else:
-        value = torch.tensor(entry)
-    message = check_finite(value, grads, spec, 4, buffer)
+        value = torch.tensor([0.0, entry]) if per_chain else torch.tensor(entry)
+    message = check_finite(value, grads, spec, 4, small)
     assert message is not None and "step 4" in message
     # leaf order of a dict: b, w — grads[1] is "w"
     assert ("'w'" in message) if where == "gradient" else ("log posterior" in message)
     huge = [torch.full((3, 2), 3e38), torch.full((4,), 3e38)]
-    assert check_finite(torch.tensor(0.0), huge, spec, 4, buffer) is None
-    assert check_finite(torch.tensor(entry), None, spec, 4, buffer) is not None  # value-only mode
-    assert check_finite(torch.tensor([0.0, 1.0]), None, spec, 4, buffer) is None
+    assert check_finite(torch.tensor(0.0), huge, spec, 4, small) is None
+    assert check_finite(torch.tensor(entry), None, spec, 4, small) is not None  # value-only mode
+    assert check_finite(torch.tensor([0.0, 1.0]), None, spec, 4, small) is None
 
 
 def test_checks_can_be_switched_off():

@@ -27,7 +27,7 @@ def flatten(tree: TensorTree) -> tuple[list[torch.Tensor], optree.PyTreeSpec]:
 
 
 def unflatten(spec: optree.PyTreeSpec, leaves: list[torch.Tensor]) -> TensorTree:
-    return optree.tree_unflatten(spec, leaves)
+    return spec.unflatten(leaves)
 
 
 def tree_map(fn, tree: TensorTree, *rest: TensorTree) -> TensorTree:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 
 from bayesflow.engine.config import SDEConfig
+from bayesflow.engine.gradients import Aliases
 from bayesflow.engine.noise import NoiseStream
 from bayesflow.engine.operators import Function
 from bayesflow.engine.system import System
-from bayesflow.engine.validation import SMALL_CHECK_NUMEL, CheckBuffer, check_params, resolve_num_data
+from bayesflow.engine.validation import SMALL_CHECK_NUMEL, check_params, resolve_num_data
 
 
 class Layout:
@@ -30,8 +31,8 @@ class Layout:
         noise: the seeded noise stream (one generator per chain).
         numel: scalar parameters per chain (the thermostat's dimension d).
         buffers: step-local scratch reused across steps (``Context.scratch``).
-        check_buffer: a :class:`~bayesflow.engine.validation.CheckBuffer` for the small-model
-            finiteness test, or None.
+        small: whether the finiteness test takes its small-model route (one concatenation).
+        aliases: the kept requires-grad aliases of in-place steps of a small model, or None.
     """
 
     def __init__(self, config: SDEConfig, chains: int | None, components: tuple[str, ...], leaves: list, spec):
@@ -67,9 +68,8 @@ class Layout:
         self.numel = sum(leaf[0].numel() if chains else leaf.numel() for leaf in leaves)
         self.xi_shape = xi_shape
         self.buffers: dict = {}
-        self.check_buffer = None
-        if sum(leaf.numel() for leaf in leaves) <= SMALL_CHECK_NUMEL:
-            self.check_buffer = CheckBuffer(self.shapes, xi_shape, leaves[0].dtype, leaves[0].device)
+        self.small = sum(leaf.numel() for leaf in leaves) <= SMALL_CHECK_NUMEL
+        self.aliases = Aliases() if self.small else None  # see gradients.Aliases: only where it pays
 
     @staticmethod
     def key(leaves: list, spec) -> tuple:

@@ -61,10 +61,17 @@ class NoiseStream:
         for generator, state in zip(self.generators, rng_state):
             generator.set_state(state.clone())  # a row view crashes set_state: give it its own storage
 
-    def save(self) -> torch.Tensor:
-        states = [generator.get_state() for generator in self.generators]
-        self._produced = states[0] if self.chains is None else torch.stack(states)
-        return self._produced
+    def save(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The generators' state after this step's draws (written into ``out`` when given: an
+        in-place step keeps its state's tensor)."""
+        if self.chains is None:
+            produced = self.generators[0].get_state()
+        else:
+            produced = torch.stack([generator.get_state() for generator in self.generators])
+        if out is not None:
+            produced = out.copy_(produced)
+        self._produced = produced
+        return produced
 
     def normal(self, like: Leaves, key: str) -> tuple[torch.Tensor, Leaves]:
         """A flat buffer of standard normals and its views shaped like ``like``.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 
 import torch
 
@@ -27,7 +28,7 @@ from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.context import Context
 from bayesflow.engine.gradients import autograd_gradient, caller_gradient, vmapped_gradient
 from bayesflow.engine.layout import Layout
-from bayesflow.engine.schedules import as_schedule, is_zero
+from bayesflow.engine.schedules import Constant, as_schedule, is_zero
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import GradientNotAvailable, StepInputs
 from bayesflow.engine.validation import check_finite, check_params
@@ -37,6 +38,8 @@ from bayesflow.types import LogPosterior, Transform
 __all__ = ["build"]
 
 
+_SHAPE = operator.attrgetter("shape")
+
 MAX_LAYOUTS = 8
 """Parameter layouts a transform keeps (each holds scratch buffers the size of its parameters);
 a state of an evicted layout still advances: its layout is rebuilt."""
@@ -44,6 +47,13 @@ a state of an evicted layout still advances: its layout is rebuilt."""
 
 class _Rejected(Exception):
     pass
+
+
+def _fixed(schedule):
+    """The value every step reads from ``schedule`` (a tensor or a constant's float), or None."""
+    if isinstance(schedule, torch.Tensor):
+        return schedule
+    return schedule.value if type(schedule) is Constant else None
 
 
 def build(log_posterior: LogPosterior, config: SDEConfig | None = None, *, chains: int | None = None,
@@ -89,6 +99,8 @@ class _Engine:
         self._momenta, self._xi = "momenta" in self.components, "xi" in self.components
         self.temperature = as_schedule(config.temperature, "temperature")
         self.step_size = as_schedule(config.step_size, "step_size")
+        # what a step reads without calling a schedule: a tensor (per chain), a constant's float, or None
+        self._fixed_temperature, self._fixed_step_size = _fixed(self.temperature), _fixed(self.step_size)
         self.scales = dict(config.step_scales)
         self.chains = chains
         self.vectorize = vectorize
@@ -144,7 +156,7 @@ class _Engine:
         if layout is not None:
             try:
                 leaves = layout.spec.flatten_up_to(params)
-                if [leaf.shape for leaf in leaves] == layout.shapes and (
+                if list(map(_SHAPE, leaves)) == layout.shapes and (
                         leaves[0].dtype, leaves[0].device) == layout.signature_head:
                     return leaves
             except (ValueError, TypeError, AttributeError, IndexError):
@@ -220,8 +232,11 @@ class _Engine:
         """Advance one step, evaluating ∇ℓ with autograd on ``batch``. Returns ``(state, aux)``."""
         aux_box = [None]
         params = self._state_params(state)
-        make = vmapped_gradient if self.chains is not None and self.vectorize == "vmap" else autograd_gradient
-        gradient_fn = make(self.log_posterior, self.spec, batch, self.chains, aux_box)
+        if self.chains is not None and self.vectorize == "vmap":
+            gradient_fn = vmapped_gradient(self.log_posterior, self.spec, batch, self.chains, aux_box)
+        else:
+            gradient_fn = autograd_gradient(self.log_posterior, self.spec, batch, self.chains, aux_box,
+                                            self.layout.aliases if inplace else None)
         # The step itself is not differentiated (the gradient is taken inside gradient_fn, under
         # enable_grad): without no_grad, nn.Parameter leaves would refuse in-place updates and
         # functional updates would chain an autograd graph through every step.
@@ -271,8 +286,12 @@ class _Engine:
                  caller_gradient: bool = False) -> SDEState:
         config = self.config
         step = int(state.step)
-        temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else self.temperature(step)
-        h = self.step_size if isinstance(self.step_size, torch.Tensor) else self.step_size(step)
+        temperature = self._fixed_temperature
+        if temperature is None:
+            temperature = self.temperature(step)
+        h = self._fixed_step_size
+        if h is None:
+            h = self.step_size(step)
         spec = self.spec
         z = {"params": Accumulator(params, inplace)}
         if state.momenta is not None:
@@ -326,12 +345,9 @@ class _Engine:
         value = inputs.value if inputs.value is not None else state.log_posterior
         rng = state.rng
         if inputs.hot:
-            rng = self.noise.save()
-            if inplace:
-                state.rng.copy_(rng)
-                self.noise._produced = rng = state.rng
+            rng = self.noise.save(state.rng if inplace else None)
         if inplace:
-            state.step.add_(1)
+            state.step.fill_(ctx.step + 1)  # one scalar write (an add_ costs twice as much)
             if value is not state.log_posterior:
                 state.log_posterior.copy_(value)
             if preconditioner is state.preconditioner and rng is state.rng and not gradient and not state.gradient:
@@ -355,11 +371,11 @@ class _Engine:
         if mode == "none":
             return gradient_fn
 
-        buffer = self.layout.check_buffer if mode == "full" else None
+        full, small = mode == "full", self.layout.small
 
         def checked(leaves):
             grads, value, owned = gradient_fn(leaves)
-            problem = check_finite(value, grads if mode == "full" else None, self.spec, step, buffer)
+            problem = check_finite(value, grads if full else None, self.spec, step, small)
             if problem is not None:
                 mid_step = self.config.integrator.caches_gradient or not (
                     self.config.integrator.evaluates_at_start())

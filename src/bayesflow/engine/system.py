@@ -95,6 +95,7 @@ class System:
         self.rows = {row: diffusion.terms(row) + curl.terms(row) for row in rows}
         self.terms = {row: sorted(terms, key=lambda t: t[0] != row) for row, terms in self.rows.items()}
         self.state_dependent = {row: any(op.state_dependent for _, op in t) for row, t in self.terms.items()}
+        self.row_diffusion = {row: diffusion.get(row, row) for row in rows}
         self.preconditioners = tuple({id(p): p for p in diffusion.preconditioners() + curl.preconditioners()
                                       + mass.preconditioners()}.values())
         self._last_readers: dict = {}
@@ -113,7 +114,7 @@ class System:
         if inputs.released:
             raise RuntimeError("internal error: the gradient was read after its memory was released")
         if not inputs.fresh:
-            inputs.grads, inputs.value, inputs.owned = inputs.gradient_fn(ctx.leaves("params"))
+            inputs.grads, inputs.value, inputs.owned = inputs.gradient_fn(ctx.z["params"].leaves)
             inputs.fresh = True
             inputs.scaled = None
         if inputs.scaled is not None:
@@ -206,7 +207,7 @@ class System:
         return factor, rest
 
     def _row_terms(self, ctx, inputs, row, h, terms, hot, out, release_gradient=False):
-        if hot and self.gamma:
+        if hot and self.gamma and self.state_dependent.get(row, True):  # Γ = 0 for constant operators
             self._gamma(ctx, inputs, terms, out, h)
         for column, op in terms:
             leaves, scale, mass = self.grad_h(column, ctx, inputs)
@@ -219,7 +220,7 @@ class System:
                 ctx.donor = inputs.disposable()
             inputs.released = True
         if hot:
-            diffusion = self.diffusion.get(row, row)
+            diffusion = self.row_diffusion.get(row) or self.diffusion.get(row, row)
             if not diffusion.is_zero:
                 flat_noise, views = inputs.noise.normal(out.leaves, row)
                 alpha = _noise_scale(flat_noise, inputs.temperature, h)

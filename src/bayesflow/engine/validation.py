@@ -57,33 +57,33 @@ def resolve_num_data(num_data, leaves: list):
 
 
 SMALL_CHECK_NUMEL = 1 << 17
-"""Up to this many gradient entries the finiteness test copies them into one buffer and sums it:
-at small sizes per-leaf kernel launches, not arithmetic, dominate the test."""
+"""Up to this many gradient entries the finiteness test concatenates them (and the value) into one
+vector and sums it: at small sizes per-leaf kernel launches, not arithmetic, dominate the test."""
+
+_concatenate = getattr(torch._C._nn, "flatten_dense_tensors", None) or (
+    lambda tensors: torch.cat([t.reshape(-1) for t in tensors]))
+"""One flat vector from tensors of any shapes, in one call (the flattening views are made in C++:
+from Python they would cost more than the copy at small sizes)."""
 
 
 def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int,
-                 buffer: CheckBuffer | None = None) -> str | None:
+                 small: bool = False) -> str | None:
     """A message naming the step and the first non-finite quantity, or None if all are finite.
 
     The value and the gradient are tested with one read back to the host (one device sync on a
     GPU): a reduction that is finite only if every entry is (NaN and ±inf propagate). A sum or
     norm of huge but finite values can overflow, so a non-finite result falls through to the exact
-    tests, which decide. ``buffer`` (small models): the gradient and the value are copied into one
-    flat tensor by one foreach copy and summed, instead of a norm per leaf.
+    tests, which decide. ``small`` (at most :data:`SMALL_CHECK_NUMEL` gradient entries): the
+    gradient and the value are concatenated into one vector and summed, instead of a norm per leaf.
     """
     if grads is None:
         if value is None or math.isfinite((value if value.numel() == 1 else value.sum()).item()):
             return None
-    elif buffer is not None and value is not None and value.shape == buffer.value.shape:
-        torch._foreach_copy_(buffer.views_and_value, [*grads, value])
-        if math.isfinite(buffer.flat.sum().item()):
+    elif small:
+        if math.isfinite(_concatenate(grads if value is None else [*grads, value]).sum().item()):
             return None
     else:
-        if buffer is not None:
-            torch._foreach_copy_(buffer.views, grads)
-            total = buffer.gradient.sum()
-        else:
-            total = torch.stack(torch._foreach_norm(grads)).sum()
+        total = torch.stack(torch._foreach_norm(grads)).sum()
         if value is not None:
             total = total + value.sum()
         if math.isfinite(total.item()):
@@ -99,22 +99,3 @@ def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int
              optree.tree_paths(optree.tree_unflatten(spec, grads), none_is_leaf=False, namespace="bayesflow")]
     bad = [paths[i] for i in bad_leaves]
     return f"gradient of the log posterior is not finite at step {step} in leaf {bad[0]!r} (all: {bad})"
-
-
-class CheckBuffer:
-    """A flat scratch tensor for :func:`check_finite`: gradient entries first, then the value.
-
-    Attributes:
-        flat: the whole buffer; ``gradient``: its gradient part; ``views``: that part cut into the
-        leaves' shapes; ``value``: the last entries, shaped like the log posterior (one per chain);
-        ``views_and_value``: ``views + [value]``, the targets of one foreach copy.
-    """
-
-    def __init__(self, shapes: list, value_shape: torch.Size, dtype: torch.dtype, device: torch.device):
-        sizes = [shape.numel() for shape in shapes]
-        total = sum(sizes)
-        self.flat = torch.empty(total + value_shape.numel(), dtype=dtype, device=device)
-        self.gradient = self.flat[:total]
-        self.views = [part.view(shape) for part, shape in zip(self.gradient.split(sizes), shapes)]
-        self.value = self.flat[total:].view(value_shape)
-        self.views_and_value = [*self.views, self.value]
