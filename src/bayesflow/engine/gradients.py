@@ -44,7 +44,8 @@ class Aliases:
     Making and freeing ten aliases (and their autograd accumulators) costs ~4 % of a small model's
     step. A kept set is used only while every leaf is the same tensor with the same memory (a swapped
     ``.data`` makes new aliases) and is dropped when the log posterior registered hooks on it (a
-    fresh alias would not carry them into the next step).
+    fresh alias would not carry them into the next step). Only small models use it (see
+    :class:`~bayesflow.engine.layout.Layout`), so what it keeps alive is at most 2^17 entries.
     """
 
     __slots__ = ("aliases", "pointers", "sources")

@@ -66,9 +66,10 @@ def build(log_posterior: LogPosterior, config: SDEConfig | None = None, *, chain
         chains: K for K chains in one batched state: every leaf carries a leading chain dimension,
             each chain has its own noise stream, and temperature / step size may be tensors of K
             values (see :mod:`bayesflow.ensemble`). None: a single chain.
-        vectorize: with chains, how gradients are taken: ``"vmap"`` maps ``torch.func.grad_and_value``
-            over the chain dimension of an ordinary single-chain ``log_posterior``; ``"batched"``
-            means ``log_posterior`` already takes batched params and returns K values.
+        vectorize: with chains, how gradients are taken: ``"vmap"`` maps an ordinary single-chain
+            ``log_posterior`` over the chain dimension with ``torch.func.vmap`` (one autograd
+            backward through the mapped forward); ``"batched"`` means ``log_posterior`` already
+            takes batched params and returns K values.
 
     Returns:
         A :class:`~bayesflow.types.Transform`: ``init(params, momenta=None, xi=None, seed=None)``,
