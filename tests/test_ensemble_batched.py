@@ -31,6 +31,16 @@ MODELS = {
     "flatten images": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.SiLU(), nn.Linear(4, 3)), (5, 3, 2, 2)),
     "sequence": (lambda: nn.Sequential(nn.Linear(8, 6), nn.Sigmoid(), nn.Linear(6, 2)), (5, 7, 8)),
     "single linear": (lambda: nn.Linear(8, 3), (5, 8)),
+    "cnn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 6, 3, stride=2, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(6, 3)), (5, 3, 12, 12)),
+    "conv1d, same padding, layer norm": (lambda: nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding="same", dilation=2, bias=False), nn.GELU(), nn.AvgPool1d(2), nn.Flatten(),
+        nn.Linear(20, 8), nn.LayerNorm(8), nn.Linear(8, 2)), (5, 2, 10)),
+    "sequence, layer norm without bias": (lambda: nn.Sequential(nn.Linear(8, 6), nn.LayerNorm(6, bias=False),
+                                                                nn.Tanh(), nn.LayerNorm(6, elementwise_affine=False),
+                                                                nn.Linear(6, 2)), (5, 7, 8)),
+    "single convolution": (lambda: nn.Conv3d(2, 3, 2), (5, 2, 3, 3, 3)),
 }
 
 
@@ -53,6 +63,10 @@ def test_layers_without_a_batched_form_are_named_at_construction():
         batched_forward(nn.Sequential(nn.Flatten(start_dim=2), nn.Linear(3, 3)))
     with pytest.raises(TypeError, match=r"nn\.Linear"):
         batched_forward(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match=r"0: only zero-padded.*'reflect'"):
+        batched_forward(nn.Sequential(nn.Conv2d(3, 3, 3, padding_mode="reflect")))
+    with pytest.raises(TypeError, match="1: pooling that returns indices"):
+        batched_forward(nn.Sequential(nn.Conv2d(3, 3, 3), nn.MaxPool2d(2, return_indices=True)))
     forward = batched_forward(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="per_chain"):
         forward(stacked(nn.Linear(3, 2)), torch.zeros(K + 1, 5, 3), per_chain=True)
@@ -94,3 +108,19 @@ def test_deep_ensemble_with_batched_forward_equals_the_vmap_route():
         states.append(state.params)
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cnn", "conv1d, same padding, layer norm", "sequence, layer norm without bias"])
+def test_gradients_through_convolutions_and_layer_norms_equal_vmaps(name):
+    """Each chain's parameter gradient through the grouped convolution and the per-chain affine
+    layer norm is the one vmap of the single-chain model gives."""
+    torch.manual_seed(0)
+    make, shape = MODELS[name]
+    model = make()
+    params = {k: v.requires_grad_(True) for k, v in stacked(model).items()}
+    x = torch.randn(*shape)
+    target = torch.randn_like(vmapped(model, params, x))
+    ours = torch.autograd.grad(((batched_forward(model)(params, x) - target) ** 2).sum(), list(params.values()))
+    theirs = torch.autograd.grad(((vmapped(model, params, x) - target) ** 2).sum(), list(params.values()))
+    for key, a, b in zip(params, ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)

@@ -6,7 +6,13 @@ cross-entropy a gather-based decomposition): on a small MLP about 1.5× a hand-w
 For the common ``nn.Sequential`` of linear layers and elementwise activations,
 :func:`batched_forward` writes that hand-written ensemble for you: each ``nn.Linear`` becomes one
 ``torch.baddbmm`` over the chains (bias fused), activations apply to the batched activations as
-they are.
+they are. Small CNNs work too: a convolution of K chains is one grouped convolution (the chains'
+channels side by side, K times the groups), pooling runs on chains × batch as one batch, and
+``nn.LayerNorm`` normalises as usual and applies each chain's own affine map. The gain over vmap
+is on linear stacks (K = 16 MLP: ≈ 1.1× a hand-written ensemble, vmap ≈ 1.6×); where convolutions or
+layer norms dominate, their batched forms cost what vmap's batching rules do (K = 16, one thread:
+an MLP with layer norms runs within 10 % of vmap and 2× faster than a loop over K modules; a small
+CNN runs within 10 % of both, the convolutions' arithmetic dominating).
 
 .. math::
     h^{(k)}_{l+1} = σ\big(h^{(k)}_l W^{(k)\top}_l + b^{(k)}_l\big), \qquad k = 1, \dots, K
@@ -30,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["batched_forward"]
@@ -38,14 +45,25 @@ ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.
                nn.Mish, nn.Hardtanh, nn.Softsign)
 """Modules that act on each entry alone, so they apply to batched activations unchanged."""
 
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Convolutions with zero padding: one grouped convolution runs all chains."""
+
+POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+           nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+"""Parameter-free modules acting on each sample's channels alone: run on chains × batch as one batch."""
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
 
 def batched_forward(module: nn.Module) -> Callable:
     """``forward(params, x, per_chain=False)`` running K stacked copies of ``module`` at once.
 
     Args:
-        module: an ``nn.Sequential`` (nested ones too) of ``nn.Linear``, elementwise activations
-            (:data:`ELEMENTWISE`), ``nn.Dropout`` (applied as the module's mode says) and
-            ``nn.Flatten()``; or a single ``nn.Linear``.
+        module: an ``nn.Sequential`` (nested ones too) of ``nn.Linear``, convolutions
+            (:data:`CONVOLUTIONS`, ``padding_mode="zeros"``), pooling (:data:`POOLING`),
+            ``nn.LayerNorm``, elementwise activations (:data:`ELEMENTWISE`), ``nn.Dropout``
+            (applied as the module's mode says) and ``nn.Flatten()``; or one such layer.
 
     Returns:
         ``forward(params, x, per_chain=False)``: ``params`` maps the module's parameter names
@@ -58,9 +76,9 @@ def batched_forward(module: nn.Module) -> Callable:
             single-chain model with ``vectorize="vmap"`` then).
     """
     layers = list(_layers(module, ""))
-    first = next((prefix for layer, prefix in layers if isinstance(layer, nn.Linear)), None)
+    first = next((prefix for layer, prefix in layers if isinstance(layer, (nn.Linear, *CONVOLUTIONS))), None)
     if first is None:
-        raise TypeError("batched_forward needs at least one nn.Linear")
+        raise TypeError("batched_forward needs at least one nn.Linear or convolution")
 
     def forward(params: dict, x: torch.Tensor, per_chain: bool = False) -> torch.Tensor:
         chains = params[first + "weight"].shape[0]
@@ -81,6 +99,12 @@ def batched_forward(module: nn.Module) -> Callable:
                 else:
                     flat = torch.baddbmm(bias.unsqueeze(2), weight, transposed).transpose(1, 2)
                 h = flat if h.ndim == 3 else flat.reshape(chains, *lead, weight.shape[1])
+            elif isinstance(layer, CONVOLUTIONS):
+                h = _convolution(layer, params[prefix + "weight"], params.get(prefix + "bias"), h)
+            elif isinstance(layer, POOLING):
+                h = layer(h.flatten(0, 1)).unflatten(0, h.shape[:2])
+            elif isinstance(layer, nn.LayerNorm):
+                h = _layer_norm(layer, params.get(prefix + "weight"), params.get(prefix + "bias"), h)
             elif isinstance(layer, nn.Flatten):
                 h = h.flatten(2)
             else:
@@ -88,6 +112,30 @@ def batched_forward(module: nn.Module) -> Callable:
         return h
 
     return forward
+
+
+def _convolution(layer, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    """K chains' convolutions as one grouped convolution: chain k's channels and filters are the
+    k-th block of K·C input and K·O output channels, so its groups are the k-th block of K·groups."""
+    chains, batch = h.shape[:2]
+    merged = h.transpose(0, 1).reshape(batch, chains * h.shape[2], *h.shape[3:])
+    out = _CONV[weight.ndim - 3](merged, weight.flatten(0, 1), None if bias is None else bias.flatten(),
+                                 layer.stride, layer.padding, layer.dilation, layer.groups * chains)
+    return out.view(batch, chains, weight.shape[1], *out.shape[2:]).transpose(0, 1)
+
+
+def _layer_norm(layer, weight: torch.Tensor | None, bias: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    """Normalise over the trailing ``normalized_shape`` (as nn.LayerNorm), then each chain's affine map."""
+    shape = tuple(layer.normalized_shape)
+    h = F.layer_norm(h, shape, None, None, layer.eps)
+    lead = (1,) * (h.ndim - 1 - len(shape))  # the batch and sequence dimensions between chain and features
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias.view(bias.shape[0], *lead, *shape), h, weight.view(weight.shape[0], *lead, *shape))
+    if weight is not None:
+        h = h * weight.view(weight.shape[0], *lead, *shape)
+    if bias is not None:
+        h = h + bias.view(bias.shape[0], *lead, *shape)
+    return h
 
 
 def _layers(module: nn.Module, prefix: str):
@@ -100,8 +148,14 @@ def _layers(module: nn.Module, prefix: str):
             raise TypeError(f"{prefix.rstrip('.') or 'module'}: only Flatten(start_dim=1) has a batched form here")
         yield module, prefix
         return
-    if isinstance(module, (nn.Linear, nn.Dropout, *ELEMENTWISE)):  # dropout masks entries independently
-        yield module, prefix
+    name = prefix.rstrip(".") or "module"
+    if isinstance(module, CONVOLUTIONS) and module.padding_mode != "zeros":
+        raise TypeError(f"{name}: only zero-padded convolutions have a batched form here "
+                        f"(padding_mode={module.padding_mode!r})")
+    if isinstance(module, POOLING) and getattr(module, "return_indices", False):
+        raise TypeError(f"{name}: pooling that returns indices has no batched form here")
+    if isinstance(module, (nn.Linear, nn.Dropout, nn.LayerNorm, *CONVOLUTIONS, *POOLING, *ELEMENTWISE)):
+        yield module, prefix  # dropout masks entries independently
         return
-    raise TypeError(f"{prefix.rstrip('.') or 'module'} ({type(module).__name__}) has no batched form in "
+    raise TypeError(f"{name} ({type(module).__name__}) has no batched form in "
                     "batched_forward; map the single-chain model with vectorize='vmap' instead")
