@@ -79,7 +79,7 @@ def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int
     if grads is None:
         if value is None or math.isfinite((value if value.numel() == 1 else value.sum()).item()):
             return None
-    elif small:
+    elif small and (value is None or value.device == grads[0].device):  # (a value moved to the CPU: below)
         if math.isfinite(_concatenate(grads if value is None else [*grads, value]).sum().item()):
             return None
     else:
