@@ -104,3 +104,15 @@ def test_hooks_a_log_posterior_registers_do_not_pile_up_across_steps():
         state, _ = transform.update(state, None, inplace=True)
     # each step: w ← w + 0.1 · 2 · (−w) = 0.8 w
     assert torch.allclose(state.params["w"], torch.full((3,), 0.8**3, dtype=DTYPE))
+
+
+def test_the_private_autograd_entry_is_checked_once_and_a_changed_one_is_not_used():
+    from bayesflow.engine import gradients
+
+    # on the torch this project runs on the direct call is in use (the speed the README reports)
+    assert gradients._run_backward is not None and gradients._works(gradients._run_backward)
+
+    def changed_signature(tensors, grad_tensors):
+        raise TypeError("takes 2 positional arguments")
+
+    assert not gradients._works(changed_signature)

@@ -19,6 +19,22 @@ from bayesflow.tree import tree_map, unflatten
 _run_backward = getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None)
 
 
+def _works(run_backward) -> bool:
+    """Whether a private autograd entry still has the signature used here (checked once, at import:
+    a torch that changed it falls back to ``torch.autograd.grad`` instead of failing every step)."""
+    try:
+        with torch.enable_grad():
+            x = torch.ones((), requires_grad=True)
+            (g,) = run_backward((x * 2.0,), (torch.ones(()),), False, False, (x,), True, accumulate_grad=False)
+        return g is not None and float(g) == 2.0
+    except Exception:
+        return False
+
+
+if _run_backward is not None and not _works(_run_backward):
+    _run_backward = None
+
+
 def gradient(value: torch.Tensor, inputs: list) -> tuple:
     """``torch.autograd.grad(value, inputs, allow_unused=True)`` for a real scalar ``value``.
 
