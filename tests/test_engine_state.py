@@ -9,6 +9,7 @@ import io
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,27 @@ def test_same_seed_reproduces_and_another_seed_differs(name):
     assert_identical(first, second)
     other = run(transform, new_state(name, transform, seed=8), 0, 6)
     assert not torch.equal(first.params["w"], other.params["w"])
+
+
+@pytest.mark.parametrize("name", ["SGLD", "chains"])
+def test_a_torch_generator_as_seed_reproduces_and_advances(name):
+    """A seeded torch.Generator reproduces the run; two inits from one generator get different
+    streams (the seed is drawn from it); a numpy or tensor integer is an int seed."""
+    transform = new_transform(name)
+    first = run(transform, new_state(name, transform, seed=torch.Generator().manual_seed(11)), 0, 4)
+    assert_identical(first, run(transform, new_state(name, transform, seed=torch.Generator().manual_seed(11)), 0, 4))
+    shared = torch.Generator().manual_seed(11)
+    a, b = new_state(name, transform, seed=shared), new_state(name, transform, seed=shared)
+    assert not torch.equal(a.rng, b.rng)
+    assert_identical(new_state(name, transform, seed=np.int64(4)), new_state(name, transform, seed=4))
+    assert_identical(new_state(name, transform, seed=torch.tensor(4)), new_state(name, transform, seed=4))
+
+
+@pytest.mark.parametrize("seed", [3.0, "7", True, [1.5], torch.tensor(2.0)])
+def test_a_seed_of_another_type_is_a_type_error_naming_it(seed):
+    transform = new_transform("SGLD")
+    with pytest.raises(TypeError, match="seed must be an int, a list of ints"):
+        new_state("SGLD", transform, seed=seed)
 
 
 @pytest.mark.parametrize("name", ["SGLD", "BAOAB", "chains"])

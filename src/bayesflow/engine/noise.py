@@ -9,6 +9,8 @@ saved state resumes the identical trajectory. At T = 0 nothing here is called.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from bayesflow.engine.accumulator import Leaves
@@ -29,17 +31,25 @@ class NoiseStream:
         self._buffers: dict = {}
         self._produced = None
 
-    def initial_state(self, seed: int | list[int] | None) -> torch.Tensor:
+    def initial_state(self, seed: int | list[int] | torch.Generator | None) -> torch.Tensor:
         """Generator state(s) for a seed (drawn from torch's global RNG when None).
 
         With chains, ``seed`` may be a list of one seed per chain; an int gives chain k the seed
-        ``seed + k``, so chain k of a batched run reproduces a single run seeded ``seed + k``.
+        ``seed + k``, so chain k of a batched run reproduces a single run seeded ``seed + k``. A
+        ``torch.Generator`` gives the seed drawn from it: a seeded generator reproduces the run, and
+        successive ``init`` calls with one generator get different streams.
         """
-        if seed is None:
+        if isinstance(seed, torch.Generator):
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=seed, device=seed.device).item())
+        elif seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-        if isinstance(seed, int):
-            seeds = [seed + chain for chain in range(len(self.generators))]
+        if _is_integer(seed):
+            seeds = [int(seed) + chain for chain in range(len(self.generators))]
         else:
+            if (isinstance(seed, (str, bytes)) or not hasattr(seed, "__iter__") or getattr(seed, "ndim", 1) == 0
+                    or not all(map(_is_integer, seed))):
+                raise TypeError(f"seed must be an int, a list of ints (one per chain), a torch.Generator or None; "
+                                f"got {seed!r}")
             seeds = [int(s) for s in seed]
             if len(seeds) != len(self.generators):
                 raise ValueError(f"got {len(seeds)} seeds for {len(self.generators)} chains")
@@ -104,3 +114,11 @@ class NoiseStream:
             buffer = torch.empty(self.chains, sum(sizes), dtype=dtype, device=device)
             views = [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes, dim=1), like)]
         return buffer, views
+
+
+def _is_integer(value) -> bool:
+    """An int (numpy's too) or a one-element integer tensor; not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_floating_point() and not value.is_complex() and (
+            value.dtype != torch.bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

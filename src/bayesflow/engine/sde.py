@@ -169,8 +169,12 @@ class _Engine:
         return leaves
 
     # ----- init ---------------------------------------------------------------------------------
-    def init(self, params, momenta=None, xi=None, seed: int | None = None) -> SDEState:
-        """The initial state at ``params`` (a tensor or tree); momenta default to N(0, T·M)."""
+    def init(self, params, momenta=None, xi=None, seed=None) -> SDEState:
+        """The initial state at ``params`` (a tensor or tree); momenta default to N(0, T·M).
+
+        ``seed``: an int (with chains: chain k gets ``seed + k``, or give a list of one per chain),
+        a ``torch.Generator`` (the seed is drawn from it), or None (drawn from torch's global RNG).
+        """
         config = self.config
         leaves, spec = flatten(params)
         layout = self._layout(leaves, spec)

@@ -76,7 +76,7 @@ def as_gradient_transformation(config: SDEConfig) -> GradientTransformation:
     transform = engine_build(_no_log_posterior, config)
     cold = is_zero(as_schedule(config.temperature, "temperature"))
 
-    def init(params: TensorTree, seed: int | None = None) -> SDEState:
+    def init(params: TensorTree, seed: int | torch.Generator | None = None) -> SDEState:
         leaves, spec = flatten(params)
         own = unflatten(spec, [leaf.detach().clone() for leaf in leaves])
         # At T = 0 nothing is random: seed 0 keeps torch's global generator untouched.
