@@ -134,6 +134,52 @@ def test_dense_diffusion_and_curl_sample_an_ill_conditioned_gaussian():
     assert abs(bias) > 2 * SIGMAS * averages.estimate("xx")[1]
 
 
+def test_a_2d_by_2d_dense_curl_and_diffusion_over_params_and_momenta():
+    """Block.dense: one 2d×2d Q with a full θ–m coupling C and a block-diagonal 2d×2d D (noise on θ
+    and m) sample exp(-H) for H = ½θᵀAθ + ½|m|²; the chain's covariance — θ and the θ–m cross terms
+    the coupling creates — is the exact one of its Euler map (a 4×4 discrete Lyapunov equation)."""
+    h, chains = 0.05, 256
+    precision = ROTATION @ torch.diag(torch.tensor([0.5, 5.0], dtype=DTYPE)) @ ROTATION.T
+    coupling = torch.tensor([[1.0, 0.3], [-0.2, 0.8]], dtype=DTYPE)
+    zero, eye2 = torch.zeros(2, 2, dtype=DTYPE), torch.eye(2, dtype=DTYPE)
+    curl4 = torch.cat([torch.cat([zero, -coupling], 1), torch.cat([coupling.T, zero], 1)])
+    diffusion4 = torch.block_diag(torch.tensor([[0.2, 0.05], [0.05, 0.1]], dtype=DTYPE), eye2)
+
+    def per_chain(matrix):  # the same 4×4 system for every chain: kron over the chains, block by block
+        eye = torch.eye(chains, dtype=DTYPE)
+        blocks = [[torch.kron(eye, matrix[2 * i:2 * i + 2, 2 * j:2 * j + 2]) for j in range(2)] for i in range(2)]
+        return torch.cat([torch.cat(row, 1) for row in blocks])
+
+    def target(x, batch):
+        return -0.5 * ((x @ precision) * x).sum(), None
+
+    config = SDEConfig(step_size=h, diffusion=Block.dense(per_chain(diffusion4)), curl=Block.dense(per_chain(curl4)))
+    assert config.components == ("params", "momenta")
+    transform = build(target, config)
+    x0 = torch.randn(chains, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(21))
+    state = transform.init(x0, seed=22)
+
+    def statistics(s):
+        x, m = s.params, s.momenta
+        return {"xx": x[:, 0] ** 2, "yy": x[:, 1] ** 2, "xy": x[:, 0] * x[:, 1], "x_my": x[:, 0] * m[:, 1],
+                "mm": m[:, 0] ** 2}
+
+    averages, _ = run_chains(transform, state, burn_in=400, samples=3000, statistics=statistics)
+    F, S = euler_map(h, torch.block_diag(precision, eye2), diffusion4, curl4)
+    assert torch.linalg.eigvals(F).abs().max() < 1  # the map is stable: a stationary law exists
+    exact = lyapunov(F, S)
+    for key, (i, j) in (("xx", (0, 0)), ("yy", (1, 1)), ("xy", (0, 1)), ("x_my", (0, 3)), ("mm", (2, 2))):
+        estimate, se = averages.estimate(key)
+        assert_close(f"2d×2d D+Q Cov[{i},{j}]", estimate, se, exact[i, j].item())
+    # every block acts where it should: one T = 0 step of a single chain is z - h (D + Q) ∇H exactly
+    cold = build(target, SDEConfig(step_size=h, temperature=0.0, diffusion=Block.dense(diffusion4),
+                                   curl=Block.dense(curl4)))
+    z0 = torch.tensor([0.7, -1.2, 0.4, 0.9], dtype=DTYPE)
+    state, _ = cold.update(cold.init(z0[:2], momenta=z0[2:]), None)
+    expected = z0 - h * (diffusion4 + curl4) @ (torch.block_diag(precision, eye2) @ z0)
+    torch.testing.assert_close(torch.cat([state.params, state.momenta]), expected, rtol=0, atol=1e-15)
+
+
 def test_dense_operators_on_a_tree_act_on_the_flattened_parameters():
     """T = 0: θ' = θ + h (D + Q) ∇ℓ over the flat vector (optree order: 'a' then 'b')."""
     D = torch.tensor([[2.0, 0.5, 0.1], [0.5, 1.0, 0.2], [0.1, 0.2, 0.5]], dtype=DTYPE)
@@ -183,6 +229,15 @@ INVALID = [
     ("off-diagonal D block", dict(diffusion=Block({("params", "params"): Scalar(1.0),
                                                    ("params", "momenta"): Scalar(1.0),
                                                    ("momenta", "params"): Scalar(1.0)})), ["off-diagonal diffusion"]),
+    ("2d×2d Q that is not skew-symmetric as a whole",
+     dict(curl=Block.dense(torch.tensor([[0, 0, -1, 0.5], [0, 0, 0, -1], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=DTYPE))),
+     ["curl[params, momenta]", "not negative transposes", "max |Q_ij + Q_jiᵀ| = 0.5"]),
+    ("2d×2d D with θ–m blocks", dict(diffusion=Block.dense(torch.eye(4, dtype=DTYPE) + 0.1)),
+     ["off-diagonal diffusion", "block-diagonal"]),
+    ("off-diagonal Dense of the wrong size",
+     dict(curl=Block({("params", "momenta"): Dense(-torch.eye(3, dtype=DTYPE)),
+                      ("momenta", "params"): Dense(torch.eye(3, dtype=DTYPE))})),
+     ["(3, 3)", "maps 2 momenta scalars to 2 params scalars"]),
     ("indefinite Function D", dict(diffusion=Function(lambda z, v: -v, sqrt_matvec=lambda z, v: v)),
      ["positive semi-definite"]),
     ("Dense of another dtype", dict(diffusion=Dense(torch.eye(2, dtype=torch.float32))),
@@ -212,6 +267,10 @@ def test_invalid_operators_are_rejected_before_any_step():
         Scalar(math.inf)
     with pytest.raises(TypeError, match="Operator"):
         Block({("params", "params"): 1.0})
+    with pytest.raises(ValueError, match="multiple of 2"):
+        Block.dense(torch.eye(3))
+    with pytest.raises(ValueError, match="equal-size components"):
+        Block.dense(torch.eye(4), components=("params", "xi"))
 
 
 def test_valid_block_operators_pass_validation():

@@ -16,11 +16,13 @@ Example (SGHMC with friction γ):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bayesflow.engine.accumulator import Accumulator, Leaves
 from bayesflow.engine.context import COMPONENTS, Context
-from bayesflow.engine.operators import Operator, Scalar, Zero
+from bayesflow.engine.operators import Dense, Operator, Scalar, Zero
 
 __all__ = ["Block", "ThermostatCoupling", "as_block", "hamiltonian_curl"]
 
@@ -41,6 +43,36 @@ class Block:
             if not isinstance(op, Operator):
                 raise TypeError(f"block {(row, column)} must be an Operator, got {type(op).__name__}")
         self.blocks = {key: op for key, op in blocks.items() if not op.is_zero}
+
+    @classmethod
+    def dense(cls, matrix: torch.Tensor, components: tuple[str, ...] = ("params", "momenta")) -> Block:
+        """One dense matrix over equal-size components, cut into :class:`Dense` blocks (research use).
+
+        For θ with momenta, a 2d×2d matrix ``[[A_θθ, A_θm], [A_mθ, A_mm]]`` over the flattened
+        params then momenta; all-zero blocks are left out. As a curl it is checked (at ``init``) to
+        be skew-symmetric as a whole; as a diffusion it must be block-diagonal (the noise is drawn
+        per component) with symmetric positive semi-definite blocks.
+
+        Example:
+            >>> C = torch.tensor([[1.0, 0.3], [0.0, 1.0]])       # a full θ–m coupling, d = 2
+            >>> Q = Block.dense(torch.cat([torch.cat([torch.zeros(2, 2), -C], 1),
+            ...                            torch.cat([C.T, torch.zeros(2, 2)], 1)]))
+            >>> D = Block.dense(torch.block_diag(torch.zeros(2, 2), torch.eye(2)))
+        """
+        if len(set(components)) != len(components) or not set(components) <= {"params", "momenta"}:
+            raise ValueError(f"Block.dense spans distinct equal-size components among ('params', 'momenta'), "
+                             f"got {components}")
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] % len(components):
+            raise ValueError(f"Block.dense needs a square matrix whose size is a multiple of {len(components)} "
+                             f"(one d×d block per component pair), got shape {tuple(matrix.shape)}")
+        d = matrix.shape[0] // len(components)
+        blocks = {}
+        for i, row in enumerate(components):
+            for j, column in enumerate(components):
+                part = matrix[i * d:(i + 1) * d, j * d:(j + 1) * d]
+                if bool(part.any()):
+                    blocks[(row, column)] = Dense(part.clone())
+        return cls(blocks)
 
     def components(self) -> set[str]:
         return {name for key in self.blocks for name in key}
@@ -71,12 +103,26 @@ class Block:
                 op.check(shapes[row], role, where)
                 continue
             if role == "diffusion":
-                raise ValueError(f"{where}: off-diagonal diffusion blocks are not supported (the noise "
-                                 "needs a block-diagonal D); put the coupling into one Dense operator")
+                raise ValueError(f"{where}: off-diagonal diffusion blocks are not supported: the noise is "
+                                 "drawn per component, so D must be block-diagonal over (params, momenta, "
+                                 "xi); couple components through the curl Q instead")
+            rows, columns = _size(shapes[row]), _size(shapes[column])
+            if isinstance(op, Dense) and tuple(op.matrix.shape) != (rows, columns):
+                raise ValueError(f"{where}: Dense matrix is {tuple(op.matrix.shape)} but the block maps "
+                                 f"{columns} {column} scalars to {rows} {row} scalars")
             partner = self.blocks.get((column, row))
             if partner is None:
                 raise ValueError(f"{where} has no partner block {name}[{column}, {row}]: "
                                  f"Q must be skew-symmetric")
+            if isinstance(op, Dense) or isinstance(partner, Dense):
+                like = op.matrix if isinstance(op, Dense) else partner.matrix
+                mine, theirs = _as_matrix(op, rows, like), _as_matrix(partner, columns, like)
+                if mine is not None and theirs is not None:
+                    gap = (mine + theirs.T).abs().max().item()
+                    if gap > 1e-6 * max(1.0, mine.abs().max().item()):
+                        raise ValueError(f"{where} and {name}[{column}, {row}] are not negative transposes "
+                                         f"(max |Q_ij + Q_jiᵀ| = {gap:.3g}): Q must be skew-symmetric")
+                continue
             mine, theirs = op.symbol(), partner.symbol()
             if mine is None or theirs is None:
                 continue  # user-defined blocks: the user owns their skew-symmetry
@@ -93,6 +139,19 @@ class Block:
     def __repr__(self):
         inner = ", ".join(f"({r}, {c}): {op!r}" for (r, c), op in self.blocks.items())
         return f"Block({{{inner}}})"
+
+
+def _size(shapes: list[torch.Size]) -> int:
+    return sum(math.prod(shape) for shape in shapes)
+
+
+def _as_matrix(op: Operator, size: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The block as a (size × size) matrix where it is one (Dense, Scalar), else None."""
+    if isinstance(op, Dense):
+        return op.matrix
+    if isinstance(op, Scalar):
+        return op.value * torch.eye(size, dtype=like.dtype, device=like.device)
+    return None
 
 
 def as_block(operator: Operator | Block | None) -> Block:
