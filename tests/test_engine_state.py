@@ -202,6 +202,21 @@ def test_layouts_are_bounded_and_an_evicted_layout_is_rebuilt():
 
 
 @pytest.mark.parametrize("name", ["SGHMC", "pSGLD", "chains"])
+def test_torch_save_of_the_state_itself_loads_with_weights_only_and_resumes(name):
+    """``torch.save(state)`` — the record, not only its state_dict — loads back with
+    ``weights_only=True`` (the record is a registered safe global) and resumes bitwise."""
+    transform = new_transform(name)
+    state = run(transform, new_state(name, transform), 0, 3)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    reference = snapshot(run(transform, state, 3, 6))
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert type(loaded) is type(state)
+    assert_identical(snapshot(run(new_transform(name), loaded, 3, 6)), reference)
+
+
+@pytest.mark.parametrize("name", ["SGHMC", "pSGLD", "chains"])
 def test_a_loaded_state_resumes_in_a_transform_that_never_ran_init(name):
     transform = new_transform(name)
     state = run(transform, new_state(name, transform), 0, 3)

@@ -6,6 +6,7 @@ Tolerances are Monte Carlo errors computed in each test (k standard errors, k st
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 import sys
 from statistics import NormalDist
@@ -439,6 +440,11 @@ def test_running_moments_equal_the_batch_moments():
             torch.testing.assert_close(get(state.deviations)[j % rank], xs[j] - running_means[j], rtol=0, atol=1e-10)
         for field in ("mean", "variance", "deviations"):
             torch.testing.assert_close(get(getattr(functional, field)), get(getattr(state, field)), rtol=0, atol=0)
+    buffer = io.BytesIO()  # the record itself is torch.save-able and loads with weights_only=True
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert isinstance(loaded, MomentsState) and torch.equal(loaded.mean["w"], state.mean["w"])
 
 
 def test_running_variance_is_stable_under_a_large_offset():

@@ -1,4 +1,8 @@
-"""The engine's state record: immutable, optree-registered (a NamedTuple), checkpointable."""
+"""The engine's state record: immutable, optree-registered (a NamedTuple), checkpointable.
+
+A state is saved with ``torch.save(state, f)`` (or as tensors with :func:`bayesflow.state_dict`) and
+loaded with ``torch.load(f, weights_only=True)``: the record is registered as a safe global.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +35,8 @@ class SDEState(NamedTuple):
     preconditioner: tuple[Any, ...]
     gradient: tuple[torch.Tensor, ...]
     rng: torch.Tensor
+
+
+# ``torch.save(state)`` loads back with ``torch.load(f, weights_only=True)``: the record is data
+if hasattr(torch.serialization, "add_safe_globals"):
+    torch.serialization.add_safe_globals([SDEState])

@@ -58,6 +58,10 @@ class MomentsState(NamedTuple):
     deviations: TensorTree | None
 
 
+if hasattr(torch.serialization, "add_safe_globals"):  # torch.save(state) loads with weights_only=True
+    torch.serialization.add_safe_globals([MomentsState])
+
+
 def running_moments(max_rank: int = 0, dtype: torch.dtype | None = None) -> Transform:
     r"""Running mean, diagonal variance and (optionally) low-rank deviations of θ, as ``(init, update)``.
 
