@@ -220,3 +220,31 @@ def test_sweep_returns_one_row_per_temperature_and_a_plot(tmp_path):
     assert traces.stat().st_size > 1000
     with pytest.raises(ValueError, match="chains, draws, parameters"):
         trace_plot(torch.randn(50, 2))
+
+
+@pytest.mark.parametrize("kind", ["per chain", "constant", "none", "python values"])
+def test_vmap_route_aux_per_chain_constant_none_and_python_values(kind):
+    """aux that depends on the chain comes back with one entry per chain; aux that does not
+    (a constant tensor: broadcast to K as vmap broadcasts it; None; Python values) leaves the mapped
+    forward directly."""
+    constant = torch.tensor([3.0, 4.0], dtype=DTYPE)
+
+    def log_posterior(params, batch):
+        value = -0.5 * (params ** 2).sum()
+        aux = {"per chain": lambda: {"square": params ** 2}, "constant": lambda: constant, "none": lambda: None,
+               "python values": lambda: {"name": "gauss", "scale": 2.0}}[kind]()
+        return value, aux
+
+    ensemble = lift(build(log_posterior, SDEConfig(step_size=0.1, temperature=0.0)), 3)
+    params = torch.arange(6, dtype=DTYPE).view(3, 2)
+    state, aux = ensemble.update(ensemble.init(params.clone(), seed=0), None)
+    if kind == "per chain":
+        torch.testing.assert_close(aux["square"], params ** 2, rtol=0, atol=0)
+        assert not aux["square"].requires_grad
+    elif kind == "constant":
+        assert aux.shape == (3, 2) and torch.equal(aux, constant.expand(3, 2))
+    elif kind == "none":
+        assert aux is None
+    else:
+        assert aux == {"name": "gauss", "scale": 2.0}
+    torch.testing.assert_close(state.params, 0.9 * params, rtol=0, atol=1e-15)

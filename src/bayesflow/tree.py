@@ -30,6 +30,10 @@ def unflatten(spec: optree.PyTreeSpec, leaves: list[torch.Tensor]) -> TensorTree
     return spec.unflatten(leaves)
 
 
+def tree_leaves(tree) -> list:
+    return optree.tree_leaves(tree, none_is_leaf=NONE_IS_LEAF, namespace="bayesflow")
+
+
 def tree_map(fn, tree: TensorTree, *rest: TensorTree) -> TensorTree:
     return optree.tree_map(fn, tree, *rest, none_is_leaf=NONE_IS_LEAF, namespace="bayesflow")
 

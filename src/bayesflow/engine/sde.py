@@ -237,11 +237,11 @@ class _Engine:
         """Advance one step, evaluating ∇ℓ with autograd on ``batch``. Returns ``(state, aux)``."""
         aux_box = [None]
         params = self._state_params(state)
+        aliases = self.layout.aliases if inplace else None
         if self.chains is not None and self.vectorize == "vmap":
-            gradient_fn = vmapped_gradient(self.log_posterior, self.spec, batch, self.chains, aux_box)
+            gradient_fn = vmapped_gradient(self.log_posterior, self.spec, batch, self.chains, aux_box, aliases)
         else:
-            gradient_fn = autograd_gradient(self.log_posterior, self.spec, batch, self.chains, aux_box,
-                                            self.layout.aliases if inplace else None)
+            gradient_fn = autograd_gradient(self.log_posterior, self.spec, batch, self.chains, aux_box, aliases)
         # The step itself is not differentiated (the gradient is taken inside gradient_fn, under
         # enable_grad): without no_grad, nn.Parameter leaves would refuse in-place updates and
         # functional updates would chain an autograd graph through every step.
