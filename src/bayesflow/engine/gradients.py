@@ -84,6 +84,7 @@ class Aliases:
 
 
 _DATA_PTR = torch.Tensor.data_ptr
+_SHAPE_DTYPE = operator.attrgetter("shape", "dtype")
 _is_batched_tensor = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
 _is_batched = None if _is_batched_tensor is None else (
     lambda leaf: isinstance(leaf, torch.Tensor) and _is_batched_tensor(leaf))
@@ -178,7 +179,7 @@ def caller_gradient(grad_leaves: list, log_posterior, signature: list, spec, int
         if not given:
             raise GradientNotAvailable(f"{integrator!r} needs a gradient at a second point in the step; "
                                        "use update(state, batch) instead of step(state, grads)")
-        if [(g.shape, g.dtype) for g in given[0]] != signature:
+        if list(map(_SHAPE_DTYPE, given[0])) != signature:
             raise ValueError(mismatched_leaves(given[0], leaves, spec))
         value = None if log_posterior is None else torch.as_tensor(log_posterior).detach()
         return given.pop(), value, False
