@@ -19,6 +19,7 @@ from bayesflow.engine import (
     Function,
     Scalar,
     SDEConfig,
+    Splitting,
     build,
     hamiltonian_curl,
 )
@@ -134,16 +135,22 @@ def test_dense_diffusion_and_curl_sample_an_ill_conditioned_gaussian():
     assert abs(bias) > 2 * SIGMAS * averages.estimate("xx")[1]
 
 
-def test_a_2d_by_2d_dense_curl_and_diffusion_over_params_and_momenta():
-    """Block.dense: one 2d×2d Q with a full θ–m coupling C and a block-diagonal 2d×2d D (noise on θ
-    and m) sample exp(-H) for H = ½θᵀAθ + ½|m|²; the chain's covariance — θ and the θ–m cross terms
-    the coupling creates — is the exact one of its Euler map (a 4×4 discrete Lyapunov equation)."""
+@pytest.mark.parametrize("noise", ["per component", "coupled"])
+def test_a_2d_by_2d_dense_curl_and_diffusion_over_params_and_momenta(noise):
+    """Block.dense: one 2d×2d Q with a full θ–m coupling C and a 2d×2d D — block-diagonal (noise
+    per component) or coupling θ and m (noise drawn jointly, D^{1/2} of the whole matrix) — sample
+    exp(-H) for H = ½θᵀAθ + ½|m|²; the chain's covariance (θ, the θ–m cross terms, m) is the exact
+    one of its Euler map (a 4×4 discrete Lyapunov equation)."""
     h, chains = 0.05, 256
     precision = ROTATION @ torch.diag(torch.tensor([0.5, 5.0], dtype=DTYPE)) @ ROTATION.T
     coupling = torch.tensor([[1.0, 0.3], [-0.2, 0.8]], dtype=DTYPE)
     zero, eye2 = torch.zeros(2, 2, dtype=DTYPE), torch.eye(2, dtype=DTYPE)
     curl4 = torch.cat([torch.cat([zero, -coupling], 1), torch.cat([coupling.T, zero], 1)])
     diffusion4 = torch.block_diag(torch.tensor([[0.2, 0.05], [0.05, 0.1]], dtype=DTYPE), eye2)
+    if noise == "coupled":  # θ–m blocks B with D still positive definite (Schur complement > 0)
+        cross = torch.tensor([[0.1, -0.05], [0.08, 0.12]], dtype=DTYPE)
+        diffusion4[:2, 2:], diffusion4[2:, :2] = cross, cross.T
+        assert torch.linalg.eigvalsh(diffusion4).min() > 0
 
     def per_chain(matrix):  # the same 4×4 system for every chain: kron over the chains, block by block
         eye = torch.eye(chains, dtype=DTYPE)
@@ -232,8 +239,14 @@ INVALID = [
     ("2d×2d Q that is not skew-symmetric as a whole",
      dict(curl=Block.dense(torch.tensor([[0, 0, -1, 0.5], [0, 0, 0, -1], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=DTYPE))),
      ["curl[params, momenta]", "not negative transposes", "max |Q_ij + Q_jiᵀ| = 0.5"]),
-    ("2d×2d D with θ–m blocks", dict(diffusion=Block.dense(torch.eye(4, dtype=DTYPE) + 0.1)),
-     ["off-diagonal diffusion", "block-diagonal"]),
+    ("2d×2d D indefinite as a whole",
+     dict(diffusion=Block.dense(torch.kron(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=DTYPE),
+                                           torch.eye(2, dtype=DTYPE)))),
+     ["diffusion[params, momenta] (the whole matrix)", "positive semi-definite", "eigenvalue -1"]),
+    ("a Block.dense D mixed with another block",
+     dict(diffusion=Block({**Block.dense(torch.eye(4, dtype=DTYPE) + 0.1).blocks,
+                           ("momenta", "momenta"): Scalar(1.0)})),
+     ["off-diagonal diffusion block", "Block.dense(D)"]),
     ("off-diagonal Dense of the wrong size",
      dict(curl=Block({("params", "momenta"): Dense(-torch.eye(3, dtype=DTYPE)),
                       ("momenta", "params"): Dense(torch.eye(3, dtype=DTYPE))})),
@@ -271,6 +284,9 @@ def test_invalid_operators_are_rejected_before_any_step():
         Block.dense(torch.eye(3))
     with pytest.raises(ValueError, match="equal-size components"):
         Block.dense(torch.eye(4), components=("params", "xi"))
+    with pytest.raises(ValueError, match="exact Ornstein–Uhlenbeck step on the momenta alone"):
+        build(standard_normal, SDEConfig(step_size=0.1, diffusion=Block.dense(torch.eye(4) + 0.1),
+                                         curl=hamiltonian_curl(1.0), integrator=Splitting("BAOAB")))
 
 
 def test_valid_block_operators_pass_validation():

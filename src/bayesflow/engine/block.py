@@ -21,10 +21,10 @@ import math
 import torch
 
 from bayesflow.engine.accumulator import Accumulator, Leaves
-from bayesflow.engine.context import COMPONENTS, Context
-from bayesflow.engine.operators import Dense, Operator, Scalar, Zero
+from bayesflow.engine.context import COMPONENTS, Context, split_like
+from bayesflow.engine.operators import Dense, Operator, Scalar, Zero, _check_matrix, _psd_sqrt
 
-__all__ = ["Block", "ThermostatCoupling", "as_block", "hamiltonian_curl"]
+__all__ = ["Block", "JointDiffusion", "ThermostatCoupling", "as_block", "hamiltonian_curl"]
 
 
 class Block:
@@ -50,14 +50,15 @@ class Block:
 
         For θ with momenta, a 2d×2d matrix ``[[A_θθ, A_θm], [A_mθ, A_mm]]`` over the flattened
         params then momenta; all-zero blocks are left out. As a curl it is checked (at ``init``) to
-        be skew-symmetric as a whole; as a diffusion it must be block-diagonal (the noise is drawn
-        per component) with symmetric positive semi-definite blocks.
+        be skew-symmetric as a whole; as a diffusion, symmetric positive semi-definite as a whole,
+        and where it couples the components their noise is drawn jointly (:class:`JointDiffusion`;
+        Euler–Maruyama and semi-implicit Euler, not the exact O step of splitting words).
 
         Example:
             >>> C = torch.tensor([[1.0, 0.3], [0.0, 1.0]])       # a full θ–m coupling, d = 2
             >>> Q = Block.dense(torch.cat([torch.cat([torch.zeros(2, 2), -C], 1),
             ...                            torch.cat([C.T, torch.zeros(2, 2)], 1)]))
-            >>> D = Block.dense(torch.block_diag(torch.zeros(2, 2), torch.eye(2)))
+            >>> D = Block.dense(torch.block_diag(torch.zeros(2, 2), torch.eye(2)))   # noise on m only
         """
         if len(set(components)) != len(components) or not set(components) <= {"params", "momenta"}:
             raise ValueError(f"Block.dense spans distinct equal-size components among ('params', 'momenta'), "
@@ -66,13 +67,12 @@ class Block:
             raise ValueError(f"Block.dense needs a square matrix whose size is a multiple of {len(components)} "
                              f"(one d×d block per component pair), got shape {tuple(matrix.shape)}")
         d = matrix.shape[0] // len(components)
-        blocks = {}
-        for i, row in enumerate(components):
-            for j, column in enumerate(components):
-                part = matrix[i * d:(i + 1) * d, j * d:(j + 1) * d]
-                if bool(part.any()):
-                    blocks[(row, column)] = Dense(part.clone())
-        return cls(blocks)
+        parts = {(row, column): matrix[i * d:(i + 1) * d, j * d:(j + 1) * d]
+                 for i, row in enumerate(components) for j, column in enumerate(components)}
+        coupled = any(bool(part.any()) for (row, column), part in parts.items() if row != column)
+        # as a diffusion, coupled blocks draw their noise together (one square root of the whole matrix)
+        joint = JointDiffusion(matrix, tuple(components)) if coupled else None
+        return cls({key: Dense(part.clone(), joint=joint) for key, part in parts.items() if bool(part.any())})
 
     def components(self) -> set[str]:
         return {name for key in self.blocks for name in key}
@@ -103,9 +103,13 @@ class Block:
                 op.check(shapes[row], role, where)
                 continue
             if role == "diffusion":
-                raise ValueError(f"{where}: off-diagonal diffusion blocks are not supported: the noise is "
-                                 "drawn per component, so D must be block-diagonal over (params, momenta, "
-                                 "xi); couple components through the curl Q instead")
+                joint = getattr(op, "joint", None)
+                if joint is None or not joint.owns(self, row):
+                    raise ValueError(f"{where}: an off-diagonal diffusion block needs the noise of both components "
+                                     "drawn together: give the whole matrix as Block.dense(D) (all its blocks, "
+                                     "nothing else for those components), or couple components through Q")
+                joint.check(shapes, where)
+                continue
             rows, columns = _size(shapes[row]), _size(shapes[column])
             if isinstance(op, Dense) and tuple(op.matrix.shape) != (rows, columns):
                 raise ValueError(f"{where}: Dense matrix is {tuple(op.matrix.shape)} but the block maps "
@@ -139,6 +143,56 @@ class Block:
     def __repr__(self):
         inner = ", ".join(f"({r}, {c}): {op!r}" for (r, c), op in self.blocks.items())
         return f"Block({{{inner}}})"
+
+
+class JointDiffusion:
+    r"""A dense diffusion over several components whose noise is drawn jointly, once per step.
+
+    Row i of the step receives :math:`\sqrt{2 T h}\,(D^{1/2} ξ)_i` with one standard normal ξ over
+    all the components (D's symmetric square root, computed once): the blocks of
+    :meth:`Block.dense` carry it when D couples the components. Integrators whose noise is an exact
+    Ornstein–Uhlenbeck step on the momenta alone (splitting words) need a diagonal D there and reject it.
+    """
+
+    def __init__(self, matrix: torch.Tensor, components: tuple[str, ...]):
+        self.matrix = matrix
+        self.components = components
+        self.size = matrix.shape[0] // len(components)
+        self._sqrt = None
+        self._checked = False
+
+    def owns(self, block: Block, row: str) -> bool:
+        """Whether ``block`` holds this matrix's blocks (and nothing else) on its components' rows."""
+        if row not in self.components:
+            return False
+        for (r, c), op in block.blocks.items():
+            if r in self.components and c in self.components and getattr(op, "joint", None) is not self:
+                return False
+        return all(isinstance(block.blocks.get((c, c)), Dense) for c in self.components)
+
+    def check(self, shapes: dict, where: str) -> None:
+        if self._checked:
+            return
+        for component in self.components:
+            if _size(shapes[component]) != self.size:
+                raise ValueError(f"{where}: Block.dense matrix has {self.size} scalars per component, the "
+                                 f"state's {component!r} has {_size(shapes[component])}")
+        _check_matrix(self.matrix, "diffusion", where + " (the whole matrix)")
+        self._checked = True
+
+    def noise(self, row: str, ctx: Context, stream) -> Leaves:
+        """The row's part of D^{1/2} ξ for this step (ξ drawn at the first row that asks)."""
+        if ctx.draws is None:
+            ctx.draws = {}
+        joint = ctx.draws.get(id(self))
+        if joint is None:
+            if self._sqrt is None:
+                self._sqrt = _psd_sqrt(self.matrix)
+            like = [leaf for component in self.components for leaf in ctx.z[component].leaves]
+            flat_noise, _ = stream.normal(like, "joint")
+            joint = ctx.draws[id(self)] = self._sqrt @ flat_noise
+        i = self.components.index(row)
+        return split_like(joint[i * self.size:(i + 1) * self.size], ctx.z[row].leaves)
 
 
 def _size(shapes: list[torch.Size]) -> int:

@@ -103,6 +103,10 @@ class SDEConfig:
             if "momenta" not in components or ("params", "momenta") not in self.curl_block.blocks:
                 raise ValueError(f"splitting integrator {self.integrator.word!r} needs momenta coupled to params "
                                  "by the curl (curl=hamiltonian_curl(...))")
+            if any(getattr(op, "joint", None) is not None for op in self.diffusion_block.blocks.values()):
+                raise ValueError(f"splitting integrator {self.integrator.word!r} takes an exact Ornstein–Uhlenbeck "
+                                 "step on the momenta alone; a diffusion coupling params and momenta (Block.dense) "
+                                 "needs EulerMaruyama or SemiImplicitEuler")
             preconditioned = self.diffusion_block.preconditioners() + self.curl_block.preconditioners()
             if preconditioned and not self.integrator.evaluates_at_start():
                 raise ValueError("a preconditioned splitting word must kick (B) before it drifts (A)")

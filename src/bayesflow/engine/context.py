@@ -26,9 +26,11 @@ class Context:
             are computed on first read (:meth:`values`).
         donor: a released gradient (leaves shaped like params that nothing reads any more this
             step) that the next values computed may be written into, or None.
+        draws: noise drawn once per step for several rows (:class:`~bayesflow.engine.block.JointDiffusion`),
+            or None.
     """
 
-    __slots__ = ("buffers", "donor", "numel", "pending", "preconditioned", "scratch_values", "step", "z")
+    __slots__ = ("buffers", "donor", "draws", "numel", "pending", "preconditioned", "scratch_values", "step", "z")
 
     def __init__(self, z: dict[str, Accumulator], step: int, preconditioned: dict, numel: int,
                  buffers: dict | None = None):
@@ -40,6 +42,7 @@ class Context:
         self.scratch_values = set()
         self.pending = {}
         self.donor = None
+        self.draws = None  # per-step noise shared by several rows (a joint diffusion), made on first use
 
     def values(self, preconditioner) -> Leaves:
         """The preconditioner's diagonal P for this step, computed on first read.

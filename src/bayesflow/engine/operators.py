@@ -281,11 +281,12 @@ class Dense(Operator):
             symmetric positive semi-definite, a curl skew-symmetric (checked at ``init``).
     """
 
-    def __init__(self, matrix: torch.Tensor):
+    def __init__(self, matrix: torch.Tensor, joint=None):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"Dense needs a square matrix, got shape {tuple(matrix.shape)}")
         self.matrix = matrix
         self._sqrt = None
+        self.joint = joint  # the JointDiffusion this block was cut from (Block.dense), or None
 
     def accumulate(self, out, v, alpha, ctx):
         out.add(split_like(self.matrix @ flat(v), out.leaves), alpha=alpha)

@@ -221,7 +221,10 @@ class System:
             inputs.released = True
         if hot:
             diffusion = self.row_diffusion.get(row) or self.diffusion.get(row, row)
-            if not diffusion.is_zero:
+            joint = getattr(diffusion, "joint", None)
+            if joint is not None:  # noise shared with other rows (a coupled Block.dense diffusion)
+                out.add(joint.noise(row, ctx, inputs.noise), alpha=math.sqrt(2.0 * inputs.temperature * h))
+            elif not diffusion.is_zero:
                 flat_noise, views = inputs.noise.normal(out.leaves, row)
                 alpha = _noise_scale(flat_noise, inputs.temperature, h)
                 diffusion.sqrt_accumulate(out, views, alpha, ctx)
