@@ -267,3 +267,33 @@ def test_splitting_without_momenta_is_rejected():
     with pytest.raises(ValueError, match="needs momenta"):
         # An explicit params-only curl with a splitting word and no momenta blocks.
         build(log_posterior, SDEConfig(step_size=0.1, integrator=Splitting("BAOAB"))).init(params())
+
+
+BAD_RETURNS = [
+    ("a bare value", lambda p: -(p["w"] ** 2).sum(), TypeError, ["must return (value, aux)", "got Tensor"]),
+    ("a Python float", lambda p: (1.0, None), TypeError, ["floating-point tensor", "1.0"]),
+    ("a vector", lambda p: (-(p["w"] ** 2), None), ValueError, ["must be a scalar", "got (3,)"]),
+    ("a value without a graph", lambda p: (-(p["w"] ** 2).sum().detach(), None), ValueError,
+     ["does not depend on the params", "torch.no_grad()"]),
+]
+
+
+@pytest.mark.parametrize(("what", "returns", "error", "fragments"), BAD_RETURNS, ids=[case[0] for case in BAD_RETURNS])
+@pytest.mark.parametrize("route", ["single chain", "vmap over chains"])
+def test_a_log_posterior_returning_the_wrong_thing_gets_a_message_saying_what(what, returns, error, fragments, route):
+    """The (value, aux) contract is checked where the engine calls the log posterior, with the same
+    message on the single-chain and the vmap route (not torch's 'iteration over a 0-d tensor')."""
+    chains = None if route == "single chain" else 2
+    transform = build(lambda params, batch: returns(params), SDEConfig(step_size=0.1, temperature=0.0), chains=chains)
+    state = transform.init({"w": torch.zeros(3, dtype=DTYPE) if chains is None else torch.zeros(2, 3, dtype=DTYPE)})
+    with pytest.raises(error) as raised:
+        transform.update(state, None)
+    for fragment in fragments:
+        assert fragment in str(raised.value), f"{fragment!r} not in {raised.value}"
+
+
+def test_batched_log_posteriors_must_return_one_value_per_chain():
+    transform = build(lambda p, b: (-(p["w"] ** 2).sum(), None), SDEConfig(step_size=0.1), chains=2,
+                      vectorize="batched")
+    with pytest.raises(ValueError, match=r"one value per chain \(vectorize='batched'\): shape \(2,\), got \(\)"):
+        transform.update(transform.init({"w": torch.zeros(2, 3, dtype=DTYPE)}, seed=0), None)

@@ -90,6 +90,32 @@ _is_batched = None if _is_batched_tensor is None else (
     lambda leaf: isinstance(leaf, torch.Tensor) and _is_batched_tensor(leaf))
 
 
+def unpack(out, chains: int | None, differentiable: bool = True) -> tuple:
+    """``(value, aux)`` from what a log posterior returned, with a clear error for anything else:
+    a bare value, a non-tensor value, a value of the wrong shape, or one that autograd cannot
+    differentiate (it does not depend on the params passed in)."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"log_posterior must return (value, aux): the per-datum log posterior and an auxiliary "
+                        f"output (None if there is none); got {type(out).__name__}")
+    value, aux = out
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"log_posterior's value must be a floating-point tensor, got {value!r:.80}")
+    expected = () if chains is None else (chains,)
+    if value.shape != expected:
+        where = "one value per chain (vectorize='batched')" if chains is not None else "a scalar"
+        raise ValueError(f"log_posterior's value must be {where}: shape {expected}, got {tuple(value.shape)}")
+    if differentiable:
+        require_graph(value)
+    return value, aux
+
+
+def require_graph(value: torch.Tensor) -> None:
+    if not value.requires_grad:
+        raise ValueError("log_posterior's value does not depend on the params it was given (no autograd graph "
+                         "to differentiate): was it computed under torch.no_grad(), from .detach()/.item() "
+                         "values, or from tensors other than the params passed in?")
+
+
 def autograd_gradient(log_posterior, spec, batch, chains: int | None, aux_box: list, aliases: Aliases | None = None):
     """Plain autograd on fresh leaves sharing the parameters' memory (no ``torch.func`` per-call cost).
 
@@ -103,10 +129,7 @@ def autograd_gradient(log_posterior, spec, batch, chains: int | None, aux_box: l
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(True)  # the engine steps under no_grad; torch.enable_grad() costs µs
         try:
-            value, aux = log_posterior(unflatten(spec, detached), batch)
-            if chains is not None and value.shape != (chains,):
-                raise ValueError(f"vectorize='batched' needs log_posterior to return {chains} values, "
-                                 f"got shape {tuple(value.shape)}")
+            value, aux = unpack(log_posterior(unflatten(spec, detached), batch), chains)
             total = value.sum() if chains is not None else value
             grads = gradient(total, detached)
         finally:
@@ -133,7 +156,8 @@ def vmapped_gradient(log_posterior, spec, batch, chains: int, aux_box: list, ali
     held = []
 
     def single(*leaves):
-        value, aux = log_posterior(unflatten(spec, list(leaves)), batch)
+        # (inside vmap a value's requires_grad is not its graph's: checked on the mapped output)
+        value, aux = unpack(log_posterior(unflatten(spec, list(leaves)), batch), None, differentiable=False)
         if _is_batched is not None and not any(map(_is_batched, tree_leaves(aux))):
             # aux that does not depend on the chain (None, constants, Python values) leaves vmap
             # directly: vmap would only broadcast it, through its Python pytree code (~4 % of a
@@ -159,6 +183,7 @@ def vmapped_gradient(log_posterior, spec, batch, chains: int, aux_box: list, ali
             if value.shape != (chains,):
                 raise ValueError(f"log_posterior must return one number per chain, got shape "
                                  f"{tuple(value.shape[1:])} per chain")
+            require_graph(value)
             grads = gradient(value.sum(), detached)
         finally:
             torch._C._set_grad_enabled(enabled)
