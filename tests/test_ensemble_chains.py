@@ -248,3 +248,12 @@ def test_vmap_route_aux_per_chain_constant_none_and_python_values(kind):
     else:
         assert aux == {"name": "gauss", "scale": 2.0}
     torch.testing.assert_close(state.params, 0.9 * params, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize(("chains", "perturbation", "fragment"), [
+    (0, None, "num_chains must be a positive integer"), (2.0, None, "num_chains must be a positive integer"),
+    (3, -0.1, "non-negative standard deviation"), (3, math.nan, "non-negative standard deviation"),
+])
+def test_replicate_rejects_bad_counts_and_spreads(chains, perturbation, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        replicate({"w": torch.zeros(3, dtype=DTYPE)}, chains, perturbation=perturbation)

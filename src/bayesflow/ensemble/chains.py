@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -106,12 +107,16 @@ def replicate(params: TensorTree, num_chains: int, perturbation: float | Callabl
             ``perturbation(params, generator) -> params`` applied per chain (e.g. a prior draw).
         seed: seeds the perturbation's generator.
     """
+    if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
+        raise ValueError(f"num_chains must be a positive integer, got {num_chains!r}")
     generator = torch.Generator(device=flatten(params)[0][0].device)
     generator.manual_seed(0 if seed is None else seed)
     if perturbation is None or callable(perturbation):
         perturb = perturbation
     else:
         sigma = float(perturbation)
+        if not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"perturbation must be a non-negative standard deviation or a callable, got {sigma}")
 
         def perturb(tree, generator):
             return tree_map(lambda p: p + sigma * torch.randn(p.shape, generator=generator, dtype=p.dtype,
