@@ -53,6 +53,12 @@ def state_dict(state: Any) -> dict[str, torch.Tensor]:
     Load it back with ``torch.load(f, weights_only=True)`` and :func:`load_state_dict`.
 
     Example:
+        >>> import torch
+        >>> from bayesflow import load_state_dict, state_dict
+        >>> from bayesflow.sgmcmc import sgld
+        >>> params = torch.zeros(3)
+        >>> transform = sgld.build(lambda params, batch: (-0.5 * (params**2).sum(), None), lr=1e-2)
+        >>> state = transform.init(params, seed=0)
         >>> torch.save(state_dict(state), "chain.pt")
         >>> state = load_state_dict(transform.init(params), torch.load("chain.pt", weights_only=True))
     """
@@ -70,6 +76,16 @@ def load_state_dict(template: Any, tensors: dict[str, torch.Tensor]) -> Any:
         KeyError: a path of the template is missing from ``tensors``.
         ValueError: a saved tensor has another shape or dtype than the template's, or ``tensors`` holds
             entries the template has no place for.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow import load_state_dict, state_dict
+        >>> from bayesflow.sgmcmc import sgld
+        >>> transform = sgld.build(lambda params, batch: (-0.5 * (params**2).sum(), None), lr=1e-2)
+        >>> state, _ = transform.update(transform.init(torch.ones(3), seed=0), None)
+        >>> restored = load_state_dict(transform.init(torch.zeros(3), seed=1), state_dict(state))
+        >>> torch.equal(restored.params, state.params)
+        True
     """
     template = _restore_caches(template, tensors, "")
     leaves, spec = flatten(template)

@@ -30,6 +30,15 @@ class Transform(NamedTuple):
 
     ``state = transform.init(params)`` and ``state, aux = transform.update(state, batch)``.
     Engine transforms also carry ``step`` (advance given gradients) and their ``config``.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.sgmcmc import sgld
+        >>> transform = sgld.build(lambda params, batch: (-0.5 * (params**2).sum(), None), lr=1e-2)
+        >>> state = transform.init(torch.zeros(3), seed=0)
+        >>> state, aux = transform.update(state, None)  # batch: whatever the log posterior takes
+        >>> state.params.shape
+        torch.Size([3])
     """
 
     init: Callable[..., Any]

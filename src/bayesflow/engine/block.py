@@ -32,6 +32,12 @@ class Block:
 
     Args:
         blocks: ``{(row, column): Operator}`` with names among ``"params"``, ``"momenta"``, ``"xi"``.
+
+    Example (SGHMC's diffusion: friction γ = 0.1 on the momenta, no noise on θ directly):
+        >>> from bayesflow.engine import Block, Scalar
+        >>> D = Block({("momenta", "momenta"): Scalar(0.1)})
+        >>> D.get("momenta", "momenta"), D.get("params", "params")   # missing pairs are zero
+        (Scalar(0.1), Zero())
     """
 
     def __init__(self, blocks: dict[tuple[str, str], Operator]):
@@ -209,7 +215,15 @@ def _as_matrix(op: Operator, size: int, like: torch.Tensor) -> torch.Tensor | No
 
 
 def as_block(operator: Operator | Block | None) -> Block:
-    """An operator on θ alone becomes the (params, params) block."""
+    """An operator on θ alone becomes the (params, params) block.
+
+    Example:
+        >>> from bayesflow.engine import Scalar, as_block
+        >>> as_block(Scalar(1.0))   # SGLD's D = I on θ, as a block over the extended state
+        Block({(params, params): Scalar(1)})
+        >>> as_block(None)          # no curl
+        Block({})
+    """
     if operator is None:
         return Block({})
     if isinstance(operator, Block):
@@ -218,7 +232,13 @@ def as_block(operator: Operator | Block | None) -> Block:
 
 
 def hamiltonian_curl(coupling: Operator | float = 1.0) -> Block:
-    """The symplectic curl ``[[0, -C], [C, 0]]`` between θ and m (C diagonal or scalar)."""
+    """The symplectic curl ``[[0, -C], [C, 0]]`` between θ and m (C diagonal or scalar).
+
+    Example:
+        >>> from bayesflow.engine import hamiltonian_curl
+        >>> hamiltonian_curl(1.0)   # Q = [[0, -I], [I, 0]]: dθ = M⁻¹m dt and dm = ∇ℓ/N dt + ...
+        Block({(params, momenta): Scalar(-1), (momenta, params): Scalar(1)})
+    """
     if not isinstance(coupling, Operator):
         coupling = Scalar(float(coupling))
     return Block({("params", "momenta"): _negated(coupling), ("momenta", "params"): coupling})
@@ -239,6 +259,13 @@ class ThermostatCoupling(Operator):
 
     ``sign=+1`` is the block :math:`Q_{mξ} = m/d`, ``sign=-1`` the block :math:`Q_{ξm} = -m^\top/d`.
     Its divergence gives :math:`Γ_ξ = \sum_j \partial_{m_j}(-m_j/d) = -1`, the thermostat's −T.
+
+    Example (SGNHT's curl: the Hamiltonian coupling of θ and m plus the thermostat's pair):
+        >>> from bayesflow.engine import Block, ThermostatCoupling, hamiltonian_curl
+        >>> Q = Block({**hamiltonian_curl(1.0).blocks,
+        ...            ("momenta", "xi"): ThermostatCoupling(+1), ("xi", "momenta"): ThermostatCoupling(-1)})
+        >>> sorted(Q.components()), Q.state_dependent
+        (['momenta', 'params', 'xi'], True)
     """
 
     state_dependent = True

@@ -46,6 +46,14 @@ class SDEConfig:
             (default) is "full" in ``update``, where the engine calls the user's log posterior, and
             "value" in ``step``, whose caller computed the gradient (and its checks, e.g. GradScaler).
         on_nonfinite: "raise" a FloatingPointError naming step and leaf, or "reject" the step.
+
+    Example (SGHMC with friction γ = 0.1, and the same dynamics as an optimizer at T = 0):
+        >>> from dataclasses import replace
+        >>> from bayesflow.engine import Block, Scalar, SDEConfig, SemiImplicitEuler, hamiltonian_curl
+        >>> sghmc = SDEConfig(step_size=1e-2, diffusion=Block({("momenta", "momenta"): Scalar(0.1)}),
+        ...                   curl=hamiltonian_curl(1.0), integrator=SemiImplicitEuler(), temperature=1e-3)
+        >>> sghmc.components, replace(sghmc, temperature=0.0).temperature
+        (('params', 'momenta'), 0.0)
     """
 
     step_size: Any

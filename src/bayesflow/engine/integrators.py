@@ -31,7 +31,17 @@ __all__ = ["EulerMaruyama", "Integrator", "Nesterov", "SemiImplicitEuler", "Spli
 
 
 class Integrator:
-    """An integrator advances ``ctx.z`` by one step; it declares its weak order."""
+    """An integrator advances ``ctx.z`` by one step; it declares its weak order.
+
+    Example (a user integrator: one Euler sub-step of θ, what EulerMaruyama does for SGLD):
+        >>> import torch
+        >>> from bayesflow.engine import Integrator, build
+        >>> class PositionStep(Integrator):
+        ...     def advance(self, system, ctx, inputs, scales):
+        ...         system.row(ctx, inputs, "params", inputs.h)   # θ ← θ - h·D∇H + sqrt(2Th)·D^{1/2}ξ
+        >>> transform = build(lambda p, batch: (-0.5 * (p**2).sum(), None), step_size=0.1, integrator=PositionStep())
+        >>> state, _ = transform.update(transform.init(torch.zeros(2), seed=0), batch=None)
+    """
 
     weak_order: int = 1
     needs_momenta: bool = False
@@ -52,7 +62,16 @@ def _h(inputs: StepInputs, scales: dict, component: str, step: int) -> float:
 
 @dataclass(frozen=True)
 class EulerMaruyama(Integrator):
-    """z ← z + h·drift(z) + sqrt(2Th)·D^{1/2}ξ, all components from the old z."""
+    """z ← z + h·drift(z) + sqrt(2Th)·D^{1/2}ξ, all components from the old z.
+
+    Example (T = 0 and D = 1/2: one step θ ← θ - h·D·θ for ℓ(θ) = -|θ|²/2):
+        >>> import torch
+        >>> from bayesflow.engine import EulerMaruyama, Scalar, build
+        >>> transform = build(lambda p, batch: (-0.5 * (p**2).sum(), None), step_size=0.1, diffusion=Scalar(0.5),
+        ...                   temperature=0.0, integrator=EulerMaruyama())
+        >>> transform.update(transform.init(torch.ones(2), seed=0), batch=None)[0].params
+        tensor([0.9500, 0.9500])
+    """
 
     weak_order: int = field(default=1, init=False)
 
@@ -73,7 +92,18 @@ class EulerMaruyama(Integrator):
 
 @dataclass(frozen=True)
 class SemiImplicitEuler(Integrator):
-    """Components updated in ``order``, each from the newest values (symplectic Euler)."""
+    """Components updated in ``order``, each from the newest values (symplectic Euler).
+
+    Example (SGHMC at T = 0 from rest: m ← m + h·∇ℓ first, then θ ← θ + h·m with the new m):
+        >>> import torch
+        >>> from bayesflow.engine import Block, Scalar, SemiImplicitEuler, build, hamiltonian_curl
+        >>> transform = build(lambda p, batch: (-0.5 * (p**2).sum(), None), step_size=0.1, temperature=0.0,
+        ...                   diffusion=Block({("momenta", "momenta"): Scalar(1.0)}), curl=hamiltonian_curl(1.0),
+        ...                   integrator=SemiImplicitEuler(), momenta_init="zero")
+        >>> state, _ = transform.update(transform.init(torch.ones(1), seed=0), batch=None)
+        >>> state.momenta, state.params
+        (tensor([-0.1000]), tensor([0.9900]))
+    """
 
     order: tuple[str, ...] = ("momenta", "params", "xi")
     weak_order: int = field(default=1, init=False)
@@ -94,6 +124,13 @@ class Nesterov(Integrator):
     The look-ahead is :math:`\tilde m = m' + h\,r(m')`, r the momenta's drift with the step's
     gradient. With scalar operators (SGD's case) θ's update is linear in m' and the gradient, so it
     is applied as two fused foreach updates without materialising :math:`\tilde m`.
+
+    Example (torch's ``SGD(lr=0.01, momentum=0.9, nesterov=True)`` at T = 0: h = √lr, friction (1 - μ)/h):
+        >>> from bayesflow.engine import Block, Nesterov, Scalar, SDEConfig, hamiltonian_curl
+        >>> config = SDEConfig(step_size=0.1, diffusion=Block({("momenta", "momenta"): Scalar(1.0)}),
+        ...                    curl=hamiltonian_curl(1.0), integrator=Nesterov(), temperature=0.0)
+        >>> config.components   # Nesterov needs momenta
+        ('params', 'momenta')
     """
 
     weak_order: int = field(default=1, init=False)
@@ -135,7 +172,15 @@ def _scalar_momentum_system(system: System) -> tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class Splitting(Integrator):
-    """A splitting word over A, B, O; each letter advances by h / (number of its occurrences)."""
+    """A splitting word over A, B, O; each letter advances by h / (number of its occurrences).
+
+    Example (underdamped Langevin with BAOAB, friction γ = 1 on the momenta):
+        >>> from bayesflow.engine import Block, Scalar, SDEConfig, Splitting, hamiltonian_curl
+        >>> baoab = SDEConfig(step_size=0.05, diffusion=Block({("momenta", "momenta"): Scalar(1.0)}),
+        ...                   curl=hamiltonian_curl(1.0), integrator=Splitting("BAOAB"))
+        >>> baoab.integrator.weak_order, Splitting("BAOA").weak_order   # palindromic words are order 2
+        (2, 1)
+    """
 
     word: str = "BAOAB"
     needs_momenta: bool = field(default=True, init=False)

@@ -35,7 +35,19 @@ ROLES = ("diffusion", "curl", "coupling")
 
 
 class Operator:
-    """Base class: a zero operator. Subclasses override what they support."""
+    """Base class: a zero operator. Subclasses override what they support.
+
+    Example (a user operator D = I/2 written against the protocol, used as SGLD's diffusion):
+        >>> import math, torch
+        >>> from bayesflow.engine import Operator, build
+        >>> class Half(Operator):
+        ...     def accumulate(self, out, v, alpha, ctx):           # out += alpha · O v
+        ...         out.add(v, alpha=0.5 * alpha)
+        ...     def sqrt_accumulate(self, out, noise, alpha, ctx):  # out += alpha · O^{1/2} noise
+        ...         out.add(noise, alpha=alpha * math.sqrt(0.5))
+        >>> transform = build(lambda p, batch: (-0.5 * (p**2).sum(), None), step_size=0.1, diffusion=Half())
+        >>> state, _ = transform.update(transform.init(torch.zeros(2), seed=0), batch=None)
+    """
 
     state_dependent: bool = False
     """Whether O depends on z, so that Γ may be non-zero."""
@@ -90,7 +102,15 @@ class Operator:
 
 
 class Zero(Operator):
-    """The zero operator (no diffusion, no circulation)."""
+    """The zero operator (no diffusion, no circulation).
+
+    Example:
+        >>> from bayesflow.engine import Block, Scalar, Zero
+        >>> Zero().is_zero, Scalar(0.0).is_zero
+        (True, True)
+        >>> Block({("params", "params"): Zero()})   # zero blocks are dropped: nothing to compute
+        Block({})
+    """
 
     is_zero = True
 
@@ -118,6 +138,13 @@ class Scalar(Operator):
 
     Args:
         value: the constant c (a Python float: it folds into foreach ``alpha`` at no cost).
+
+    Example:
+        >>> from bayesflow.engine import Block, Scalar
+        >>> identity = Scalar(1.0)                                    # SGLD's diffusion D = I on θ
+        >>> friction = Block({("momenta", "momenta"): Scalar(0.1)})   # SGHMC's D_mm = γ·I with γ = 0.1
+        >>> friction.get("momenta", "momenta"), friction.get("momenta", "momenta").diagonal(ctx=None)
+        (Scalar(0.1), 0.1)
     """
 
     def __init__(self, value: float = 1.0):
@@ -186,6 +213,13 @@ class Diagonal(Operator):
 
     Args:
         values: a tensor or tree of tensors broadcastable to the component's leaves.
+
+    Example (a fixed per-parameter diffusion: D = 1/2 on the weights, 1 on the bias):
+        >>> import torch
+        >>> from bayesflow.engine import Diagonal, build
+        >>> D = Diagonal({"w": torch.full((3,), 0.5), "b": torch.ones(1)})   # the tree of params
+        >>> transform = build(lambda p, batch: (-0.5 * (p["w"] ** 2).sum(), None), step_size=0.01, diffusion=D)
+        >>> state = transform.init({"w": torch.zeros(3), "b": torch.zeros(1)}, seed=0)   # shapes checked here
     """
 
     def __init__(self, values):
@@ -279,6 +313,14 @@ class Dense(Operator):
     Args:
         matrix: a ``(d, d)`` tensor, d the number of scalars in the component. A diffusion must be
             symmetric positive semi-definite, a curl skew-symmetric (checked at ``init``).
+
+    Example (a correlated diffusion and a rotation on two flat parameters):
+        >>> import torch
+        >>> from bayesflow.engine import Dense, build
+        >>> D = Dense(torch.tensor([[2.0, 0.5], [0.5, 1.0]]))    # symmetric positive definite
+        >>> Q = Dense(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))   # skew-symmetric
+        >>> transform = build(lambda p, batch: (-0.5 * (p**2).sum(), None), step_size=0.01, diffusion=D, curl=Q)
+        >>> state, _ = transform.update(transform.init(torch.zeros(2), seed=0), batch=None)
     """
 
     def __init__(self, matrix: torch.Tensor, joint=None):
@@ -336,7 +378,11 @@ class Function(Operator):
             elementwise.
 
     Example (the Γ test of ENGINE.md, D(x) = 1 + x²):
+        >>> import torch
+        >>> from bayesflow.engine import Function
         >>> D = Function(lambda z, v: (1 + z**2) * v, sqrt_matvec=lambda z, v: (1 + z**2).sqrt() * v)
+        >>> D.matvec(torch.tensor([1.0, 2.0]), torch.ones(2))  # D(z) v at z = (1, 2), v = (1, 1)
+        tensor([2., 5.])
     """
 
     def __init__(self, matvec: Callable, sqrt_matvec: Callable | None = None,

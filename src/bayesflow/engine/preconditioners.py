@@ -47,6 +47,14 @@ class SquaredGradientAverage:
         centered: subtract the squared running mean of the gradient (centered RMSprop).
         bias_correction: divide v by 1 - ρ^(t+1) (Adam).
         amsgrad: use the running maximum of v (AMSGrad).
+
+    Example (Adam's second moment after one gradient a = (1, -2): bias correction gives P = |a|):
+        >>> import torch
+        >>> from bayesflow.engine import SquaredGradientAverage
+        >>> adam = SquaredGradientAverage(decay=0.9, eps=0.0, bias_correction=True)
+        >>> statistics, P = adam.update(adam.init([torch.zeros(2)]), [torch.tensor([1.0, -2.0])], step=0, inplace=False)
+        >>> P
+        [tensor([1., 2.])]
     """
 
     def __init__(self, decay: float, eps: float, centered: bool = False,
@@ -145,6 +153,13 @@ class Preconditioned(Operator):
         preconditioner: e.g. :class:`SquaredGradientAverage`; shared by every operator that names it.
         power: +1 (multiply by P) or -1 (divide by P).
         scale: a constant factor.
+
+    Example (pSGLD: D = diag(1 / (sqrt(v) + ε)) with RMSprop's running average v):
+        >>> from bayesflow.engine import Preconditioned, SDEConfig, SquaredGradientAverage
+        >>> rms = SquaredGradientAverage(decay=0.99, eps=1e-5)
+        >>> psgld = SDEConfig(step_size=1e-3, diffusion=Preconditioned(rms, power=-1.0), gamma=False)
+        >>> psgld.diffusion
+        Preconditioned(SquaredGradientAverage(decay=0.99, eps=1e-05), power=-1, scale=1)
     """
 
     def __init__(self, preconditioner, power: float = -1.0, scale: float = 1.0):

@@ -21,7 +21,14 @@ __all__ = ["BiasCorrection", "Constant", "Cyclical", "FirstStep", "as_schedule"]
 
 @dataclass(frozen=True)
 class Constant:
-    """``f(t) = value``."""
+    """``f(t) = value``.
+
+    Example:
+        >>> from bayesflow.engine import Constant
+        >>> h = Constant(1e-3)   # what SDEConfig(step_size=1e-3) makes of a float
+        >>> h(0), h(10_000)
+        (0.001, 0.001)
+    """
 
     value: float
 
@@ -31,7 +38,14 @@ class Constant:
 
 @dataclass(frozen=True)
 class BiasCorrection:
-    r"""``f(t) = 1 / (1 - β^{t+1})``: Adam's first-moment bias correction as a step-size factor."""
+    r"""``f(t) = 1 / (1 - β^{t+1})``: Adam's first-moment bias correction as a step-size factor.
+
+    Example (Adam with β₁ = 0.9 scales θ's sub-step by 10 at step 0, then less and less):
+        >>> from bayesflow.engine import BiasCorrection
+        >>> correction = BiasCorrection(beta=0.9)   # SDEConfig(step_scales=(("params", correction),))
+        >>> round(correction(0), 6), round(correction(1), 6), round(correction(200), 6)
+        (10.0, 5.263158, 1.0)
+    """
 
     beta: float
 
@@ -41,7 +55,14 @@ class BiasCorrection:
 
 @dataclass(frozen=True)
 class FirstStep:
-    """``first`` at step 0 and ``then`` afterwards (torch SGD starts its momentum buffer undampened)."""
+    """``first`` at step 0 and ``then`` afterwards (torch SGD starts its momentum buffer undampened).
+
+    Example (SGD with dampening 0.5: the first momentum sub-step is scaled by 1 / (1 - 0.5)):
+        >>> from bayesflow.engine import FirstStep
+        >>> scale = FirstStep(first=2.0)   # SDEConfig(step_scales=(("momenta", scale),))
+        >>> scale(0), scale(1), scale(1000)
+        (2.0, 1.0, 1.0)
+    """
 
     first: float
     then: float = 1.0
@@ -62,6 +83,15 @@ class Cyclical:
         floor: the value during exploration.
         anneal: follow the cosine (step sizes); False holds ``initial`` outside exploration
             (cSGLD's temperature: 0 while exploring, constant while sampling).
+
+    Example (cSGLD with 100-step cycles: exploration at T = 0 for the first half of each cycle):
+        >>> from bayesflow.engine import Cyclical
+        >>> h = Cyclical(initial=0.1, period=100)
+        >>> h(0), h(50), h(100)   # cycle start, half-way, restart
+        (0.1, 0.05, 0.1)
+        >>> T = Cyclical(initial=1.0, period=100, exploration=0.5, anneal=False)
+        >>> T(10), T(60)
+        (0.0, 1.0)
     """
 
     initial: float

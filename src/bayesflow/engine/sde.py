@@ -77,6 +77,15 @@ def build(log_posterior: LogPosterior, config: SDEConfig | None = None, *, chain
         ``step(state, grads, inplace=False, log_posterior=None) -> state`` which advances with
         gradients the caller computed (DDP, Lightning, custom autograd): ``grads`` is ∇ℓ, the ascent
         direction of the per-datum log posterior, with the structure of params.
+
+    Example (gradient descent, T = 0: θ ← θ + h∇ℓ, once by the engine's autograd, once by the caller):
+        >>> import torch
+        >>> from bayesflow.engine import SDEConfig, build
+        >>> transform = build(lambda p, batch: (-0.5 * (p**2).sum(), None), SDEConfig(step_size=0.1, temperature=0.0))
+        >>> state, aux = transform.update(transform.init(torch.ones(2), seed=0), batch=None)
+        >>> state = transform.step(state, grads=-state.params)   # ∇ℓ(θ) = -θ, computed by the caller
+        >>> state.params
+        tensor([0.8100, 0.8100])
     """
     if config is None:
         config = SDEConfig(**fields)

@@ -25,6 +25,15 @@ class SDEState(NamedTuple):
         preconditioner: running statistics of stateful operators (e.g. RMSprop's average).
         gradient: the cached potential gradient of first-same-as-last splitting words, else ().
         rng: the generator state(s) of the noise: saving it resumes the identical trajectory.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.engine import build
+        >>> transform = build(lambda p, batch: (-0.5 * (p**2).sum(), None), step_size=0.1)   # SGLD: no momenta
+        >>> state = transform.init(torch.zeros(3), seed=0)
+        >>> state.momenta is None, int(state.step), bool(state.log_posterior.isnan())
+        (True, 0, True)
+        >>> state = state._replace(params=torch.ones(3))   # a NamedTuple: fields are replaced, never set
     """
 
     params: TensorTree

@@ -24,7 +24,19 @@ from bayesflow.engine.operators import Operator, Scalar
 
 
 class GradientNotAvailable(RuntimeError):
-    """Raised when an integrator needs the gradient at a point the caller did not provide."""
+    """Raised when an integrator needs the gradient at a point the caller did not provide.
+
+    Example (BAOAB also needs ∇ℓ at the end of the step, so ``step`` with one gradient refuses):
+        >>> import torch
+        >>> from bayesflow.engine import GradientNotAvailable, Splitting, build, hamiltonian_curl
+        >>> transform = build(lambda p, batch: (-0.5 * (p**2).sum(), None), step_size=0.1,
+        ...                   curl=hamiltonian_curl(1.0), integrator=Splitting("BAOAB"))
+        >>> state = transform.init(torch.zeros(2), seed=0)
+        >>> try:
+        ...     state = transform.step(state, grads=-state.params)
+        ... except GradientNotAvailable:
+        ...     state, aux = transform.update(state, batch=None)   # the engine evaluates both gradients
+    """
 
 
 class StepInputs:

@@ -74,6 +74,14 @@ def batched_forward(module: nn.Module) -> Callable:
     Raises:
         TypeError: at construction, naming the first layer that has no batched form (map the
             single-chain model with ``vectorize="vmap"`` then).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import batched_forward, replicate
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> params = replicate(dict(model.named_parameters()), 5, perturbation=0.1, seed=0)  # K = 5 chains
+        >>> batched_forward(model)(params, torch.randn(16, 4)).shape
+        torch.Size([5, 16, 2])
     """
     layers = list(_layers(module, ""))
     first = next((prefix for layer, prefix in layers if isinstance(layer, (nn.Linear, *CONVOLUTIONS))), None)

@@ -45,6 +45,16 @@ def lift(transform: Transform, num_chains: int, *, temperature=None, step_size=N
         step_size: overrides the step size: a float, or a tensor of K values.
         vectorize: ``"vmap"`` (the log posterior is written for one chain) or ``"batched"`` (it takes
             params with a leading chain dimension and returns K values).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import lift, replicate
+        >>> from bayesflow.sgmcmc import sgld
+        >>> single = sgld.build(lambda params, batch: (-0.5 * (params**2).sum(), None), lr=1e-2)
+        >>> ensemble = lift(single, num_chains=4, temperature=torch.tensor([0.0, 0.01, 0.1, 1.0]))  # a sweep
+        >>> state, aux = ensemble.update(ensemble.init(replicate(torch.zeros(3), 4), seed=0), None)
+        >>> state.params.shape
+        torch.Size([4, 3])
     """
     if transform.config is None or transform.log_posterior is None:
         raise TypeError("lift needs a transform built by bayesflow's engine (it carries config and log_posterior)")
@@ -57,12 +67,30 @@ def lift(transform: Transform, num_chains: int, *, temperature=None, step_size=N
 
 
 def deep_ensemble(transform: Transform, num_chains: int, **kwargs) -> Transform:
-    """K chains at T = 0: K independently initialised optimizers, one batched step."""
+    """K chains at T = 0: K independently initialised optimizers, one batched step.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import deep_ensemble, replicate
+        >>> from bayesflow.optim import sgd
+        >>> ensemble = deep_ensemble(sgd.build(lambda params, batch: (-0.5 * (params**2).sum(), None), lr=0.1), 8)
+        >>> state = ensemble.init(replicate(torch.ones(3), 8, perturbation=0.5, seed=0))
+        >>> state, aux = ensemble.update(state, None)  # one SGD step of all 8 members
+    """
     return lift(transform, num_chains, temperature=0.0, **kwargs)
 
 
 def bayesian_deep_ensemble(transform: Transform, num_chains: int, num_data: int, **kwargs) -> Transform:
-    """K SG-MCMC chains at T = 1/num_data (per-datum log posterior): posterior samples from every chain."""
+    """K SG-MCMC chains at T = 1/num_data (per-datum log posterior): posterior samples from every chain.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import bayesian_deep_ensemble, replicate
+        >>> from bayesflow.sgmcmc import sgld
+        >>> single = sgld.build(lambda params, batch: (-0.5 * (params**2).sum(), None), lr=1e-2)
+        >>> ensemble = bayesian_deep_ensemble(single, num_chains=8, num_data=1000)  # T = 1e-3 on every chain
+        >>> state = ensemble.init(replicate(torch.zeros(3), 8, perturbation=1.0, seed=0), seed=0)
+    """
     return lift(transform, num_chains, temperature=1.0 / num_data, **kwargs)
 
 
@@ -77,7 +105,15 @@ def _as_chain_values(value, num_chains: int, name: str):
 
 
 def stack(params: Sequence[TensorTree]) -> TensorTree:
-    """K parameter trees of the same structure -> one tree with a leading chain dimension."""
+    """K parameter trees of the same structure -> one tree with a leading chain dimension.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import stack
+        >>> stack([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])["w"]
+        tensor([[0., 0.],
+                [1., 1.]])
+    """
     if not params:
         raise ValueError("stack needs at least one parameter tree")
     leaves, spec = flatten(params[0])
@@ -91,7 +127,14 @@ def stack(params: Sequence[TensorTree]) -> TensorTree:
 
 
 def unstack(params: TensorTree) -> list[TensorTree]:
-    """Inverse of :func:`stack`: one tree per chain."""
+    """Inverse of :func:`stack`: one tree per chain.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import unstack
+        >>> unstack({"w": torch.tensor([[0.0, 1.0], [2.0, 3.0]])})
+        [{'w': tensor([0., 1.])}, {'w': tensor([2., 3.])}]
+    """
     leaves, spec = flatten(params)
     return [unflatten(spec, list(group)) for group in zip(*(leaf.unbind(0) for leaf in leaves))]
 
@@ -106,6 +149,13 @@ def replicate(params: TensorTree, num_chains: int, perturbation: float | Callabl
         perturbation: None (identical copies), a float σ (adds N(0, σ²) noise), or a callable
             ``perturbation(params, generator) -> params`` applied per chain (e.g. a prior draw).
         seed: seeds the perturbation's generator.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import replicate
+        >>> params = replicate({"w": torch.zeros(2, 3), "b": torch.zeros(3)}, 8, perturbation=0.1, seed=0)
+        >>> params["w"].shape, params["b"].shape
+        (torch.Size([8, 2, 3]), torch.Size([8, 3]))
     """
     if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
         raise ValueError(f"num_chains must be a positive integer, got {num_chains!r}")

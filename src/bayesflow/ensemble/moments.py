@@ -50,6 +50,14 @@ class MomentsState(NamedTuple):
         variance: the elementwise population variance :math:`σ^2_n` (divides by n), like params.
         deviations: like params with a leading ``max_rank`` axis: the ring buffer of
             :math:`θ_j - \\bar θ_j` (slot ``j mod max_rank``); None when ``max_rank = 0``.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import running_moments
+        >>> moments = running_moments()
+        >>> state, _ = moments.update(moments.init(torch.zeros(2)), torch.tensor([1.0, 3.0]))
+        >>> state.count, state.mean, state.deviations
+        (tensor(1), tensor([1., 3.]), None)
     """
 
     count: torch.Tensor
@@ -86,6 +94,8 @@ def running_moments(max_rank: int = 0, dtype: torch.dtype | None = None) -> Tran
         writes into the state's tensors (no allocation); otherwise the input state is left unchanged.
 
     Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import running_moments
         >>> moments = running_moments(max_rank=2)
         >>> state = moments.init(torch.zeros(3))
         >>> for theta in torch.randn(10, 3):

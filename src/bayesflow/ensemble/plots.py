@@ -29,6 +29,13 @@ def plot_sweep(rows: Sequence[dict], metric: str = "log_likelihood", path: str |
         metric: a key of the rows (``log_likelihood``, ``accuracy``, ``ece``).
         path: where to save the figure (PNG/PDF by extension); None returns the figure only.
         num_data: if given, the x axis shows N·T (1 is the Bayes posterior) instead of T.
+
+    Example:
+        >>> from bayesflow.ensemble import plot_sweep
+        >>> rows = [{"temperature": t, "log_likelihood": ll} for t, ll in [(1e-4, -0.52), (1e-3, -0.41), (1e-2, -0.47)]]
+        >>> figure = plot_sweep(rows, "log_likelihood", num_data=1000)  # path="cold_posterior.png" saves it
+        >>> figure.axes[0].get_xlabel()
+        'N·T'
     """
     if not rows or metric not in rows[0]:
         raise ValueError(f"rows must be non-empty sweep results with key {metric!r}")
@@ -50,7 +57,15 @@ def plot_sweep(rows: Sequence[dict], metric: str = "log_likelihood", path: str |
 
 
 def trace_plot(samples: torch.Tensor, path: str | None = None, names: Sequence[str] | None = None):
-    """Trace plots of (chains, draws, parameters) samples, one panel per parameter."""
+    """Trace plots of (chains, draws, parameters) samples, one panel per parameter.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import trace_plot
+        >>> figure = trace_plot(torch.randn(4, 200, 2), names=["mu", "log_sigma"])  # (chains, draws, parameters)
+        >>> len(figure.axes)
+        2
+    """
     if samples.ndim != 3:
         raise ValueError(f"samples must be (chains, draws, parameters), got shape {tuple(samples.shape)}")
     plt = _pyplot()

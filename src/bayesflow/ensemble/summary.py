@@ -54,7 +54,15 @@ def summary(
         (``pandas.DataFrame(summary(samples)).T`` makes it a table; :func:`format_summary` prints it).
 
     Example:
-        >>> print(format_summary(summary({"w": torch.randn(4, 500, 100)})))
+        >>> import torch
+        >>> from bayesflow.ensemble import format_summary, summary
+        >>> samples = {"w": torch.randn(4, 500, 100, generator=torch.Generator().manual_seed(0))}
+        >>> table = summary(samples)  # 4 chains of 500 draws of 100 parameters
+        >>> table["w"]["size"], table["w"]["rhat_max"] < 1.01
+        (100.0, True)
+        >>> print(format_summary(table))  # doctest: +ELLIPSIS
+        leaf  size  rhat_max  rhat_q05  rhat_q50  ...
+        w     100   1.0058    0.9994    1.0006    ...
     """
     levels = [float(q) for q in quantiles]
     if any(not 0 <= q <= 1 for q in levels):
@@ -85,7 +93,12 @@ def format_summary(table: dict[str, dict[str, float]]) -> str:
     R-hat columns get 4 decimals (1.01 vs 1.005 matters), ESS columns whole numbers.
 
     Example:
-        >>> print(format_summary(summary({"w": torch.randn(4, 500, 100)})))  # header: leaf  size  rhat_max ...
+        >>> import torch
+        >>> from bayesflow.ensemble import format_summary, summary
+        >>> samples = {"w": torch.randn(4, 500, 100, generator=torch.Generator().manual_seed(0))}
+        >>> print(format_summary(summary(samples)))  # doctest: +ELLIPSIS
+        leaf  size  rhat_max  rhat_q05  rhat_q50  ...
+        w     100   1.0058    0.9994    1.0006    ...
     """
     if not table:
         return ""
@@ -121,8 +134,11 @@ def to_inference_data(samples: TensorTree, *, sample_stats: dict[str, Any] | Non
         ImportError: arviz is not installed (``pip install arviz``).
 
     Example:
-        >>> idata = to_inference_data({"w": torch.randn(4, 100, 3)})
-        >>> arviz.summary(idata)
+        >>> import torch
+        >>> from bayesflow.ensemble import to_inference_data
+        >>> import arviz  # doctest: +SKIP
+        >>> idata = to_inference_data({"w": torch.randn(4, 100, 3)})  # doctest: +SKIP
+        >>> arviz.summary(idata)  # doctest: +SKIP
     """
     try:
         import arviz

@@ -57,6 +57,17 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
         One dict per temperature: ``temperature``, ``log_likelihood``, ``accuracy``, ``ece``,
         ``num_samples`` (collected samples per chain), ``chains`` and ``predictive``, the posterior
         predictive probabilities on the concatenated validation inputs (n, classes).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import sweep
+        >>> from bayesflow.sgmcmc import sgld
+        >>> x, y = torch.randn(32, 2), torch.randint(0, 3, (32,))  # toy 3-class data; w is a (2, 3) linear model
+        >>> log_posterior = lambda w, batch: (-torch.nn.functional.cross_entropy(batch[0] @ w, batch[1]), None)
+        >>> rows = sweep(sgld.build(log_posterior, lr=1e-2), [0.0, 1 / 32], torch.zeros(2, 3), train=[(x, y)],
+        ...              steps=20, predict=lambda w, inputs: inputs @ w, validation=[(x, y)], progress=False)
+        >>> [row["temperature"] for row in rows], rows[0]["predictive"].shape
+        ([0.0, 0.03125], torch.Size([32, 3]))
     """
     temperatures = [float(t) for t in temperatures]
     if not temperatures:
@@ -107,7 +118,15 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    r"""ECE: :math:`\sum_b \frac{|B_b|}{n} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|` over confidence bins."""
+    r"""ECE: :math:`\sum_b \frac{|B_b|}{n} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|` over confidence bins.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import expected_calibration_error
+        >>> probs = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.25, 0.75]])
+        >>> expected_calibration_error(probs, torch.tensor([0, 1, 1]))  # (|2 - 2 · 0.75| + |0 - 0.5|) / 3
+        0.3333333333333333
+    """
     confidence, predicted = probs.max(-1)
     correct = (predicted == labels).double()
     index = (confidence * bins).long().clamp(max=bins - 1)

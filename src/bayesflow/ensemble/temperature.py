@@ -83,8 +83,11 @@ def kinetic_temperature(momenta: TensorTree, mass: Any = 1.0, *, per_chain: bool
         A tree like ``momenta`` with a scalar (or a ``(chains,)`` tensor) per leaf.
 
     Example:
-        >>> m = {"w": torch.randn(8, 100) * 0.5}  # T = 0.25, M = 1
+        >>> import torch
+        >>> from bayesflow.ensemble import kinetic_temperature
+        >>> m = {"w": torch.randn(8, 100, generator=torch.Generator().manual_seed(0)) * 0.5}  # T = 0.25, M = 1
         >>> kinetic_temperature(m)["w"]  # ≈ 0.25 ± 0.25·sqrt(2/800)
+        tensor(0.2609)
     """
     if momenta is None:
         raise ValueError("momenta is None: first-order dynamics (SGLD, SGD) have no kinetic temperature")
@@ -146,8 +149,13 @@ def configurational_terms(
         :class:`ConfigurationalTerms` with ``(S,)`` tensors per leaf.
 
     Example:
-        >>> terms = configurational_terms(log_posterior, {"w": torch.randn(100, 5)}, None)
+        >>> import torch
+        >>> from bayesflow.ensemble import configurational_terms
+        >>> def log_posterior(params, batch):  # a standard Gaussian; no data
+        ...     return -0.5 * (params["w"] ** 2).sum(), None
+        >>> terms = configurational_terms(log_posterior, {"w": torch.randn(3, 5)}, None)  # 3 samples
         >>> terms.laplacian["w"]  # = 5 for U = |w|²/2
+        tensor([5., 5., 5.])
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -232,11 +240,15 @@ def configurational_temperature(
         A tree like ``params`` with a scalar tensor per leaf.
 
     Example:
+        >>> import torch
+        >>> from bayesflow.ensemble import configurational_temperature
         >>> def log_posterior(params, x):
         ...     return torch.distributions.Normal(params["mu"], 1.0).log_prob(x).mean(), None
-        >>> x = torch.randn(100)
-        >>> draws = {"mu": x.mean() + torch.randn(500) / 10}  # the exact posterior: T = 1/100
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(100, generator=g)
+        >>> draws = {"mu": x.mean() + torch.randn(500, generator=g) / 10}  # the exact posterior: T = 1/100
         >>> configurational_temperature(log_posterior, draws, x)  # ≈ 0.01
+        {'mu': tensor(0.0095)}
     """
     terms = configurational_terms(log_posterior, params, batch, num_data=num_data, estimator=estimator,
                                   num_probes=num_probes, generator=generator, chunk_size=chunk_size)
@@ -267,7 +279,13 @@ def virial_temperature(
         A tree like ``params`` with a scalar tensor per leaf.
 
     Example:
-        >>> virial_temperature(log_posterior, {"w": 0.3 * torch.randn(1000, 5)}, None)  # ≈ 0.09
+        >>> import torch
+        >>> from bayesflow.ensemble import virial_temperature
+        >>> def log_posterior(params, batch):  # a standard Gaussian: U = |w|²/2
+        ...     return -0.5 * (params["w"] ** 2).sum(), None
+        >>> w = 0.3 * torch.randn(1000, 5, generator=torch.Generator().manual_seed(0))  # T = 0.3² = 0.09
+        >>> virial_temperature(log_posterior, {"w": w}, None)  # ≈ 0.09
+        {'w': tensor(0.0885)}
     """
     if not isinstance(num_data, (int, float)) or num_data <= 0:
         raise ValueError(f"num_data must be a positive float, got {num_data!r}")

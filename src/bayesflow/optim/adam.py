@@ -129,9 +129,16 @@ def build(
     See :func:`config` for the SDE and the arguments.
 
     Example:
+        >>> import torch
+        >>> from bayesflow.optim import adam
+        >>> def log_posterior(params, batch):  # a standard Gaussian; no data
+        ...     return -0.5 * (params ** 2).sum(), None
+        >>> params, batch = torch.ones(3), None
         >>> transform = adam.build(log_posterior, lr=1e-3, amsgrad=True)
         >>> state = transform.init(params)
         >>> state, aux = transform.update(state, batch, inplace=True)
+        >>> state.params  # as torch.optim.Adam(amsgrad=True) after one step
+        tensor([0.9990, 0.9990, 0.9990])
     """
     return engine_build(log_posterior, config(lr, betas, eps, weight_decay, amsgrad,
                                               temperature=temperature, num_data=num_data, **engine_options))

@@ -135,9 +135,16 @@ def build(
     See :func:`config` for the SDE and the arguments.
 
     Example:
+        >>> import torch
+        >>> from bayesflow.optim import rmsprop
+        >>> def log_posterior(params, batch):  # a standard Gaussian; no data
+        ...     return -0.5 * (params ** 2).sum(), None
+        >>> params, batch = torch.ones(3), None
         >>> transform = rmsprop.build(log_posterior, lr=1e-3, momentum=0.9)
         >>> state = transform.init(params)
         >>> state, aux = transform.update(state, batch, inplace=True)
+        >>> state.params  # as torch.optim.RMSprop after one step
+        tensor([0.9900, 0.9900, 0.9900])
     """
     return engine_build(log_posterior, config(lr, alpha, eps, weight_decay, momentum, centered,
                                               temperature=temperature, num_data=num_data, **engine_options))

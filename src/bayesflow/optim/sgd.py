@@ -142,10 +142,17 @@ def build(
     See :func:`config` for the SDE and the arguments.
 
     Example:
+        >>> import torch
+        >>> from bayesflow.optim import sgd
+        >>> def log_posterior(params, batch):  # a standard Gaussian; no data
+        ...     return -0.5 * (params ** 2).sum(), None
+        >>> params, loader = torch.ones(3), [None] * 5  # five steps; any iterable of batches
         >>> transform = sgd.build(log_posterior, lr=0.1, momentum=0.9, nesterov=True)
         >>> state = transform.init(params)
         >>> for batch in loader:
         ...     state, aux = transform.update(state, batch, inplace=True)
+        >>> state.params  # as torch.optim.SGD after five steps
+        tensor([-0.1046, -0.1046, -0.1046])
     """
     return engine_build(log_posterior, config(lr, momentum, dampening, nesterov, weight_decay,
                                               temperature=temperature, num_data=num_data, **engine_options))

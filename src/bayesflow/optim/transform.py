@@ -15,10 +15,18 @@ and returns :math:`θ_{t+1} - θ_t`; the engine keeps its own copy of θ in ``op
 copy with the caller's parameters every step (torchopt's ``Optimizer`` does).
 
 Example:
+    >>> import torch
+    >>> import torchopt
+    >>> import bayesflow.optim
+    >>> def loss_fn(params):
+    ...     return 0.5 * (params[0] ** 2).sum()
+    >>> params = (torch.ones(3, requires_grad=True),)
     >>> tx = bayesflow.optim.adam.transformation(lr=1e-3)        # or torchopt.adam(lr=1e-3)
     >>> opt_state = tx.init(params)
     >>> grads = torch.autograd.grad(loss_fn(params), params)
     >>> updates, opt_state = tx.update(grads, opt_state, params=params, inplace=False)
+    >>> updates  # Adam's first step: -lr · sign(gradient)
+    (tensor([-0.0010, -0.0010, -0.0010]),)
     >>> params = torchopt.apply_updates(params, updates, inplace=False)
 
 To use one in ``torchopt.Optimizer``, wrap it: ``torchopt.Optimizer(model.parameters(),
@@ -43,7 +51,18 @@ __all__ = ["GradientTransformation", "as_gradient_transformation"]
 
 
 class GradientTransformation(NamedTuple):
-    """``(init, update)`` with torchopt's signatures (see the module docstring)."""
+    """``(init, update)`` with torchopt's signatures (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.optim import GradientTransformation, sgd
+        >>> tx = sgd.transformation(lr=0.1)
+        >>> isinstance(tx, GradientTransformation)
+        True
+        >>> updates, opt_state = tx.update([torch.ones(2)], tx.init([torch.zeros(2)]))
+        >>> updates
+        [tensor([-0.1000, -0.1000])]
+    """
 
     init: Callable[..., SDEState]
     update: Callable[..., tuple[TensorTree, SDEState]]
@@ -68,6 +87,14 @@ def as_gradient_transformation(config: SDEConfig) -> GradientTransformation:
         loss gradients (a tree like params; None leaves count as zero) to increments. With
         ``inplace=True`` the increments are written into the ``updates`` tensors and the state is
         advanced in place, as torchopt does.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.optim import adam, as_gradient_transformation
+        >>> tx = as_gradient_transformation(adam.config(lr=1e-2))
+        >>> updates, opt_state = tx.update({"w": torch.ones(3)}, tx.init({"w": torch.zeros(3)}), inplace=False)
+        >>> updates["w"]  # Adam's first step: -lr · sign(gradient)
+        tensor([-0.0100, -0.0100, -0.0100])
     """
     integrator = config.integrator
     if not integrator.evaluates_at_start() or integrator.caches_gradient:
