@@ -10,6 +10,8 @@ A :class:`Block` maps ``(row, column)`` component pairs to operators; the drift 
 so that :math:`dθ = C M^{-1} m\,dt` and :math:`dm = (C^\top \nabla ℓ/N - D_m M^{-1} m)\,dt + \dots`.
 
 Example (SGHMC with friction γ):
+    >>> from bayesflow.engine import Block, Scalar, hamiltonian_curl
+    >>> gamma = 0.5
     >>> D = Block({("momenta", "momenta"): Scalar(gamma)})
     >>> Q = hamiltonian_curl(Scalar(1.0))
 """

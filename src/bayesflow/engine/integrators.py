@@ -13,6 +13,7 @@ r"""Integrators: how one step of length h advances the extended state.
   one gradient evaluation per step.
 
 Example:
+    >>> from bayesflow.engine import Splitting
     >>> integrator = Splitting("BAOAB")
     >>> integrator.weak_order
     2

@@ -14,6 +14,7 @@ Operators here act on one component (or one block of a :class:`~bayesflow.engine
 Constant operators carry no state; :mod:`bayesflow.engine.preconditioners` adds stateful diagonals.
 
 Example:
+    >>> import torch
     >>> from bayesflow.engine import operators as ops
     >>> D = ops.Scalar(1.0)                                   # SGLD's identity diffusion
     >>> Q = ops.Dense(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))  # a rotation on flat 2-D params

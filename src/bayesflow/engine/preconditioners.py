@@ -18,6 +18,7 @@ P itself (:meth:`SquaredGradientAverage.values`) is computed when an operator fi
 that it can be written into memory that is free by then (see ``Context.values``).
 
 Example:
+    >>> from bayesflow.engine import Preconditioned, SquaredGradientAverage
     >>> rms = SquaredGradientAverage(decay=0.99, eps=1e-8)
     >>> D = Preconditioned(rms, power=-1.0)   # pSGLD: D = diag(1 / (sqrt(v) + eps))
 """

@@ -4,6 +4,7 @@ Schedules are small value objects (printable, comparable) so an engine configura
 Anything callable ``step -> float`` is accepted too.
 
 Example (cyclical SGLD, Zhang et al. 2020):
+    >>> from bayesflow.engine import Cyclical
     >>> h = Cyclical(initial=1e-2, period=1000)          # cosine step size restarting every 1000 steps
     >>> T = Cyclical(initial=1e-4, period=1000, exploration=0.8, floor=0.0)  # T = 0 for the first 80%
 """

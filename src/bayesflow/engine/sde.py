@@ -8,6 +8,8 @@ with ℓ the user's ``log_posterior`` (per datum, posteriors' convention), T the
 (T = 1/num_data samples the posterior, T = 0 optimizes) and Γᵢ = Σⱼ ∂ⱼ(Dᵢⱼ + Qᵢⱼ).
 
 Example:
+    >>> import torch
+    >>> from bayesflow.engine import SDEConfig, build
     >>> def log_posterior(params, batch):
     ...     return -0.5 * (params**2).sum(), None
     >>> transform = build(log_posterior, SDEConfig(step_size=0.1, temperature=1.0))  # SGLD

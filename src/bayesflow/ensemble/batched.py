@@ -20,6 +20,10 @@ CNN runs within 10 % of both, the convolutions' arithmetic dominating).
 Use it in a log posterior for ``vectorize="batched"`` (see :func:`bayesflow.ensemble.lift`).
 
 Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from bayesflow.ensemble import batched_forward, deep_ensemble, replicate
+    >>> from bayesflow.optim import sgd
     >>> model = torch.nn.Sequential(torch.nn.Linear(64, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10))
     >>> forward = batched_forward(model)
     >>> params = replicate(dict(model.named_parameters()), 16, perturbation=0.1, seed=0)
@@ -29,6 +33,11 @@ Example:
     ...     nll = F.cross_entropy(logits.flatten(0, 1), y.repeat(16), reduction="none")
     ...     return -nll.view(16, -1).mean(1), None
     >>> ensemble = deep_ensemble(sgd.build(log_posterior, lr=1e-2), 16, vectorize="batched")
+    >>> g = torch.Generator().manual_seed(0)
+    >>> batch = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+    >>> state, aux = ensemble.update(ensemble.init(params), batch)
+    >>> state.params["0.weight"].shape
+    torch.Size([16, 100, 64])
 """
 
 from __future__ import annotations

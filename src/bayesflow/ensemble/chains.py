@@ -11,11 +11,19 @@ batched run seeded ``s`` reproduces a single-chain run seeded ``s + k``.
 * a tensor of K temperatures runs a temperature sweep (the cold-posterior curve) in one run.
 
 Example:
+    >>> import torch
+    >>> from bayesflow.ensemble import lift, replicate
     >>> from bayesflow.sgmcmc import sghmc
+    >>> def log_posterior(params, batch):  # a Gaussian mean, per datum
+    ...     return -0.5 * ((batch - params) ** 2).sum(-1).mean(), None
+    >>> batch = torch.randn(100, 3, generator=torch.Generator().manual_seed(0))
+    >>> num_data, params = len(batch), torch.zeros(3)
     >>> single = sghmc.build(log_posterior, lr=1e-3, temperature=1 / num_data)
     >>> ensemble = lift(single, num_chains=8)
     >>> state = ensemble.init(replicate(params, 8, perturbation=0.1, seed=0), seed=0)
     >>> state, aux = ensemble.update(state, batch)       # all 8 chains, one batched step
+    >>> state.params.shape
+    torch.Size([8, 3])
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ Samples are tensors shaped ``(chains, draws, *param_shape)`` or any tree of them
 traces); every function returns the same tree with one value per parameter.
 
 Example:
+    >>> import torch
+    >>> from bayesflow.ensemble import ess, rhat
     >>> samples = {"w": torch.randn(4, 1000, 10, 3), "b": torch.randn(4, 1000)}
     >>> rhat(samples)["w"].shape, ess(samples)["b"].shape
     (torch.Size([10, 3]), torch.Size([]))

@@ -20,12 +20,20 @@ Every update is a handful of ``torch._foreach_*`` calls over the leaves; leaves 
 dimension (moments are elementwise, so each chain gets its own).
 
 Example:
+    >>> import torch
+    >>> from bayesflow.ensemble.moments import running_moments, sample
+    >>> from bayesflow.sgmcmc import sgld
+    >>> transform = sgld.build(lambda params, batch: (-0.5 * (params["w"] ** 2).sum(), None), lr=1e-2)
+    >>> params, batch = {"w": torch.zeros(3)}, None
+    >>> chain = transform.init(params, seed=0)
     >>> moments = running_moments(max_rank=20)
     >>> state = moments.init(params)
     >>> for _ in range(1000):
     ...     chain, _ = transform.update(chain, batch)
     ...     state, _ = moments.update(state, chain.params, inplace=True)
     >>> draws = sample(state, torch.Generator().manual_seed(0), num_samples=30)
+    >>> draws["w"].shape
+    torch.Size([30, 3])
 """
 
 from __future__ import annotations

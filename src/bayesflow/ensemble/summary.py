@@ -1,8 +1,12 @@
 """Summaries of R-hat and ESS for large models, and export to ArviZ.
 
 Example:
-    >>> table = summary({"w": torch.randn(4, 1000, 10, 3)})
-    >>> print(format_summary(table))
+    >>> import torch
+    >>> from bayesflow.ensemble import format_summary, summary
+    >>> table = summary({"w": torch.randn(4, 1000, 10, 3, generator=torch.Generator().manual_seed(0))})
+    >>> print(format_summary(table))  # doctest: +ELLIPSIS
+    leaf  size  rhat_max  rhat_q05  rhat_q50  ...
+    w     30    1.00...
 """
 
 from __future__ import annotations

@@ -11,11 +11,23 @@ posterior predictive :math:`\bar p(y|x) = \frac1S\sum_s p(y|x,θ_s)`, from which
 With ``common_random_numbers`` replica j of every temperature shares one noise stream, so the
 differences between temperatures are not swamped by Monte-Carlo noise.
 
-Example:
+Example (a linear 3-class model ``w`` of shape (2, 3) on toy data):
+    >>> import torch
+    >>> from bayesflow.ensemble import plot_sweep, sweep
+    >>> from bayesflow.sgmcmc import sghmc
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x, y = torch.randn(64, 2, generator=g), torch.randint(0, 3, (64,), generator=g)
+    >>> train_batches, (x_val, y_val), params = [(x[:32], y[:32])], (x[32:], y[32:]), torch.zeros(2, 3)
+    >>> def model_logits(w, inputs):
+    ...     return inputs @ w
+    >>> def log_posterior(w, batch):
+    ...     return -torch.nn.functional.cross_entropy(model_logits(w, batch[0]), batch[1]), None
     >>> rows = sweep(sghmc.build(log_posterior, lr=1e-2), temperatures=[0.0, 1e-3, 1e-2],
-    ...              params=params, train=train_batches, steps=2000, predict=model_logits,
-    ...              validation=[(x_val, y_val)])
-    >>> plot_sweep(rows, "log_likelihood", path="cold_posterior.png")
+    ...              params=params, train=train_batches, steps=200, predict=model_logits,
+    ...              validation=[(x_val, y_val)], progress=False)
+    >>> [row["temperature"] for row in rows]
+    [0.0, 0.001, 0.01]
+    >>> figure = plot_sweep(rows, "log_likelihood")  # path="cold_posterior.png" saves it
 """
 
 from __future__ import annotations

@@ -24,10 +24,13 @@ kinetic check sees the momenta (the thermostat); the configurational ones see th
 the samples are actually distributed as (a stochastic-gradient or discretisation bias shows up here).
 
 Example:
+    >>> import torch
+    >>> from bayesflow.ensemble import configurational_temperature
     >>> def log_posterior(params, batch):
     ...     return -0.5 * (params["w"] ** 2).sum(), None
-    >>> samples = {"w": 0.3 * torch.randn(1000, 5)}  # N(0, T) with T = 0.09
-    >>> configurational_temperature(log_posterior, samples, None)  # {"w": ≈ 0.09}
+    >>> samples = {"w": 0.3 * torch.randn(1000, 5, generator=torch.Generator().manual_seed(0))}  # N(0, T), T = 0.09
+    >>> configurational_temperature(log_posterior, samples, None)  # ≈ 0.09
+    {'w': tensor(0.0885)}
 """
 
 from __future__ import annotations
