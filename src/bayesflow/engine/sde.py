@@ -277,7 +277,8 @@ class _Engine:
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            return self._advance(state, params, gradient_fn, inplace, caller_gradient=True)
+            return self._advance(state, params, gradient_fn, inplace, caller_gradient=True,
+                                 value_given=log_posterior is not None)
         finally:
             torch._C._set_grad_enabled(enabled)
 
@@ -299,7 +300,7 @@ class _Engine:
         return leaves
 
     def _advance(self, state: SDEState, params: list, gradient_fn, inplace: bool,
-                 caller_gradient: bool = False) -> SDEState:
+                 caller_gradient: bool = False, value_given: bool = True) -> SDEState:
         config = self.config
         step = int(state.step)
         temperature = self._fixed_temperature
@@ -314,7 +315,7 @@ class _Engine:
             z["momenta"] = Accumulator(self._flatten_like_params(state.momenta, "state.momenta"), inplace)
         if state.xi is not None:
             z["xi"] = Accumulator([state.xi], inplace)
-        checked = self._checked(gradient_fn, step, inplace, caller_gradient)
+        checked = self._checked(gradient_fn, step, inplace, caller_gradient, value_given)
         cache = list(state.gradient) if (state.gradient and not caller_gradient) else None
         inputs = StepInputs(temperature, h, self.noise, checked, cache)
         ctx = Context(z, step, {}, self.numel, self.buffers)
@@ -380,11 +381,11 @@ class _Engine:
             rng=rng,
         )
 
-    def _checked(self, gradient_fn, step, inplace, caller_gradient):
+    def _checked(self, gradient_fn, step, inplace, caller_gradient, value_given=True):
         mode, policy = self.config.check_finite, self.config.on_nonfinite
         if mode == "auto":
             mode = "value" if caller_gradient else "full"
-        if mode == "none":
+        if mode == "none" or (mode == "value" and not value_given):  # nothing to test
             return gradient_fn
 
         full, small = mode == "full", self.layout.small
