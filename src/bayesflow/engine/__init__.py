@@ -12,7 +12,8 @@ from bayesflow.engine.integrators import (
     SemiImplicitEuler,
     Splitting,
 )
-from bayesflow.engine.operators import Dense, Diagonal, Function, Operator, Scalar, Zero
+from bayesflow.engine.matrices import Dense, Function
+from bayesflow.engine.operators import Diagonal, Operator, Scalar, Zero
 from bayesflow.engine.preconditioners import Preconditioned, SquaredGradientAverage
 from bayesflow.engine.schedules import BiasCorrection, Constant, Cyclical, FirstStep
 from bayesflow.engine.sde import build

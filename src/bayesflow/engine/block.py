@@ -24,7 +24,8 @@ import torch
 
 from bayesflow.engine.accumulator import Accumulator, Leaves
 from bayesflow.engine.context import COMPONENTS, Context, split_like
-from bayesflow.engine.operators import Dense, Operator, Scalar, Zero, _check_matrix, _psd_sqrt
+from bayesflow.engine.matrices import Dense, _check_matrix, _psd_sqrt
+from bayesflow.engine.operators import Operator, Scalar, Zero
 
 __all__ = ["Block", "JointDiffusion", "ThermostatCoupling", "as_block", "hamiltonian_curl"]
 

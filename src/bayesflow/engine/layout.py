@@ -14,8 +14,8 @@ import torch
 
 from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.gradients import Aliases
+from bayesflow.engine.matrices import Function
 from bayesflow.engine.noise import NoiseStream
-from bayesflow.engine.operators import Function
 from bayesflow.engine.system import System
 from bayesflow.engine.validation import SMALL_CHECK_NUMEL, check_params, resolve_num_data
 

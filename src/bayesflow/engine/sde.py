@@ -33,7 +33,7 @@ from bayesflow.engine.layout import Layout
 from bayesflow.engine.schedules import Constant, as_schedule, is_zero
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import GradientNotAvailable, StepInputs
-from bayesflow.engine.validation import check_finite, check_params
+from bayesflow.engine.validation import Rejected, check_params, checked_gradient
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogPosterior, Transform
 
@@ -45,10 +45,6 @@ _SHAPE = operator.attrgetter("shape")
 MAX_LAYOUTS = 8
 """Parameter layouts a transform keeps (each holds scratch buffers the size of its parameters);
 a state of an evicted layout still advances: its layout is rebuilt."""
-
-
-class _Rejected(Exception):
-    pass
 
 
 def _fixed(schedule):
@@ -315,7 +311,8 @@ class _Engine:
             z["momenta"] = Accumulator(self._flatten_like_params(state.momenta, "state.momenta"), inplace)
         if state.xi is not None:
             z["xi"] = Accumulator([state.xi], inplace)
-        checked = self._checked(gradient_fn, step, inplace, caller_gradient, value_given)
+        checked = checked_gradient(gradient_fn, self.config, self.spec, self.layout.small, step, inplace,
+                                   caller_gradient, value_given)
         cache = list(state.gradient) if (state.gradient and not caller_gradient) else None
         inputs = StepInputs(temperature, h, self.noise, checked, cache)
         ctx = Context(z, step, {}, self.numel, self.buffers)
@@ -328,7 +325,7 @@ class _Engine:
                     self.system.potential(ctx, inputs)  # ∇ℓ(θ_t) before the decay (AdamW; as in step)
                 z["params"].mul(1.0 - config.decoupled_weight_decay)
             config.integrator.advance(self.system, ctx, inputs, self.scales)
-        except _Rejected:
+        except Rejected:
             return state._replace(step=state.step + 1) if not inplace else state._replace(step=state.step.add_(1))
         return self._finish(state, spec, ctx, inputs, preconditioner, inplace)
 
@@ -380,25 +377,3 @@ class _Engine:
             gradient=gradient,
             rng=rng,
         )
-
-    def _checked(self, gradient_fn, step, inplace, caller_gradient, value_given=True):
-        mode, policy = self.config.check_finite, self.config.on_nonfinite
-        if mode == "auto":
-            mode = "value" if caller_gradient else "full"
-        if mode == "none" or (mode == "value" and not value_given):  # nothing to test
-            return gradient_fn
-
-        full, small = mode == "full", self.layout.small
-
-        def checked(leaves):
-            grads, value, owned = gradient_fn(leaves)
-            problem = check_finite(value, grads if full else None, self.spec, step, small)
-            if problem is not None:
-                mid_step = self.config.integrator.caches_gradient or not (
-                    self.config.integrator.evaluates_at_start())
-                if policy == "reject" and not (inplace and mid_step):
-                    raise _Rejected()
-                raise FloatingPointError(problem)
-            return grads, value, owned
-
-        return checked

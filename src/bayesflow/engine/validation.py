@@ -99,3 +99,36 @@ def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int
              optree.tree_paths(optree.tree_unflatten(spec, grads), none_is_leaf=False, namespace="bayesflow")]
     bad = [paths[i] for i in bad_leaves]
     return f"gradient of the log posterior is not finite at step {step} in leaf {bad[0]!r} (all: {bad})"
+
+
+class Rejected(Exception):
+    """A non-finite step refused under ``on_nonfinite="reject"`` (the engine returns the input state)."""
+
+
+def checked_gradient(gradient_fn, config, spec, small: bool, step: int, inplace: bool, caller_gradient: bool,
+                     value_given: bool = True):
+    """``gradient_fn`` wrapped with the configured finiteness test (or itself when nothing is tested).
+
+    ``check_finite="auto"`` tests the value and every gradient leaf in ``update`` and the value only
+    in ``step`` (the caller computed the gradient); a failure raises a FloatingPointError naming the
+    step and the leaf, or :class:`Rejected` under ``on_nonfinite="reject"`` — except mid-step of an
+    in-place integrator that evaluates later in the step, where the state is already written.
+    """
+    mode, policy = config.check_finite, config.on_nonfinite
+    if mode == "auto":
+        mode = "value" if caller_gradient else "full"
+    if mode == "none" or (mode == "value" and not value_given):  # nothing to test
+        return gradient_fn
+    full = mode == "full"
+
+    def checked(leaves):
+        grads, value, owned = gradient_fn(leaves)
+        problem = check_finite(value, grads if full else None, spec, step, small)
+        if problem is not None:
+            mid_step = config.integrator.caches_gradient or not config.integrator.evaluates_at_start()
+            if policy == "reject" and not (inplace and mid_step):
+                raise Rejected()
+            raise FloatingPointError(problem)
+        return grads, value, owned
+
+    return checked
