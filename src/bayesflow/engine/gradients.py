@@ -116,6 +116,16 @@ def require_graph(value: torch.Tensor) -> None:
                          "values, or from tensors other than the params passed in?")
 
 
+def _requiring_grad(leaves: list, aliases: Aliases | None) -> list:
+    """Leaves autograd differentiates with respect to: the kept aliases, or fresh ones."""
+    return [leaf.detach().requires_grad_(True) for leaf in leaves] if aliases is None else aliases.of(leaves)
+
+
+def _materialized(grads, leaves: list) -> list:
+    """Zeros for the leaves the log posterior does not use (autograd returns None for them)."""
+    return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+
+
 def autograd_gradient(log_posterior, spec, batch, chains: int | None, aux_box: list, aliases: Aliases | None = None):
     """Plain autograd on fresh leaves sharing the parameters' memory (no ``torch.func`` per-call cost).
 
@@ -125,7 +135,7 @@ def autograd_gradient(log_posterior, spec, batch, chains: int | None, aux_box: l
     same tensors (in-place steps of a small model, where making them is a visible cost).
     """
     def gradient_fn(leaves):
-        detached = [leaf.detach().requires_grad_(True) for leaf in leaves] if aliases is None else aliases.of(leaves)
+        detached = _requiring_grad(leaves, aliases)
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(True)  # the engine steps under no_grad; torch.enable_grad() costs µs
         try:
@@ -136,7 +146,7 @@ def autograd_gradient(log_posterior, spec, batch, chains: int | None, aux_box: l
             torch._C._set_grad_enabled(enabled)
             if aliases is not None:
                 aliases.check_hooks()
-        grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+        grads = _materialized(grads, leaves)
         aux_box[0] = aux
         return grads, value.detach(), True
 
@@ -169,7 +179,7 @@ def vmapped_gradient(log_posterior, spec, batch, chains: int, aux_box: list, ali
     batched = torch.func.vmap(single)
 
     def gradient_fn(leaves):
-        detached = [leaf.detach().requires_grad_(True) for leaf in leaves] if aliases is None else aliases.of(leaves)
+        detached = _requiring_grad(leaves, aliases)
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(True)
         try:
@@ -180,16 +190,13 @@ def vmapped_gradient(log_posterior, spec, batch, chains: int, aux_box: list, ali
                                            held[0])
             else:
                 value, aux = out
-            if value.shape != (chains,):
-                raise ValueError(f"log_posterior must return one number per chain, got shape "
-                                 f"{tuple(value.shape[1:])} per chain")
-            require_graph(value)
+            require_graph(value)  # (its shape, one value per chain, was checked inside the map)
             grads = gradient(value.sum(), detached)
         finally:
             torch._C._set_grad_enabled(enabled)
             if aliases is not None:
                 aliases.check_hooks()
-        grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+        grads = _materialized(grads, leaves)
         aux_box[0] = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
         return grads, value.detach(), True
 
