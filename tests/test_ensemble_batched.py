@@ -123,4 +123,6 @@ def test_gradients_through_convolutions_and_layer_norms_equal_vmaps(name):
     ours = torch.autograd.grad(((batched_forward(model)(params, x) - target) ** 2).sum(), list(params.values()))
     theirs = torch.autograd.grad(((vmapped(model, params, x) - target) ** 2).sum(), list(params.values()))
     for key, a, b in zip(params, ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+        # float32 sums of different orders (grouped convolution vs vmap): round-off ~1e-7 of the leaf's
+        # scale, so entries near zero need an absolute tolerance on that scale (1e-6 flaked on AMD CPUs)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()), msg=key)

@@ -221,7 +221,7 @@ def test_summary_reports_quantiles_over_parameters():
     assert row["size"] == 20 and row["rhat_nan"] == 1
     assert row["rhat_max"] == pytest.approx(r.nanquantile(1.0).item(), rel=1e-12)
     assert row["rhat_q50"] == pytest.approx(r.nanquantile(0.5).item(), rel=1e-12)
-    assert row["frac_rhat_above"] == pytest.approx(1 / 20)  # the stuck chain's parameter only (NaN > t is False)
+    assert row["frac_rhat_above"] == pytest.approx(2 / 20)  # the stuck chain's parameter and the NaN (constant) one
     assert row["ess_bulk_min"] == pytest.approx(ess(x[..., :20]).min().item(), rel=1e-12)
     assert row["ess_tail_q05"] <= row["ess_tail_q50"] <= row["ess_tail_q95"]
     assert table["bias"]["rhat_max"] < 1.05
@@ -539,3 +539,96 @@ def test_swag_sample_errors():
         running_moments(max_rank=-1)
     with pytest.raises(ValueError, match="structure"):
         moments.update(state, {"w": torch.ones(2)})
+
+
+# --------------------------------------------------------------------------- chains stuck at different values
+
+
+STUCK_METHODS = ("rank", "z_scale", "folded", "split", "identity")
+
+
+def test_rhat_of_chains_stuck_at_different_values_is_inf():
+    """W = 0 < B reads +inf in every method (ArviZ: ~9e15 from round-off); the reported case gave NaN."""
+    x = torch.zeros(4, 200)
+    x[2:] = 1
+    assert rhat(x).item() == math.inf  # was NaN: max(inf, NaN of the constant fold)
+    assert rhat(x.double()).item() == math.inf and rhat(x.double()).dtype == F64
+    for method in ("rank", "z_scale", "split", "identity"):
+        assert rhat(x, method).item() == math.inf, method
+    assert math.isnan(rhat(x, "folded").item())  # |θ − 1/2| = 1/2 everywhere: the folded draws are constant
+    uneven = torch.tensor([0.0, 0.0, 1.0, 3.0], dtype=F64).view(4, 1).expand(4, 200)  # folds 1/2, 1/2, 1/2, 5/2
+    for method in STUCK_METHODS:
+        assert rhat(uneven, method).item() == math.inf, method
+    odd = torch.tensor([0.1, 0.3, 0.3], dtype=torch.float32).view(3, 1).expand(3, 1001)  # no exact round-off
+    for method in STUCK_METHODS:
+        assert rhat(odd, method).item() == math.inf, method
+    one = torch.cat([torch.zeros(1, 100), torch.ones(1, 100)], dim=1)  # one chain, its halves stuck apart
+    assert rhat(one).item() == math.inf and rhat(one, "split").item() == math.inf
+
+
+def test_rhat_stuck_constant_and_mixed_parameters_in_one_leaf():
+    """Per parameter: mixed -> finite ≈ 1, stuck apart -> inf, constant -> NaN, one stuck chain among moving
+    ones -> finite and large (W > 0), non-finite draw -> NaN; trees and chunks do not change it."""
+    x = ar1(4, 200, 7, 0.3, seed=21)
+    x[:1, :, 1], x[1:, :, 1] = -1.0, 2.0  # stuck apart (1 : 3, so not symmetric about the median for 'folded')
+    x[..., 2] = 5.0  # constant
+    x[0, :, 3] = 7.0  # one chain stuck far away, the others move
+    x[:, :, 4] = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=F64).view(4, 1)  # four chains at four values
+    x[1, 3, 5] = math.inf  # non-finite
+    x[:2, :, 6], x[2:, :, 6] = 0.0, 1.0  # stuck 2 : 2 — 'folded' alone is NaN here, 'rank' must stay inf
+    for method in STUCK_METHODS:
+        r = rhat(x, method)
+        assert r[1] == math.inf and r[4] == math.inf, (method, r)
+        assert math.isnan(r[2]) and math.isnan(r[5]), (method, r)
+        assert torch.isfinite(r[[0, 3]]).all() and r[3] > 1.1, (method, r)
+    r = rhat(x)
+    assert abs(r[0].item() - 1) < 0.05 and r[6] == math.inf and math.isnan(rhat(x, "folded")[6])
+    torch.testing.assert_close(rhat({"a": {"b": x}}, chunk_size=2)["a"]["b"], r, rtol=0, atol=0, equal_nan=True)
+
+
+def test_rhat_rank_takes_the_fmax_of_bulk_and_tail():
+    """'rank' = fmax(z_scale, folded): equal to the larger where both are numbers, inf where one is inf and the
+    other NaN, NaN only where both are NaN."""
+    x = ar1(4, 100, 4, 0.5, seed=4)
+    x[0, :, 1] += 4.0
+    x[:2, :, 2], x[2:, :, 2] = 0.0, 1.0  # bulk inf, tail NaN
+    x[..., 3] = 1.0  # both NaN
+    bulk, tail, rank = rhat(x, "z_scale"), rhat(x, "folded"), rhat(x)
+    assert rank[0] == max(bulk[0], tail[0]) and rank[1] == max(bulk[1], tail[1])
+    assert bulk[2] == math.inf and math.isnan(tail[2]) and rank[2] == math.inf
+    assert math.isnan(bulk[3]) and math.isnan(tail[3]) and math.isnan(rank[3])
+
+
+def test_ess_of_chains_stuck_at_different_values():
+    """ρ̂_t = 1 at every lag (acov = 0 = W, V̂⁺ = Var of the chain means): τ̂ = 4⌊(n − 3)/2⌋ after splitting,
+    so ESS = S / τ̂ ≈ the number of chains; a constant parameter keeps ESS = S."""
+    x = torch.zeros(4, 200, dtype=F64)
+    x[2:] = 1
+    for method in ("bulk", "tail", "mean"):
+        assert ess(x, method).item() == pytest.approx(800 / (4 * ((100 - 3) // 2)), rel=1e-12), method
+    a = np.zeros((4, 200))
+    a[2:] = 1
+    assert ess(x).item() == pytest.approx(_ref_ess(_ref_z_scale(_ref_split(a))), rel=1e-12)  # the loop agrees
+    assert ess(torch.ones(4, 200, dtype=F64)).item() == 800
+
+
+def test_summary_flags_inf_and_nan_rhat():
+    """Stuck (inf) and constant / non-finite (NaN) parameters count in frac_rhat_above; rhat_max is inf; the
+    quantiles over the remaining values keep inf (torch.nanquantile would give NaN) and skip the NaNs."""
+    x = torch.zeros(4, 200)
+    x[2:] = 1
+    row = summary(x)["params"]
+    assert row["rhat_max"] == math.inf and row["frac_rhat_above"] == 1.0 and row["rhat_nan"] == 0
+    assert row["rhat_q50"] == math.inf
+    mixed = ar1(4, 200, 10, 0.0, seed=8)
+    mixed[:2, :, 0], mixed[2:, :, 0] = 0.0, 1.0  # inf
+    mixed[..., 1] = 3.0  # NaN
+    mixed[2, 5, 2] = math.nan  # NaN
+    row = summary({"w": mixed}, quantiles=(0.0, 0.5, 1.0))["w"]
+    r = rhat(mixed)
+    assert row["rhat_nan"] == 2 and row["frac_rhat_above"] == pytest.approx(3 / 10)
+    assert row["rhat_max"] == math.inf and row["rhat_q100"] == math.inf
+    assert row["rhat_q00"] == pytest.approx(r[3:].min().item(), rel=1e-12)
+    finite = r[3:].sort().values  # 7 finite values below the inf: the median of the 8 is the mean of the 4th, 5th
+    assert row["rhat_q50"] == pytest.approx(((finite[3] + finite[4]) / 2).item(), rel=1e-12)
+    assert "inf" in format_summary({"w": row})

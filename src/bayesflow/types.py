@@ -13,6 +13,18 @@ TensorTree: TypeAlias = Any
 LogPosterior: TypeAlias = Callable[[TensorTree, Any], tuple[torch.Tensor, Any]]
 """``log_posterior(params, batch) -> (value, aux)`` with ``value`` the log posterior per datum."""
 
+LogProbFn: TypeAlias = LogPosterior
+"""posteriors' name for :data:`LogPosterior`: ``fn(params, batch) -> (value, aux)``."""
+
+ForwardFn: TypeAlias = Callable[[TensorTree, Any], tuple[torch.Tensor, Any]]
+"""``forward(params, batch) -> (output, aux)``: a model's output (posteriors' name)."""
+
+OuterLogProbFn: TypeAlias = Callable[[torch.Tensor, Any], torch.Tensor]
+"""``outer_log_likelihood(output, batch) -> value``: a log likelihood of a model's output (posteriors' name)."""
+
+TensorLike: TypeAlias = float | int | bool | torch.Tensor
+"""A number or a tensor."""
+
 Schedule: TypeAlias = Callable[[int], float]
 """A function of the step count returning a float (step size or temperature schedules)."""
 

@@ -4,7 +4,7 @@ See :mod:`bayesflow.engine.sde` for the equation and conventions.
 """
 
 from bayesflow.engine.block import Block, ThermostatCoupling, as_block, hamiltonian_curl
-from bayesflow.engine.config import SDEConfig
+from bayesflow.engine.config import SDEConfig, preset
 from bayesflow.engine.integrators import (
     EulerMaruyama,
     Integrator,
@@ -12,6 +12,7 @@ from bayesflow.engine.integrators import (
     SemiImplicitEuler,
     Splitting,
 )
+from bayesflow.engine.lattice import LatticeRandomWalk
 from bayesflow.engine.matrices import Dense, Function
 from bayesflow.engine.operators import Diagonal, Operator, Scalar, Zero
 from bayesflow.engine.preconditioners import Preconditioned, SquaredGradientAverage
@@ -32,6 +33,7 @@ __all__ = [
     "Function",
     "GradientNotAvailable",
     "Integrator",
+    "LatticeRandomWalk",
     "Nesterov",
     "Operator",
     "Preconditioned",
@@ -46,4 +48,5 @@ __all__ = [
     "as_block",
     "build",
     "hamiltonian_curl",
+    "preset",
 ]

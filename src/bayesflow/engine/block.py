@@ -24,7 +24,7 @@ import torch
 
 from bayesflow.engine.accumulator import Accumulator, Leaves
 from bayesflow.engine.context import COMPONENTS, Context, split_like
-from bayesflow.engine.matrices import Dense, _check_matrix, _psd_sqrt
+from bayesflow.engine.matrices import Dense, _check_matrix, _psd_sqrt, check_finite_matrix
 from bayesflow.engine.operators import Operator, Scalar, Zero
 
 __all__ = ["Block", "JointDiffusion", "ThermostatCoupling", "as_block", "hamiltonian_curl"]
@@ -75,6 +75,7 @@ class Block:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] % len(components):
             raise ValueError(f"Block.dense needs a square matrix whose size is a multiple of {len(components)} "
                              f"(one d×d block per component pair), got shape {tuple(matrix.shape)}")
+        check_finite_matrix(matrix, "Block.dense")
         d = matrix.shape[0] // len(components)
         parts = {(row, column): matrix[i * d:(i + 1) * d, j * d:(j + 1) * d]
                  for i, row in enumerate(components) for j, column in enumerate(components)}

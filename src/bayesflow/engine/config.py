@@ -7,14 +7,17 @@ transform. Configurations print, compare, and can be edited with :func:`dataclas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from bayesflow.engine.block import Block, as_block
 from bayesflow.engine.integrators import EulerMaruyama, Integrator, Splitting
 from bayesflow.engine.operators import Operator, Scalar
 
-__all__ = ["SDEConfig"]
+__all__ = ["SDEConfig", "preset"]
 
 CHECKS = ("auto", "full", "value", "none")
 POLICIES = ("raise", "reject")
@@ -46,6 +49,9 @@ class SDEConfig:
             (default) is "full" in ``update``, where the engine calls the user's log posterior, and
             "value" in ``step``, whose caller computed the gradient (and its checks, e.g. GradScaler).
         on_nonfinite: "raise" a FloatingPointError naming step and leaf, or "reject" the step.
+        recipe: set by presets (:func:`preset`): the preset's ``config`` with its arguments bound, so
+            that an overridden temperature or learning rate (ensembles, sweeps) is configured *by the
+            preset* — with its schedules and corrections — instead of written over them. Not compared.
 
     Example (SGHMC with friction γ = 0.1, and the same dynamics as an optimizer at T = 0):
         >>> from dataclasses import replace
@@ -71,6 +77,7 @@ class SDEConfig:
     momenta_init: Literal["temperature", "zero"] = "temperature"
     check_finite: Literal["auto", "full", "value", "none"] = "auto"
     on_nonfinite: Literal["raise", "reject"] = "raise"
+    recipe: Callable[..., SDEConfig] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         for name, value, allowed in (("check_finite", self.check_finite, CHECKS),
@@ -107,6 +114,9 @@ class SDEConfig:
     def validate(self) -> None:
         """Checks that need no parameters (operator shapes are checked at ``init``)."""
         components = self.components
+        check = getattr(self.integrator, "validate", None)
+        if check is not None:  # what an integrator needs of the operators (the lattice walk: a diagonal D)
+            check(self)
         if isinstance(self.integrator, Splitting):
             if "momenta" not in components or ("params", "momenta") not in self.curl_block.blocks:
                 raise ValueError(f"splitting integrator {self.integrator.word!r} needs momenta coupled to params "
@@ -118,3 +128,32 @@ class SDEConfig:
             preconditioned = self.diffusion_block.preconditioners() + self.curl_block.preconditioners()
             if preconditioned and not self.integrator.evaluates_at_start():
                 raise ValueError("a preconditioned splitting word must kick (B) before it drifts (A)")
+
+
+def preset(config_fn: Callable[..., SDEConfig]) -> Callable[..., SDEConfig]:
+    """Decorate a preset's ``config`` function: the configurations it returns carry their recipe.
+
+    ``config.recipe(temperature=T)`` is ``config_fn`` called again with the same arguments but T,
+    so a preset's own temperature rules (cSGLD's exploration stage, posteriors' ``beta`` correction)
+    and step-size rules (a friction that depends on ``lr``) apply to overridden values too.
+
+    Example:
+        >>> from bayesflow.sgmcmc import csgld
+        >>> config = csgld.config(lr=0.1, cycle_length=10, exploration=0.5, temperature=1.0)
+        >>> hotter = config.recipe(temperature=2.0)       # still cyclical: T = 0 while exploring
+        >>> hotter.temperature(0), hotter.temperature(7)
+        (0.0, 2.0)
+    """
+    signature = inspect.signature(config_fn)
+    var_keyword = [name for name, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD]
+
+    @functools.wraps(config_fn)
+    def configured(*args, **kwargs) -> SDEConfig:
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+        for name in var_keyword:
+            arguments.update(arguments.pop(name, {}))
+        config = config_fn(**arguments)
+        return replace(config, recipe=functools.partial(configured, **arguments))
+
+    configured.accepts = frozenset(signature.parameters) - set(var_keyword)
+    return configured

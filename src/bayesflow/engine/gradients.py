@@ -109,21 +109,35 @@ def unpack(out, chains: int | None, differentiable: bool = True) -> tuple:
     return value, aux
 
 
+_FUNCTIONAL_CALL_HINT = (
+    "A log posterior must compute its value from the params it is given: for an nn.Module write "
+    "`logits = torch.func.functional_call(model, params, (x,))`, not `model(x)` (which reads the module's own "
+    "parameters, so the gradient with respect to params is zero and nothing moves)")
+
+
 def require_graph(value: torch.Tensor) -> None:
     if not value.requires_grad:
         raise ValueError("log_posterior's value does not depend on the params it was given (no autograd graph "
                          "to differentiate): was it computed under torch.no_grad(), from .detach()/.item() "
-                         "values, or from tensors other than the params passed in?")
+                         f"values, or from tensors other than the params passed in? {_FUNCTIONAL_CALL_HINT}")
+
+
+def _materialized(grads, leaves: list) -> list:
+    """Zeros for the leaves the log posterior does not use (autograd returns None for them).
+
+    Some unused leaves are allowed (a frozen embedding, a head not used by this batch); when *no*
+    leaf reaches the value, the log posterior ignores its params altogether — the classic
+    ``model(x)`` in place of ``functional_call`` — and the step would silently do nothing.
+    """
+    if all(g is None for g in grads):
+        raise ValueError("log_posterior's value does not depend on any of the params it was given (their "
+                         f"gradients are all missing). {_FUNCTIONAL_CALL_HINT}")
+    return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
 
 
 def _requiring_grad(leaves: list, aliases: Aliases | None) -> list:
     """Leaves autograd differentiates with respect to: the kept aliases, or fresh ones."""
     return [leaf.detach().requires_grad_(True) for leaf in leaves] if aliases is None else aliases.of(leaves)
-
-
-def _materialized(grads, leaves: list) -> list:
-    """Zeros for the leaves the log posterior does not use (autograd returns None for them)."""
-    return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
 
 
 def autograd_gradient(log_posterior, spec, batch, chains: int | None, aux_box: list, aliases: Aliases | None = None):

@@ -45,6 +45,16 @@ def _check_matrix(matrix: torch.Tensor, role: str, where: str, atol: float | Non
             raise ValueError(f"{where}: curl Q must be skew-symmetric; max |Q + Qᵀ| = {asymmetry:.3g}")
 
 
+def check_finite_matrix(matrix: torch.Tensor, name: str) -> None:
+    """A ValueError naming the operator and the first NaN or ±inf entry (a NaN defeats the symmetry and
+    PSD tests, an inf their tolerance: both would pass silently and poison the parameters)."""
+    finite = torch.isfinite(matrix)
+    if not bool(finite.all()):
+        i, j = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name} matrix must be finite; entry ({i}, {j}) is {matrix[i, j].item()} "
+                         f"({int((~finite).sum())} non-finite entries)")
+
+
 def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
     """Symmetric square root via eigh (works for singular PSD matrices, unlike Cholesky)."""
     eigenvalues, vectors = torch.linalg.eigh(matrix)
@@ -68,8 +78,11 @@ class Dense(Operator):
     """
 
     def __init__(self, matrix: torch.Tensor, joint=None):
+        if not isinstance(matrix, torch.Tensor):
+            raise TypeError(f"Dense needs a torch.Tensor matrix, got {type(matrix).__name__}")
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"Dense needs a square matrix, got shape {tuple(matrix.shape)}")
+        check_finite_matrix(matrix, "Dense")
         self.matrix = matrix
         self._sqrt = None
         self.joint = joint  # the JointDiffusion this block was cut from (Block.dense), or None

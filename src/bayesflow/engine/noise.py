@@ -1,10 +1,34 @@
-"""Seeded Gaussian noise whose generator state lives in the (checkpointable) sampler state.
+"""Counter-based noise: every draw is a function of the chain's key, the step and the draw's purpose.
 
-One :class:`NoiseStream` per parameter layout of a transform keeps a ``torch.Generator`` per chain and scratch buffers.
-A step loads the state's generator state (skipped when it is the state this stream just produced,
-the usual case of a chain advancing), draws one flat buffer per component and writes the new
-generator state back into the returned state. Runs are exactly reproducible from the seed, and a
-saved state resumes the identical trajectory. At T = 0 nothing here is called.
+A state carries one 64-bit **key** per chain (``state.rng``, an int64 tensor: shape ``()`` for one
+chain, ``(K,)`` for K chains) and its step count. The noise of step t of a chain with key k is drawn
+from a generator seeded with a value derived from ``(k, t, purpose)`` — nothing else — so
+
+* a state alone determines its future: a refused or failed step, a checkpoint, a copy of a state, a
+  state taken out of a stack of chains all continue on the same numbers;
+* the initial momenta (purpose ``INIT``), every step (``STEP``), and the starting-point perturbation
+  of :func:`~bayesflow.ensemble.replicate` (``PERTURBATION``) draw from independent streams, even
+  when they are given the same user seed;
+* the state stays small (8 bytes per chain instead of a 5 KB generator state), so states stack,
+  concatenate and index like tensors.
+
+Keys are mixed with SplitMix64 (Steele, Lea & Flood 2014). On the CPU torch's Mersenne Twister
+takes a 32-bit seed: there the seed of step t is a keyed *bijection* of t (a 4-round Feistel
+network on 32 bits), so one chain never repeats a step's numbers within 2³² steps. (Two chains with
+different keys may meet on one step's seed with probability ≈ (K·steps)²/2³³ over a whole run;
+each such pair shares one step's noise vector, which does not bias the dynamics.) CUDA generators
+(Philox) take the full 64-bit value.
+
+Example:
+    >>> import torch
+    >>> from bayesflow.engine.noise import NoiseStream
+    >>> stream = NoiseStream(torch.device("cpu"))
+    >>> key = stream.initial_state(0)
+    >>> stream.begin(key, step=5)
+    >>> a = stream.normal([torch.empty(3)], "params")[0].clone()
+    >>> stream.begin(key, step=5)                       # the same key and step: the same numbers
+    >>> torch.equal(a, stream.normal([torch.empty(3)], "params")[0])
+    True
 """
 
 from __future__ import annotations
@@ -15,29 +39,97 @@ import torch
 
 from bayesflow.engine.accumulator import Leaves
 
+__all__ = ["INIT", "PERTURBATION", "STEP", "NoiseStream", "derive", "mix", "seed_key"]
+
+_MASK64 = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
+
+STEP, INIT, PERTURBATION = 0x5354, 0x494E, 0x5045
+"""Purposes of a draw: the dynamics of a step, the initial momenta, a starting-point perturbation."""
+
+
+def mix(x: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that mixes every bit into every bit."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seed_key(seed: int) -> int:
+    """The chain key (a signed int64, as stored in ``state.rng``) of a user seed."""
+    key = mix(int(seed) & _MASK64)
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def _round_keys(stream: int) -> tuple[int, int, int, int]:
+    return tuple(mix(stream ^ (round_ << 56)) & _MASK32 for round_ in range(4))
+
+
+def _feistel32(value: int, round_keys: tuple[int, int, int, int]) -> int:
+    """A keyed bijection of 32-bit integers: 4 Feistel rounds on 16-bit halves (any round function
+    gives a bijection; a multiplicative hash of the half and the round key mixes it)."""
+    left, right = value >> 16, value & 0xFFFF
+    for k in round_keys:
+        left, right = right, left ^ ((((right ^ k) * 0x9E3779B1) & _MASK32) >> 16)
+    return (left << 16) | right
+
+
+def _stream(key: int, purpose: int) -> int:
+    return mix((key & _MASK64) ^ mix(purpose))
+
+
+def derive(key: int, step: int, purpose: int, full: bool = False) -> int:
+    """The generator seed of draw ``(key, step, purpose)``.
+
+    ``full``: a 64-bit seed (CUDA's Philox); otherwise 32 bits, a bijection of ``step`` for a fixed
+    key and purpose (CPU's Mersenne Twister reads only 32 bits of its seed).
+
+    Example:
+        >>> from bayesflow.engine.noise import STEP, derive
+        >>> len({derive(7, step, STEP) for step in range(10_000)})   # distinct seeds for distinct steps
+        10000
+    """
+    stream = _stream(key, purpose)
+    if full:
+        return mix(stream ^ (step & _MASK64))
+    return _feistel32(step & _MASK32, _round_keys(stream))
+
 
 class NoiseStream:
-    """Standard normal draws shaped like leaves, from the generator state stored in a state.
+    """Standard normal and uniform draws shaped like leaves, seeded per step from a state's keys.
 
     Args:
         device: where the generators live (the parameters' device).
-        chains: number of chains with independent generators (None: a single chain).
+        chains: number of chains, each with its own key (None: a single chain).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.engine.noise import INIT, NoiseStream
+        >>> stream = NoiseStream(torch.device("cpu"), chains=2)
+        >>> keys = stream.initial_state([3, 4])             # one key per chain
+        >>> stream.begin(keys, step=0, purpose=INIT)
+        >>> buffer, views = stream.normal([torch.empty(2, 5)], "momenta")
+        >>> buffer.shape
+        torch.Size([2, 5])
     """
 
     def __init__(self, device: torch.device, chains: int | None = None):
-        self.device = device
+        self.device = torch.device(device)
         self.chains = chains
-        self.generators = [torch.Generator(device=device) for _ in range(chains or 1)]
+        self.generators = [torch.Generator(device=self.device) for _ in range(chains or 1)]
+        self._full = self.device.type != "cpu"
         self._buffers: dict = {}
-        self._produced = None
+        self._streams: dict = {}
 
     def initial_state(self, seed: int | list[int] | torch.Generator | None) -> torch.Tensor:
-        """Generator state(s) for a seed (drawn from torch's global RNG when None).
+        """The keys of a seed: an int64 tensor on the CPU, shape ``()`` or ``(chains,)``.
 
         With chains, ``seed`` may be a list of one seed per chain; an int gives chain k the seed
         ``seed + k``, so chain k of a batched run reproduces a single run seeded ``seed + k``. A
         ``torch.Generator`` gives the seed drawn from it: a seeded generator reproduces the run, and
-        successive ``init`` calls with one generator get different streams.
+        successive ``init`` calls with one generator get different streams. None draws the seed from
+        torch's global generator.
         """
         if isinstance(seed, torch.Generator):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=seed, device=seed.device).item())
@@ -53,35 +145,31 @@ class NoiseStream:
             seeds = [int(s) for s in seed]
             if len(seeds) != len(self.generators):
                 raise ValueError(f"got {len(seeds)} seeds for {len(self.generators)} chains")
-        states = []
-        for generator, chain_seed in zip(self.generators, seeds):
-            generator.manual_seed(chain_seed)
-            states.append(generator.get_state())
-        self._produced = None
-        return states[0] if self.chains is None else torch.stack(states)
+        keys = torch.tensor([seed_key(s) for s in seeds], dtype=torch.int64)
+        return keys[0].clone() if self.chains is None else keys
 
-    def load(self, rng_state: torch.Tensor) -> None:
-        if rng_state is self._produced:
-            return
+    def begin(self, keys: torch.Tensor, step: int, purpose: int = STEP) -> None:
+        """Seed every chain's generator for draw ``(key, step, purpose)``; the draws that follow
+        (any number, in a fixed order) belong to that step."""
+        values = keys.tolist()
         if self.chains is None:
-            self.generators[0].set_state(rng_state)
-            return
-        if rng_state.shape[0] != self.chains:
-            raise ValueError(f"rng state holds {rng_state.shape[0]} chains, the transform has {self.chains}")
-        for generator, state in zip(self.generators, rng_state):
-            generator.set_state(state.clone())  # a row view crashes set_state: give it its own storage
-
-    def save(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The generators' state after this step's draws (written into ``out`` when given: an
-        in-place step keeps its state's tensor)."""
-        if self.chains is None:
-            produced = self.generators[0].get_state()
+            values = [values]
+        elif len(values) != self.chains:
+            raise ValueError(f"the state holds {len(values)} chain keys, the transform has {self.chains} chains")
+        cache_key = (tuple(values), purpose)
+        streams = self._streams.get(cache_key)
+        if streams is None:  # what depends on the keys alone, kept across the steps of a run
+            if len(self._streams) > 16:
+                self._streams.clear()
+            streams = [_stream(key, purpose) for key in values]
+            streams = self._streams[cache_key] = streams if self._full else [_round_keys(s) for s in streams]
+        if self._full:
+            for generator, stream in zip(self.generators, streams):
+                generator.manual_seed(mix(stream ^ (step & _MASK64)))
         else:
-            produced = torch.stack([generator.get_state() for generator in self.generators])
-        if out is not None:
-            produced = out.copy_(produced)
-        self._produced = produced
-        return produced
+            counter = step & _MASK32
+            for generator, round_keys in zip(self.generators, streams):
+                generator.manual_seed(_feistel32(counter, round_keys))
 
     def normal(self, like: Leaves, key: str) -> tuple[torch.Tensor, Leaves]:
         """A flat buffer of standard normals and its views shaped like ``like``.
@@ -89,19 +177,31 @@ class NoiseStream:
         The buffer is reused between calls with the same ``key``: consume it before the next draw.
         With chains, leaves carry a leading chain dimension and each chain draws from its own stream.
         """
-        entry = self._buffers.get(key)
-        # A stream belongs to one parameter layout (engine.layout), where a key always names leaves of
-        # the same shapes: the count and the first shape guard against misuse at no per-leaf cost.
-        if entry is None or len(entry[1]) != len(like) or entry[1][0].shape != like[0].shape:
-            entry = self._allocate(like)
-            self._buffers[key] = entry
-        buffer, views = entry
+        buffer, views = self._buffer(like, key)
         if self.chains is None:
             torch.randn(buffer.shape, generator=self.generators[0], out=buffer)
         else:
             for chain, generator in enumerate(self.generators):
                 torch.randn(buffer.shape[1:], generator=generator, out=buffer[chain])
         return buffer, views
+
+    def uniform(self, like: Leaves, key: str) -> tuple[torch.Tensor, Leaves]:
+        """Like :meth:`normal`, with U[0, 1) draws (discrete-noise integrators)."""
+        buffer, views = self._buffer(like, key)
+        if self.chains is None:
+            buffer.uniform_(generator=self.generators[0])
+        else:
+            for chain, generator in enumerate(self.generators):
+                buffer[chain].uniform_(generator=generator)
+        return buffer, views
+
+    def _buffer(self, like: Leaves, key: str) -> tuple[torch.Tensor, Leaves]:
+        entry = self._buffers.get(key)
+        # A stream belongs to one parameter layout (engine.layout), where a key always names leaves of
+        # the same shapes: the count and the first shape guard against misuse at no per-leaf cost.
+        if entry is None or len(entry[1]) != len(like) or entry[1][0].shape != like[0].shape:
+            entry = self._buffers[key] = self._allocate(like)
+        return entry
 
     def _allocate(self, like: Leaves) -> tuple[torch.Tensor, Leaves]:
         dtype, device = like[0].dtype, like[0].device

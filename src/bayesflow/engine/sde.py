@@ -30,10 +30,11 @@ from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.context import Context
 from bayesflow.engine.gradients import autograd_gradient, caller_gradient, vmapped_gradient
 from bayesflow.engine.layout import Layout
+from bayesflow.engine.noise import INIT, STEP
 from bayesflow.engine.schedules import Constant, as_schedule, is_zero
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import GradientNotAvailable, StepInputs
-from bayesflow.engine.validation import Rejected, check_params, checked_gradient
+from bayesflow.engine.validation import Rejected, check_finite_params, check_params, checked_gradient
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogPosterior, Transform
 
@@ -116,6 +117,9 @@ class _Engine:
             if isinstance(value, torch.Tensor) and value.ndim == 1 and value.numel() != (chains or 0):
                 raise ValueError(f"{name} has {value.numel()} values but the transform has chains={chains}; "
                                  "per-chain values need chains=K with K values")
+        self._keys_shape = torch.Size([]) if chains is None else torch.Size([chains])
+        integrator = config.integrator
+        self._evaluates_mid_step = integrator.caches_gradient or not integrator.evaluates_at_start()
         self._layouts: dict = {}  # Layout.key -> Layout: one per parameter layout this transform has seen
         self.layout = self.system = self.noise = self.spec = self.signature = None
         self.numel = 0
@@ -146,6 +150,10 @@ class _Engine:
         if not isinstance(state, SDEState):
             raise TypeError(f"state must be the SDEState that init(params) or update returned, got "
                             f"{type(state).__name__}; call init(params) first")
+        keys = state.rng
+        if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or (
+                keys.shape != self._keys_shape):
+            raise ValueError(_chain_mismatch(keys, self.chains))
         params = self._select(state.params)
         if ((state.momenta is None) == self._momenta or (state.xi is None) == self._xi
                 or len(state.preconditioner) != len(self.system.preconditioners)):
@@ -185,6 +193,7 @@ class _Engine:
         config = self.config
         leaves, spec = flatten(params)
         layout = self._layout(leaves, spec)
+        check_finite_params(leaves, spec)
         xi_shape = layout.xi_shape
         if seed is None and is_zero(self.temperature):
             seed = 0  # a T = 0 transform never draws: leave torch's global generator untouched
@@ -194,7 +203,6 @@ class _Engine:
         momenta_tree = None
         if "momenta" in self.components:
             momenta_tree = self._initial_momenta(momenta, leaves, spec, ctx, rng)
-            rng = self.noise.save() if self.noise._produced is not None else rng
         xi_value = None
         if "xi" in self.components:
             xi_value = torch.full(xi_shape, float(config.thermostat_target), dtype=leaves[0].dtype,
@@ -207,10 +215,11 @@ class _Engine:
             momenta=momenta_tree,
             xi=xi_value,
             log_posterior=torch.full(xi_shape, math.nan, dtype=leaves[0].dtype, device=leaves[0].device),
-            step=torch.zeros((), dtype=torch.int64),
+            step=torch.zeros(xi_shape, dtype=torch.int64),
             preconditioner=states,
             gradient=(),
             rng=rng,
+            rejected=torch.zeros(xi_shape, dtype=torch.int64),
         )
 
     def _initial_momenta(self, momenta, leaves, spec, ctx, rng):
@@ -225,11 +234,11 @@ class _Engine:
         if self.config.momenta_init == "zero" or not hot:
             return unflatten(spec, zeros)
         mass = self.config.mass.diagonal(ctx) if not self.config.mass.preconditioners() else 1.0
-        self.noise.load(rng)
+        self.noise.begin(rng, 0, INIT)  # a stream of its own: no step reuses these numbers
         flat_noise, views = self.noise.normal(zeros, "momenta")
         scale = 1.0
         if isinstance(temperature, torch.Tensor):
-            flat_noise.mul_(temperature.sqrt().view(-1, 1).to(flat_noise.dtype))
+            flat_noise.mul_(temperature.to(flat_noise.dtype).sqrt().view(-1, 1))
         else:
             scale = math.sqrt(temperature)
         drawn = [view.clone() * scale for view in views]
@@ -298,7 +307,7 @@ class _Engine:
     def _advance(self, state: SDEState, params: list, gradient_fn, inplace: bool,
                  caller_gradient: bool = False, value_given: bool = True) -> SDEState:
         config = self.config
-        step = int(state.step)
+        step = _step_count(state.step)
         temperature = self._fixed_temperature
         if temperature is None:
             temperature = self.temperature(step)
@@ -311,13 +320,16 @@ class _Engine:
             z["momenta"] = Accumulator(self._flatten_like_params(state.momenta, "state.momenta"), inplace)
         if state.xi is not None:
             z["xi"] = Accumulator([state.xi], inplace)
-        checked = checked_gradient(gradient_fn, self.config, self.spec, self.layout.small, step, inplace,
+        checked = checked_gradient(gradient_fn, self.config, self.spec, self.layout.small, step,
                                    caller_gradient, value_given)
         cache = list(state.gradient) if (state.gradient and not caller_gradient) else None
         inputs = StepInputs(temperature, h, self.noise, checked, cache)
         ctx = Context(z, step, {}, self.numel, self.buffers)
         if inputs.hot:
-            self.noise.load(state.rng)
+            self.noise.begin(state.rng, step, STEP)
+        # An in-place step of a word that evaluates ∇ℓ after moving (BAOAB, OBABO) has written the state
+        # when the evaluation fails: it keeps a copy to restore (the state as it was, never half-written).
+        saved = self._snapshot(ctx) if inplace and self._evaluates_mid_step else None
         try:
             preconditioner = self._precondition(state, ctx, inputs, inplace)
             if config.decoupled_weight_decay:
@@ -326,8 +338,27 @@ class _Engine:
                 z["params"].mul(1.0 - config.decoupled_weight_decay)
             config.integrator.advance(self.system, ctx, inputs, self.scales)
         except Rejected:
-            return state._replace(step=state.step + 1) if not inplace else state._replace(step=state.step.add_(1))
+            self._restore(ctx, saved)
+            return _refused(state, inplace)
+        except BaseException:
+            self._restore(ctx, saved)
+            raise
         return self._finish(state, spec, ctx, inputs, preconditioner, inplace)
+
+    def _snapshot(self, ctx: Context) -> list | None:
+        """Copies of the components an in-place step writes (reused buffers), or None at no risk."""
+        saved = []
+        for component, accumulator in ctx.z.items():
+            copy = ctx.scratch(("rollback", component), accumulator.leaves)
+            torch._foreach_copy_(copy, accumulator.leaves)
+            saved.append((accumulator.leaves, copy))
+        return saved
+
+    @staticmethod
+    def _restore(ctx: Context, saved: list | None) -> None:
+        if saved:
+            for leaves, copy in saved:
+                torch._foreach_copy_(leaves, copy)
 
     def _precondition(self, state, ctx, inputs, inplace):
         if not self.system.preconditioners:
@@ -357,16 +388,13 @@ class _Engine:
             gradient = tuple(torch._foreach_mul(leaves, scale) if scale != 1.0 else
                              (leaves if inputs.owned or inputs.scaled is leaves else [g.clone() for g in leaves]))
         value = inputs.value if inputs.value is not None else state.log_posterior
-        rng = state.rng
-        if inputs.hot:
-            rng = self.noise.save(state.rng if inplace else None)
         if inplace:
             state.step.fill_(ctx.step + 1)  # one scalar write (an add_ costs twice as much)
             if value is not state.log_posterior:
                 state.log_posterior.copy_(value)
-            if preconditioner is state.preconditioner and rng is state.rng and not gradient and not state.gradient:
+            if preconditioner is state.preconditioner and not gradient and not state.gradient:
                 return state  # nothing to replace: skip building an identical record
-            return state._replace(preconditioner=preconditioner, gradient=gradient, rng=rng)
+            return state._replace(preconditioner=preconditioner, gradient=gradient)
         return SDEState(
             params=unflatten(spec, z["params"].leaves),
             momenta=unflatten(spec, z["momenta"].leaves) if "momenta" in z else None,
@@ -375,5 +403,46 @@ class _Engine:
             step=state.step + 1,
             preconditioner=preconditioner,
             gradient=gradient,
-            rng=rng,
+            rng=state.rng,
+            rejected=state.rejected,
         )
+
+
+def _step_count(step: torch.Tensor) -> int:
+    """The step of a state (one count, or K equal counts of K chains) as a Python int."""
+    if step.ndim == 0:
+        return int(step)
+    counts = step.tolist()
+    if counts.count(counts[0]) != len(counts):
+        raise ValueError(f"the chains of this state are at different steps {counts}: a K-chain state advances "
+                         "its chains together (stack states taken at the same step)")
+    return counts[0]
+
+
+def _refused(state: SDEState, inplace: bool) -> SDEState:
+    """A step refused under ``on_nonfinite="reject"``: the state as it was, with the step (so that a retry
+    draws new noise) and the count of refused steps moved on."""
+    rejected = state.rejected if state.rejected is not None else torch.zeros_like(state.step)
+    if inplace:
+        state.step.add_(1)
+        if state.rejected is not None:
+            rejected.add_(1)
+            return state
+        return state._replace(rejected=rejected + 1)
+    return state._replace(step=state.step + 1, rejected=rejected + 1)
+
+
+def _chain_mismatch(keys, chains: int | None) -> str:
+    """What is wrong, in chain terms, with a state whose noise keys do not fit this transform."""
+    if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or keys.ndim > 1:
+        shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+        return (f"state.rng must hold the int64 noise keys that init made (shape () or (chains,)), got {shape}; "
+                "a state of another bayesflow version or a hand-made record cannot be advanced")
+    held = None if keys.ndim == 0 else keys.shape[0]
+    if chains is None:
+        return (f"this state holds {held} chains but the transform advances a single chain; lift the transform "
+                f"(bayesflow.ensemble.lift(transform, {held})) or take one chain with state[k]")
+    if held is None:
+        return (f"this state is a single chain but the transform advances {chains} chains; stack {chains} states "
+                f"(torch.stack([...])) or init with params of leading dimension {chains}")
+    return f"this state holds {held} chains but the transform advances {chains}"

@@ -1,7 +1,9 @@
 """The engine's state record: immutable, optree-registered (a NamedTuple), checkpointable.
 
 A state is saved with ``torch.save(state, f)`` (or as tensors with :func:`bayesflow.state_dict`) and
-loaded with ``torch.load(f, weights_only=True)``: the record is registered as a safe global.
+loaded with ``torch.load(f, weights_only=True)``: the record is registered as a safe global. Like
+posteriors' states it acts as a batch of tensors (:mod:`bayesflow.records`): ``torch.stack`` of K
+single-chain states is a K-chain state, ``state[k]`` is chain k, ``torch.cat`` builds traces.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from bayesflow.records import record
 from bayesflow.types import TensorTree
 
 
+@record
 class SDEState(NamedTuple):
     """State of an engine transform (field names follow posteriors where it has them).
 
@@ -21,10 +25,15 @@ class SDEState(NamedTuple):
         momenta: m (same structure as params) or None for first-order dynamics.
         xi: the thermostat ξ (a tensor) or None.
         log_posterior: the last evaluated log posterior (per datum); NaN before the first update.
-        step: number of updates taken (int64, on the CPU so schedules read it without a sync).
+        step: number of updates taken (int64, on the CPU so schedules read it without a sync;
+            one per chain for K chains, all equal).
         preconditioner: running statistics of stateful operators (e.g. RMSprop's average).
         gradient: the cached potential gradient of first-same-as-last splitting words, else ().
-        rng: the generator state(s) of the noise: saving it resumes the identical trajectory.
+        rng: the noise key of every chain (int64, on the CPU): the noise of a step is a function of
+            the key and ``step`` alone (:mod:`bayesflow.engine.noise`), so a state determines its future.
+        rejected: the number of steps refused under ``on_nonfinite="reject"`` (int64, like ``step``):
+            a refused step leaves every other field as it was but ``step``, which moves on so that a
+            retry draws new noise.
 
     Example:
         >>> import torch
@@ -44,8 +53,4 @@ class SDEState(NamedTuple):
     preconditioner: tuple[Any, ...]
     gradient: tuple[torch.Tensor, ...]
     rng: torch.Tensor
-
-
-# ``torch.save(state)`` loads back with ``torch.load(f, weights_only=True)``: the record is data
-if hasattr(torch.serialization, "add_safe_globals"):
-    torch.serialization.add_safe_globals([SDEState])
+    rejected: torch.Tensor | None = None

@@ -286,7 +286,10 @@ class System:
 def _noise_scale(flat_noise: torch.Tensor, temperature, h):
     """sqrt(2 T h) as a float, or (per-chain T or h) folded into the buffer's rows."""
     if isinstance(temperature, torch.Tensor) or isinstance(h, torch.Tensor):
-        scale = (2.0 * torch.as_tensor(h) * temperature).sqrt().to(flat_noise.dtype)
+        # in the params' dtype (a float32 scalar would cost a float64 run its precision), in the order
+        # of the float path's 2·T·h: per-chain and single-chain runs round alike
+        dtype = flat_noise.dtype
+        scale = (2.0 * torch.as_tensor(temperature, dtype=dtype) * torch.as_tensor(h, dtype=dtype)).sqrt()
         flat_noise.mul_(scale.view(-1, 1) if flat_noise.ndim == 2 else scale)
         return 1.0
     return math.sqrt(2.0 * temperature * h)

@@ -29,10 +29,24 @@ def check_params(leaves: list) -> None:
                          "and the operators of a step share one dtype)")
 
 
+def leaf_paths(spec, leaves: list) -> list[str]:
+    """Dotted tree paths of the leaves (``"layer.weight"``; ``"<root>"`` for a bare tensor)."""
+    return [".".join(map(str, p)) or "<root>" for p in
+            optree.tree_paths(optree.tree_unflatten(spec, leaves), none_is_leaf=False, namespace="bayesflow")]
+
+
+def check_finite_params(leaves: list, spec) -> None:
+    """Initial parameters must be finite: a ValueError naming the leaves that are not (one host read)."""
+    finite = torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).tolist()
+    if not all(finite):
+        bad = [path for path, ok in zip(leaf_paths(spec, leaves), finite) if not ok]
+        raise ValueError(f"params leaf {bad[0]!r} holds NaN or infinite values (all such leaves: {bad}); "
+                         "initial parameters must be finite")
+
+
 def mismatched_leaves(grads: list, leaves: list, spec) -> str:
     """A message naming the first gradient leaf whose shape or dtype differs from its parameter."""
-    paths = [".".join(map(str, p)) or "<root>" for p in
-             optree.tree_paths(optree.tree_unflatten(spec, leaves), none_is_leaf=False, namespace="bayesflow")]
+    paths = leaf_paths(spec, leaves)
     for path, g, p in zip(paths, grads, leaves):
         if g.shape != p.shape or g.dtype != p.dtype:
             return (f"grads leaf {path!r} has shape {tuple(g.shape)} and dtype {g.dtype}; the parameter has "
@@ -89,14 +103,14 @@ def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int
         if math.isfinite(total.item()):
             return None
     if value is not None and not bool(torch.isfinite(value).all()):
-        return f"log posterior is {value.tolist()} at step {step}"
+        where = " (the params are finite: init checked them)" if step == 0 else ""
+        return f"the log posterior's value is {value.tolist()} at step {step}{where}: the value is not finite"
     if grads is None:
         return None
     bad_leaves = [i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all())]
     if not bad_leaves:
         return None
-    paths = [".".join(map(str, p)) or "<root>" for p in
-             optree.tree_paths(optree.tree_unflatten(spec, grads), none_is_leaf=False, namespace="bayesflow")]
+    paths = leaf_paths(spec, grads)
     bad = [paths[i] for i in bad_leaves]
     return f"gradient of the log posterior is not finite at step {step} in leaf {bad[0]!r} (all: {bad})"
 
@@ -105,14 +119,14 @@ class Rejected(Exception):
     """A non-finite step refused under ``on_nonfinite="reject"`` (the engine returns the input state)."""
 
 
-def checked_gradient(gradient_fn, config, spec, small: bool, step: int, inplace: bool, caller_gradient: bool,
+def checked_gradient(gradient_fn, config, spec, small: bool, step: int, caller_gradient: bool,
                      value_given: bool = True):
     """``gradient_fn`` wrapped with the configured finiteness test (or itself when nothing is tested).
 
     ``check_finite="auto"`` tests the value and every gradient leaf in ``update`` and the value only
     in ``step`` (the caller computed the gradient); a failure raises a FloatingPointError naming the
-    step and the leaf, or :class:`Rejected` under ``on_nonfinite="reject"`` — except mid-step of an
-    in-place integrator that evaluates later in the step, where the state is already written.
+    step and the leaf, or :class:`Rejected` under ``on_nonfinite="reject"``. (An in-place step of a
+    word that evaluates mid-step restores the state it had already written: ``sde._Engine._snapshot``.)
     """
     mode, policy = config.check_finite, config.on_nonfinite
     if mode == "auto":
@@ -125,8 +139,7 @@ def checked_gradient(gradient_fn, config, spec, small: bool, step: int, inplace:
         grads, value, owned = gradient_fn(leaves)
         problem = check_finite(value, grads if full else None, spec, step, small)
         if problem is not None:
-            mid_step = config.integrator.caches_gradient or not config.integrator.evaluates_at_start()
-            if policy == "reject" and not (inplace and mid_step):
+            if policy == "reject":
                 raise Rejected()
             raise FloatingPointError(problem)
         return grads, value, owned

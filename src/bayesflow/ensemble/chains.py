@@ -35,6 +35,7 @@ from dataclasses import replace
 import optree
 import torch
 
+from bayesflow.engine.noise import PERTURBATION, derive, seed_key
 from bayesflow.engine.sde import build
 from bayesflow.tree import flatten, tree_map, unflatten
 from bayesflow.types import TensorTree, Transform
@@ -46,11 +47,21 @@ def lift(transform: Transform, num_chains: int, *, temperature=None, step_size=N
          vectorize: str = "vmap") -> Transform:
     """The K-chain version of any engine transform (engine ``build`` or a preset).
 
+    Overrides compose with what a preset does to them: for a preset (``sgld.build``, ``csgld.build``,
+    ...) the preset's own ``config`` is called again with the new temperature or ``lr`` (its recipe,
+    :func:`bayesflow.engine.preset`), so chain k is exactly the preset built with ``temperature[k]``
+    and ``lr = step_size[k]`` — cSGLD keeps its cyclical exploration stage, posteriors' ``beta``
+    correction is computed for each chain's T and lr. A preset whose operators depend on ``lr`` in a
+    way one batched step cannot hold (Adam-type and momentum optimizers, Adam-SGHMC) refuses a
+    per-chain ``step_size`` with a ValueError. An engine configuration without a recipe (or one
+    edited after the preset made it) has its field replaced.
+
     Args:
         transform: a transform built by the engine (it carries its config and log posterior).
         num_chains: K.
-        temperature: overrides the config's temperature: a float, or a tensor of K values (one per chain).
-        step_size: overrides the step size: a float, or a tensor of K values.
+        temperature: overrides the temperature: a float, or a tensor of K values (one per chain).
+        step_size: overrides the step size — a preset's ``lr``, an engine config's h: a float, or a
+            tensor of K values.
         vectorize: ``"vmap"`` (the log posterior is written for one chain) or ``"batched"`` (it takes
             params with a leading chain dimension and returns K values).
 
@@ -66,12 +77,34 @@ def lift(transform: Transform, num_chains: int, *, temperature=None, step_size=N
     """
     if transform.config is None or transform.log_posterior is None:
         raise TypeError("lift needs a transform built by bayesflow's engine (it carries config and log_posterior)")
+    _check_num_chains(num_chains)
     config = transform.config
+    overrides = {}
     if temperature is not None:
-        config = replace(config, temperature=_as_chain_values(temperature, num_chains, "temperature"))
+        overrides["temperature"] = _as_chain_values(temperature, num_chains, "temperature")
     if step_size is not None:
-        config = replace(config, step_size=_as_chain_values(step_size, num_chains, "step_size"))
+        overrides["step_size"] = _as_chain_values(step_size, num_chains, "step_size")
+    if overrides:
+        config = _override(config, overrides)
     return build(transform.log_posterior, config, chains=num_chains, vectorize=vectorize)
+
+
+def _override(config, overrides: dict):
+    """The configuration with ``overrides``, made by the preset's recipe where it has one (and the
+    config is still what the recipe made), else by replacing the engine fields."""
+    recipe = config.recipe
+    if recipe is not None and recipe() == config:
+        accepts = getattr(recipe.func, "accepts", frozenset())
+        arguments = {"temperature" if name == "temperature" else "lr": value for name, value in overrides.items()}
+        if set(arguments) <= accepts:
+            return recipe(**arguments)
+        if "lr" in arguments and "lr" not in accepts:
+            raise ValueError("this preset has no lr to take one value per chain")
+        # (an optimizer preset has no temperature: its SDE at temperature T is the plain replacement)
+        if "lr" in arguments:
+            config = recipe(lr=arguments["lr"])
+        return replace(config, temperature=arguments["temperature"])
+    return replace(config, **overrides)
 
 
 def deep_ensemble(transform: Transform, num_chains: int, **kwargs) -> Transform:
@@ -91,6 +124,9 @@ def deep_ensemble(transform: Transform, num_chains: int, **kwargs) -> Transform:
 def bayesian_deep_ensemble(transform: Transform, num_chains: int, num_data: int, **kwargs) -> Transform:
     """K SG-MCMC chains at T = 1/num_data (per-datum log posterior): posterior samples from every chain.
 
+    The temperature goes through the preset's recipe (see :func:`lift`): a cyclical or
+    ``beta``-corrected sampler keeps its rules at T = 1/num_data.
+
     Example:
         >>> import torch
         >>> from bayesflow.ensemble import bayesian_deep_ensemble, replicate
@@ -99,16 +135,27 @@ def bayesian_deep_ensemble(transform: Transform, num_chains: int, num_data: int,
         >>> ensemble = bayesian_deep_ensemble(single, num_chains=8, num_data=1000)  # T = 1e-3 on every chain
         >>> state = ensemble.init(replicate(torch.zeros(3), 8, perturbation=1.0, seed=0), seed=0)
     """
+    if isinstance(num_data, bool) or not isinstance(num_data, (int, float)) or not math.isfinite(num_data) or (
+            num_data <= 0):
+        raise ValueError(f"num_data must be the positive number of training data (the temperature is 1/num_data), "
+                         f"got {num_data!r}")
     return lift(transform, num_chains, temperature=1.0 / num_data, **kwargs)
 
 
+def _check_num_chains(num_chains) -> None:
+    if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
+        raise ValueError(f"num_chains must be a positive integer, got {num_chains!r}")
+
+
 def _as_chain_values(value, num_chains: int, name: str):
+    """A float stays a float; K values become a 1-D float64 tensor (the engine casts per-chain scalars to
+    the params' dtype where it uses them)."""
+    if isinstance(value, (list, tuple)):
+        value = torch.as_tensor(value, dtype=torch.float64)
     if isinstance(value, torch.Tensor) and value.ndim == 1:
         if value.numel() != num_chains:
             raise ValueError(f"{name} has {value.numel()} values for {num_chains} chains")
         return value
-    if isinstance(value, (list, tuple)):
-        return _as_chain_values(torch.as_tensor(value, dtype=torch.float64), num_chains, name)
     return value
 
 
@@ -156,7 +203,8 @@ def replicate(params: TensorTree, num_chains: int, perturbation: float | Callabl
         num_chains: K.
         perturbation: None (identical copies), a float σ (adds N(0, σ²) noise), or a callable
             ``perturbation(params, generator) -> params`` applied per chain (e.g. a prior draw).
-        seed: seeds the perturbation's generator.
+        seed: seeds the perturbation's generator (a stream of its own: ``replicate(params, K, σ, seed=s)``
+            and ``init(..., seed=s)`` draw independent numbers, :mod:`bayesflow.engine.noise`).
 
     Example:
         >>> import torch
@@ -165,10 +213,10 @@ def replicate(params: TensorTree, num_chains: int, perturbation: float | Callabl
         >>> params["w"].shape, params["b"].shape
         (torch.Size([8, 2, 3]), torch.Size([8, 3]))
     """
-    if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
-        raise ValueError(f"num_chains must be a positive integer, got {num_chains!r}")
-    generator = torch.Generator(device=flatten(params)[0][0].device)
-    generator.manual_seed(0 if seed is None else seed)
+    _check_num_chains(num_chains)
+    device = flatten(params)[0][0].device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive(seed_key(0 if seed is None else seed), 0, PERTURBATION, full=device.type != "cpu"))
     if perturbation is None or callable(perturbation):
         perturb = perturbation
     else:

@@ -96,11 +96,14 @@ def _fold(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rhat(x: torch.Tensor) -> torch.Tensor:
-    r"""\sqrt{((n-1)/n W + B/n) / W} for (C, n, P); NaN where W = 0 (a constant parameter)."""
+    r"""\sqrt{((n-1)/n W + B/n) / W} for (C, n, P); +inf where W = 0 < B, NaN where W = B = 0 (tested exactly)."""
     n = x.shape[1]
     between = n * x.mean(dim=1).var(dim=0, correction=1)
     within = x.var(dim=1, correction=1).mean(dim=0)
-    return ((between / within + n - 1) / n).sqrt()
+    out = ((between / within + n - 1) / n).sqrt()
+    stuck = (x.amax(dim=1) == x.amin(dim=1)).all(dim=0)  # W = 0
+    constant = x.amax(dim=(0, 1)) == x.amin(dim=(0, 1))  # W = B = 0
+    return torch.where(stuck, torch.where(constant, math.nan, math.inf), out)
 
 
 def _autocov(x: torch.Tensor) -> torch.Tensor:
@@ -144,17 +147,12 @@ def _ess(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rhat_of(x: torch.Tensor, method: str) -> torch.Tensor:
-    if method == "identity":
-        return _rhat(x)
-    s = _split(x)
-    if method == "split":
+    s = x if method == "identity" else _split(x)
+    if method in ("identity", "split"):
         return _rhat(s)
-    if method == "z_scale":
-        return _rhat(_z_scale(s))
-    folded = _rhat(_z_scale(_fold(s)))
-    if method == "folded":
-        return folded
-    return torch.maximum(_rhat(_z_scale(s)), folded)  # "rank"
+    bulk = _rhat(_z_scale(s)) if method in ("rank", "z_scale") else None
+    tail = _rhat(_z_scale(_fold(s))) if method in ("rank", "folded") else None
+    return torch.fmax(bulk, tail) if method == "rank" else tail if bulk is None else bulk  # fmax: NaN hides nothing
 
 
 def _ess_of(x: torch.Tensor, method: str, prob: tuple[float, float]) -> torch.Tensor:
@@ -178,10 +176,8 @@ def _per_leaf(fn, samples: TensorTree, chunk_size: int | None, name: str) -> Ten
     def leaf(x: Any) -> torch.Tensor:
         x = torch.as_tensor(x)
         if x.ndim < 2 or x.shape[1] < 4:
-            raise ValueError(
-                f"{name} expects samples shaped (chains, draws, *param_shape) with at least 4 draws; "
-                f"got a leaf of shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"{name} expects samples shaped (chains, draws, *param_shape) with at least 4 draws; "
+                             f"got a leaf of shape {tuple(x.shape)}")
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         flat = x.detach().to(dtype).reshape(x.shape[0], x.shape[1], -1)
         finite = flat.isfinite().all(dim=1).all(dim=0)  # (P,)
@@ -211,15 +207,15 @@ def rhat(
 
     Methods (those of ArviZ):
 
-    - ``"rank"`` (default, recommended): :math:`\max(\hat R_{bulk}, \hat R_{tail})` where
-      :math:`\hat R_{bulk}` is ``"z_scale"`` and :math:`\hat R_{tail}` is ``"folded"``;
+    - ``"rank"`` (default, recommended): :math:`\max(\hat R_{bulk}, \hat R_{tail})` of ``"z_scale"`` and ``"folded"``;
     - ``"z_scale"``: split chains, rank-normalise, then :math:`\hat R` (the bulk R-hat);
     - ``"folded"``: the same on :math:`|θ - \mathrm{median}(θ)|` (detects chains with different scales);
-    - ``"split"``: classic split-:math:`\hat R` on the raw draws; ``"identity"``: no split, no ranks
-      (needs two chains or more).
+    - ``"split"``: classic split-:math:`\hat R` on the raw draws; ``"identity"``: unsplit (two chains or more).
 
-    Values above 1.01 suggest the chains have not mixed. A parameter that is constant over every draw, or
-    that has a non-finite draw, gets NaN. With one chain, only the split halves are compared.
+    Values above 1.01 suggest the chains have not mixed. Chains stuck at different values (:math:`W = 0 < B`)
+    get ``+inf``; a parameter constant over every draw (:math:`W = B = 0`) or with a non-finite draw, NaN.
+    ``"rank"``'s maximum is ``torch.fmax``'s (NaN only if both parts are); ``"folded"`` alone is NaN for
+    stuck values symmetric about the median (0 and 1: every fold is 1/2). One chain: its halves are compared.
 
     Args:
         samples: a tensor shaped ``(chains, draws, *param_shape)`` (``draws ≥ 4``) or a tree of them.
@@ -236,6 +232,9 @@ def rhat(
         >>> x[0] += 5.0  # one chain stuck elsewhere
         >>> (rhat(x) > 1.1).all()
         tensor(True)
+        >>> stuck = torch.tensor([[0.0], [0.0], [1.0], [1.0]]).expand(4, 200)  # chains stuck at 0 and 1
+        >>> rhat(stuck), rhat(stuck, "folded"), rhat(torch.ones(4, 200))
+        (tensor(inf), tensor(nan), tensor(nan))
     """
     if method not in RHAT_METHODS:
         raise ValueError(f"unknown R-hat method {method!r}; expected one of {RHAT_METHODS}")
@@ -268,12 +267,12 @@ def ess(
     Methods (those of ArviZ):
 
     - ``"bulk"`` (default): on the split, rank-normalised draws — the efficiency of the posterior's bulk;
-    - ``"tail"``: the minimum of the ESS of the indicators :math:`I(θ \le q_{5\%})` and
-      :math:`I(θ \le q_{95\%})` (``prob`` sets the two quantiles);
+    - ``"tail"``: the lesser ESS of the indicators :math:`I(θ \le q_{5\%})`, :math:`I(θ \le q_{95\%})` (``prob``);
     - ``"mean"``: on the split raw draws — the ESS of the posterior mean's Monte Carlo estimate.
 
     For an AR(1) chain :math:`θ_t = ρθ_{t-1} + ε_t` the exact value is :math:`S(1-ρ)/(1+ρ)`. A constant
-    parameter gets ``S``; one with a non-finite draw gets NaN.
+    parameter gets ``S``; one with a non-finite draw gets NaN. Chains stuck at different values (R-hat
+    ``+inf``) have :math:`\hat ρ_t = 1`, :math:`\hat τ = 4\lfloor (n-3)/2 \rfloor`: ESS ≈ one draw per chain.
 
     Args:
         samples: a tensor shaped ``(chains, draws, *param_shape)`` (``draws ≥ 4``) or a tree of them.
@@ -290,6 +289,8 @@ def ess(
         >>> x = torch.randn(4, 1000, 2, generator=torch.Generator().manual_seed(0))  # independent draws
         >>> ess(x).round()  # ≈ 4000 for each of the two parameters (± about 5%)
         tensor([3895., 3839.])
+        >>> ess(torch.tensor([[0.0], [0.0], [1.0], [1.0]]).expand(4, 200))  # stuck chains: 800 / 192
+        tensor(4.1667)
     """
     if method not in ESS_METHODS:
         raise ValueError(f"unknown ESS method {method!r}; expected one of {ESS_METHODS}")

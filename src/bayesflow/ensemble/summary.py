@@ -27,6 +27,17 @@ __all__ = ["format_summary", "summary", "to_inference_data"]
 
 
 
+def _quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Linear (type 7) quantiles of the non-NaN values, +inf kept (``torch.nanquantile`` makes inf - inf NaN)."""
+    v = values[~values.isnan()].sort().values
+    if not v.numel():
+        return torch.full_like(q, math.nan)
+    pos = q * (v.numel() - 1)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    low, high = v[lo], v[hi]
+    return torch.where(low == high, low, low + (pos - lo) * (high - low))
+
+
 def _leaf_names(tree: TensorTree) -> list[str]:
     paths, _, _ = optree.tree_flatten_with_path(tree, none_is_leaf=False, namespace="bayesflow")
     return [".".join(str(p) for p in path) or "params" for path in paths]
@@ -44,7 +55,10 @@ def summary(
     For each leaf (parameter group) with parameters :math:`i = 1..P` it reports the quantiles
     :math:`q` (and the extremes) of :math:`\{\hat R_i\}` (``"rank"``), :math:`\{\mathrm{ESS}^{bulk}_i\}` and
     :math:`\{\mathrm{ESS}^{tail}_i\}`, and the fraction of parameters with :math:`\hat R_i > ` ``threshold``.
-    NaNs (constant parameters) are left out of the quantiles and counted in ``"rhat_nan"``.
+    NaN R-hats (constant parameters, non-finite draws) are left out of the quantiles and counted in
+    ``"rhat_nan"``; they and the ``+inf`` ones (chains stuck at different values) count as flagged in
+    ``"frac_rhat_above"`` (the fraction with :math:`\neg(\hat R_i \le` ``threshold``:math:`)`), and
+    ``"rhat_max"`` is ``inf`` when any R-hat is.
 
     Args:
         samples: a tensor shaped ``(chains, draws, *param_shape)`` or a tree of them.
@@ -67,6 +81,11 @@ def summary(
         >>> print(format_summary(table))  # doctest: +ELLIPSIS
         leaf  size  rhat_max  rhat_q05  rhat_q50  ...
         w     100   1.0058    0.9994    1.0006    ...
+        >>> x = torch.randn(4, 200, 3, generator=torch.Generator().manual_seed(0))
+        >>> x[:2, :, 0], x[2:, :, 0], x[..., 1] = 0.0, 1.0, 2.0  # parameter 0 stuck at 0 and 1; 1 constant
+        >>> row = summary(x)["params"]
+        >>> row["rhat_max"], row["frac_rhat_above"], row["rhat_nan"]
+        (inf, 0.6666666666666666, 1.0)
     """
     levels = [float(q) for q in quantiles]
     if any(not 0 <= q <= 1 for q in levels):
@@ -79,10 +98,10 @@ def summary(
     for name, r, b, t in zip(_leaf_names(samples), r_leaves, bulk, tail):
         r, b, t = (v.reshape(-1).double() for v in (r, b, t))
         row: dict[str, float] = {"size": float(r.numel())}
-        qr, qb, qt = (torch.nanquantile(v, q) if v.numel() else torch.full_like(q, math.nan) for v in (r, b, t))
+        qr, qb, qt = (_quantiles(v, q) for v in (r, b, t))
         row["rhat_max"] = float(qr[-1])
         row.update({f"rhat_q{round(100 * lv):02d}": float(v) for lv, v in zip(levels, qr)})
-        row["frac_rhat_above"] = float((r > threshold).double().mean()) if r.numel() else math.nan
+        row["frac_rhat_above"] = float((~(r <= threshold)).double().mean()) if r.numel() else math.nan  # NaN too
         row["rhat_nan"] = float(r.isnan().sum())
         for key, qv in (("ess_bulk", qb), ("ess_tail", qt)):
             row[f"{key}_min"] = float(qv[-2])

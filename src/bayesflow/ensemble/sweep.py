@@ -8,8 +8,10 @@ posterior predictive :math:`\bar p(y|x) = \frac1S\sum_s p(y|x,θ_s)`, from which
 * accuracy of :math:`\arg\max_y \bar p(y|x)`,
 * expected calibration error (ECE, 15 equal-width confidence bins).
 
-With ``common_random_numbers`` replica j of every temperature shares one noise stream, so the
-differences between temperatures are not swamped by Monte-Carlo noise.
+With ``common_random_numbers`` replica j of every temperature shares one starting point and one noise
+stream, so the differences between temperatures are not swamped by Monte-Carlo noise (two equal
+temperatures give identical rows). The transform's temperature is replaced through its preset's
+recipe (:func:`~bayesflow.ensemble.lift`): cSGLD keeps its exploration stage, ``beta`` its correction.
 
 Example (a linear 3-class model ``w`` of shape (2, 3) on toy data):
     >>> import torch
@@ -32,12 +34,12 @@ Example (a linear 3-class model ``w`` of shape (2, 3) on toy data):
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from bayesflow.ensemble.chains import lift, replicate
+from bayesflow.tree import tree_map
 from bayesflow.types import TensorTree, Transform
 
 __all__ = ["expected_calibration_error", "sweep"]
@@ -50,15 +52,18 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
     """Run every temperature as chains of one batched run and score their posterior predictives.
 
     Args:
-        transform: an engine transform (sampler preset); its temperature is replaced per chain.
+        transform: an engine transform (sampler preset); its temperature is replaced per chain, through
+            the preset's own rules (see :func:`~bayesflow.ensemble.lift`).
         temperatures: the temperatures to compare (per-datum convention: 1/num_data is Bayes).
         params: initial parameters of one chain (replicated, optionally perturbed).
-        train: iterable of training batches, cycled for ``steps`` updates.
+        train: a re-iterable of training batches (a DataLoader, a list), iterated afresh every epoch
+            (a DataLoader reshuffles) until ``steps`` updates are done.
         steps: number of updates.
         predict: ``predict(params, inputs) -> logits`` for one chain (vmapped over chains).
         validation: iterable of ``(inputs, labels)`` held-out batches.
         chains_per_temperature: replicas per temperature.
-        common_random_numbers: replica j of every temperature uses the same noise seed.
+        common_random_numbers: replica j of every temperature starts from the same point and uses the
+            same noise seed.
         burn_in: steps before collecting (default: half of ``steps``).
         thin: collect every ``thin`` steps after burn-in.
         perturbation: passed to :func:`~bayesflow.ensemble.chains.replicate` for initial points.
@@ -95,13 +100,17 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
     seeds = [seed + (j if common_random_numbers else i * replicas + j)
              for i in range(len(temperatures)) for j in range(replicas)]
     ensemble = lift(transform, num_chains, temperature=per_chain_t)
-    start = replicate(params, num_chains, perturbation=perturbation, seed=seed)
+    if common_random_numbers:  # replica j's start, shared by every temperature
+        start = tree_map(lambda leaf: leaf.repeat(len(temperatures), *([1] * (leaf.ndim - 1))),
+                         replicate(params, replicas, perturbation=perturbation, seed=seed))
+    else:
+        start = replicate(params, num_chains, perturbation=perturbation, seed=seed)
     state = ensemble.init(start, seed=seeds)
     validation = list(validation)
     batched_predict = torch.func.vmap(predict, in_dims=(0, None))
     sums = [None] * len(validation)
     collected = 0
-    batches = itertools.cycle(train)
+    batches = _epochs(train)
     for step in _progress(range(steps), progress):
         state, _ = ensemble.update(state, next(batches), inplace=True)
         if step >= burn_in and (step - burn_in) % thin == 0:
@@ -145,6 +154,19 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     accuracy = torch.bincount(index, weights=correct, minlength=bins)
     confident = torch.bincount(index, weights=confidence.double(), minlength=bins)
     return ((accuracy - confident).abs().sum() / max(len(labels), 1)).item()
+
+
+def _epochs(train: Iterable):
+    """The batches of ``train``, iterated afresh every epoch (itertools.cycle would replay — and hold in
+    memory — the first epoch)."""
+    while True:
+        empty = True
+        for batch in train:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("train yielded no batches: give a re-iterable of batches (a DataLoader or a list; "
+                             "a one-shot iterator is exhausted after its first epoch)")
 
 
 def _progress(iterable, enabled: bool):

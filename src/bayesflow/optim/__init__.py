@@ -19,6 +19,17 @@ Example:
 """
 
 from bayesflow.optim import adam, adamw, rmsprop, sgd, transform
+from bayesflow.optim.torch_optim import OptimState, build
 from bayesflow.optim.transform import GradientTransformation, as_gradient_transformation
 
-__all__ = ["GradientTransformation", "adam", "adamw", "as_gradient_transformation", "rmsprop", "sgd", "transform"]
+__all__ = [
+    "GradientTransformation",
+    "OptimState",
+    "adam",
+    "adamw",
+    "as_gradient_transformation",
+    "build",
+    "rmsprop",
+    "sgd",
+    "transform",
+]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 __all__ = ["check_beta", "check_lr", "check_nonnegative", "check_unit", "engine_options"]
 
 ENGINE_OPTIONS = ("check_finite", "on_nonfinite", "momenta_init")
@@ -14,8 +16,20 @@ def _real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_lr(lr) -> float:
-    """A learning rate must be a positive finite float (h = lr or sqrt(lr) enters as a divisor)."""
+def check_lr(lr, *, per_chain: bool = False):
+    """A learning rate must be a positive finite float (h = lr or sqrt(lr) enters as a divisor).
+
+    ``per_chain``: the preset also takes one learning rate per chain (a 1-D tensor) — only where its
+    operators do not depend on lr, so that chain k is exactly the preset built with ``lr[k]``.
+    """
+    if isinstance(lr, torch.Tensor):
+        if not per_chain:
+            raise ValueError("one learning rate per chain (a tensor) is not supported by this optimizer: its friction "
+                             "or preconditioner scale depends on lr, which one batched step cannot hold per chain; "
+                             "build one transform per learning rate")
+        if lr.ndim != 1 or not lr.is_floating_point() or not bool(torch.isfinite(lr).all()) or bool((lr <= 0).any()):
+            raise ValueError(f"Invalid learning rates: {lr!r}; expected a 1-D tensor of positive finite values")
+        return lr
     if not _real(lr) or lr <= 0:
         raise ValueError(f"Invalid learning rate: {lr!r}; expected a positive finite float")
     return float(lr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bayesflow.engine import SDEConfig
+from bayesflow.engine import SDEConfig, preset
 from bayesflow.engine import build as engine_build
 from bayesflow.optim import adam
 from bayesflow.optim._checks import check_lr, check_nonnegative
@@ -19,6 +19,7 @@ from bayesflow.types import LogPosterior, Transform
 __all__ = ["build", "config", "transformation"]
 
 
+@preset
 def config(
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),

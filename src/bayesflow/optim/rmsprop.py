@@ -19,6 +19,7 @@ from bayesflow.engine import (
     hamiltonian_curl,
 )
 from bayesflow.engine import build as engine_build
+from bayesflow.engine.config import preset
 from bayesflow.optim._checks import check_beta, check_lr, check_nonnegative, check_unit, engine_options
 from bayesflow.optim.transform import GradientTransformation, as_gradient_transformation
 from bayesflow.types import LogPosterior, Transform
@@ -26,6 +27,7 @@ from bayesflow.types import LogPosterior, Transform
 __all__ = ["build", "config", "transformation"]
 
 
+@preset
 def config(
     lr: float = 0.01,
     alpha: float = 0.99,

@@ -20,6 +20,7 @@ from bayesflow.engine import (
     hamiltonian_curl,
 )
 from bayesflow.engine import build as engine_build
+from bayesflow.engine.config import preset
 from bayesflow.optim._checks import check_lr, check_nonnegative, check_unit, engine_options
 from bayesflow.optim.transform import GradientTransformation, as_gradient_transformation
 from bayesflow.types import LogPosterior, Transform
@@ -27,6 +28,7 @@ from bayesflow.types import LogPosterior, Transform
 __all__ = ["build", "config", "transformation"]
 
 
+@preset
 def config(
     lr: float,
     momentum: float = 0.0,
@@ -99,8 +101,8 @@ def config(
         Chen, Fox & Guestrin, *Stochastic Gradient Hamiltonian Monte Carlo*, ICML 2014.
         Sutskever et al., *On the importance of initialization and momentum in deep learning*, 2013.
     """
-    lr = check_lr(lr)
     momentum = check_unit("momentum", momentum)
+    lr = check_lr(lr, per_chain=momentum == 0)  # with momentum, h = √lr and the friction (1 - μ)/√lr
     dampening = check_nonnegative("dampening", dampening)
     weight_decay = check_nonnegative("weight_decay", weight_decay)
     if nesterov and (momentum == 0 or dampening != 0):

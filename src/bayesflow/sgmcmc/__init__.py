@@ -17,9 +17,10 @@ psgld       D = diag(1/(√v+ε)) (RMSprop), Γ dropped, Euler       RMSprop
 adam_sghmc  mass = diag(√v̂+ε), D = diag(0, (1−β₁)M/h)            Adam
 csgld       SGLD, cosine step size, T = 0 while exploring        SGD with cosine restarts
 csghmc      SGHMC, cosine step size, T = 0 while exploring       heavy ball with cosine restarts
+sglrw       D = I, Q = 0, lattice random walk (±δx per coordinate) SGD
 ========== ==================================================== =======================================
 """
 
-from bayesflow.sgmcmc import adam_sghmc, baoa, baoab, csghmc, csgld, obabo, psgld, sghmc, sgld, sgnht
+from bayesflow.sgmcmc import adam_sghmc, baoa, baoab, csghmc, csgld, obabo, psgld, sghmc, sgld, sglrw, sgnht
 
-__all__ = ["adam_sghmc", "baoa", "baoab", "csghmc", "csgld", "obabo", "psgld", "sghmc", "sgld", "sgnht"]
+__all__ = ["adam_sghmc", "baoa", "baoab", "csghmc", "csgld", "obabo", "psgld", "sghmc", "sgld", "sglrw", "sgnht"]

@@ -6,6 +6,7 @@ Nothing here touches a parameter during a step: presets only *configure* the eng
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from numbers import Real
 
 import torch
@@ -19,9 +20,22 @@ ENGINE_OPTIONS = ("num_data", "check_finite", "on_nonfinite", "momenta_init")
 """Engine fields a preset passes through unchanged (``**options`` of every ``config``)."""
 
 
-def positive(name: str, value, *, allow_zero: bool = False, schedule: bool = False):
-    """Return ``value`` if it is a finite positive number (or a schedule where allowed)."""
-    if schedule and callable(value):
+def positive(name: str, value, *, allow_zero: bool = False, schedule: bool = False, per_chain: bool = False):
+    """Return ``value`` if it is a finite positive number (or a schedule where allowed), or — with
+    ``per_chain`` — a 1-D tensor of such numbers, one per chain (ensembles and sweeps)."""
+    if schedule and callable(value) and not isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, torch.Tensor):
+        if not per_chain:
+            raise ValueError(f"{name} of one value per chain (a tensor) is not supported here: "
+                             + (f"this preset's operators depend on {name} in a way one batched step cannot hold; "
+                                "build one transform per value" if name == "lr" else
+                                "per-chain values are taken for lr and temperature only"))
+        if value.ndim != 1 or not value.is_floating_point() or not bool(torch.isfinite(value).all()) or bool(
+                (value < 0).any()) or (not allow_zero and bool((value == 0).any())):
+            expected = "non-negative" if allow_zero else "positive"
+            raise ValueError(f"{name} per chain must be a 1-D floating-point tensor of finite {expected} values, "
+                             f"got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or (
             value < 0 or (value == 0 and not allow_zero)):
@@ -29,6 +43,16 @@ def positive(name: str, value, *, allow_zero: bool = False, schedule: bool = Fal
         raise ValueError(f"{name} must be {expected} finite number{' or a schedule' if schedule else ''}, "
                          f"got {value!r}")
     return float(value)
+
+
+def learning_rate(lr, *, schedule: bool = True):
+    """``lr`` checked as a step size: a positive number, a schedule, or one value per chain."""
+    return positive("lr", lr, schedule=schedule, per_chain=True)
+
+
+def temperature_value(temperature, *, schedule: bool = True):
+    """``temperature`` checked: a non-negative number, a schedule, or one value per chain."""
+    return positive("temperature", temperature, allow_zero=True, schedule=schedule, per_chain=True)
 
 
 def fraction(name: str, value, *, closed: bool = False) -> float:
@@ -54,16 +78,17 @@ def injected_temperature(temperature, lr, beta: float, friction: float):
     beta = positive("beta", beta, allow_zero=True)
     if beta == 0.0:
         return temperature
-    if callable(lr) or callable(temperature):
+    constant = (isinstance(v, torch.Tensor) or not callable(v) for v in (lr, temperature))
+    if not all(constant):
         raise ValueError("beta > 0 needs a constant lr and temperature (the noise correction "
                          "1 - lr·beta·temperature/(2·alpha) is fixed when the engine is configured)")
     if friction == 0.0:
         raise ValueError("beta > 0 needs a positive friction alpha: there is no injected noise to reduce")
-    kappa = 1.0 - lr * beta * temperature / (2.0 * friction)
-    if kappa < 0.0:
+    kappa = 1.0 - lr * beta * temperature / (2.0 * friction)  # elementwise for per-chain lr or temperature
+    if bool((torch.as_tensor(kappa) < 0.0).any()):
         raise ValueError(f"beta={beta} is too large for lr={lr}, temperature={temperature} and friction "
                          f"{friction}: the injected noise variance lr·T·(2·alpha - lr·beta·T) would be "
-                         f"negative ({lr * temperature * 2.0 * friction * kappa:.3g})")
+                         f"negative")
     return kappa * temperature
 
 
@@ -101,3 +126,41 @@ def underdamped(alpha: float, sigma: float) -> dict:
     sigma = positive("sigma", sigma)
     return {"diffusion": Block({("momenta", "momenta"): Scalar(alpha)}), "curl": hamiltonian_curl(1.0),
             "mass": Scalar(sigma**2)}
+
+
+# ----- posteriors' module-level functions: sgld.init(params), sgld.update(state, batch, log_posterior, lr, ...)
+_TRANSFORMS: OrderedDict = OrderedDict()
+_KEEP = 8
+
+
+def cached_transform(build_fn, log_posterior, **arguments) -> Transform:
+    """``build_fn(log_posterior, **arguments)``, kept for the next call with the same arguments.
+
+    posteriors' module-level ``update`` takes the log posterior and hyper-parameters on every call;
+    building a transform each time would redo its checks and lose its per-layout buffers, so the
+    last few are kept (keyed by identity of the callables and tensors, by value of numbers).
+    """
+    key = (build_fn, log_posterior, tuple(sorted(arguments.items())))
+    try:
+        transform = _TRANSFORMS.get(key)
+    except TypeError:  # an unhashable argument (a list of momenta): build afresh
+        return build_fn(log_posterior, **arguments)
+    if transform is None:
+        transform = _TRANSFORMS[key] = build_fn(log_posterior, **arguments)
+        if len(_TRANSFORMS) > _KEEP:
+            _TRANSFORMS.popitem(last=False)
+    else:
+        _TRANSFORMS.move_to_end(key)
+    return transform
+
+
+def _never_called(params, batch):  # the log posterior of the transform a module-level init builds
+    raise RuntimeError("internal: init's transform is never updated")
+
+
+def module_init(build_fn, params, seed=None, **defaults):
+    """posteriors' ``init(params, ...)``: a state (momenta zero unless given, as posteriors starts them)
+    with a noise key drawn from torch's global generator unless ``seed`` is given."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return build_fn(_never_called, lr=1.0, temperature=0.0, **defaults).init(params, seed=seed)

@@ -56,12 +56,14 @@ from bayesflow.engine import (
     SquaredGradientAverage,
     hamiltonian_curl,
 )
-from bayesflow.sgmcmc._common import build_with_defaults, fraction, make_config, positive
+from bayesflow.engine.config import preset
+from bayesflow.sgmcmc._common import build_with_defaults, fraction, make_config, positive, temperature_value
 from bayesflow.types import LogPosterior, Schedule, TensorTree, Transform
 
 __all__ = ["build", "config"]
 
 
+@preset
 def config(lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
            temperature: float | Schedule = 1.0, *, weight_decay: float = 0.0, amsgrad: bool = False,
            **options) -> SDEConfig:
@@ -89,7 +91,7 @@ def config(lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: flo
     return make_config(options, step_size=h,
                        diffusion=Block({("momenta", "momenta"): Preconditioned(rms, 1.0, scale=(1.0 - beta1) / h)}),
                        curl=hamiltonian_curl(1.0), mass=Preconditioned(rms, 1.0),
-                       temperature=positive("temperature", temperature, allow_zero=True, schedule=True),
+                       temperature=temperature_value(temperature),
                        integrator=SemiImplicitEuler(), step_scales=(("params", BiasCorrection(beta1)),),
                        weight_decay=positive("weight_decay", weight_decay, allow_zero=True))
 

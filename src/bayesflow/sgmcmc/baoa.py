@@ -29,13 +29,25 @@ Example:
 
 from __future__ import annotations
 
-from bayesflow.engine import SDEConfig, Splitting
-from bayesflow.sgmcmc._common import build_with_defaults, make_config, positive, underdamped
+from bayesflow.engine import SDEConfig, SDEState, Splitting, preset
+from bayesflow.sgmcmc._common import (
+    build_with_defaults,
+    cached_transform,
+    learning_rate,
+    make_config,
+    module_init,
+    temperature_value,
+    underdamped,
+)
 from bayesflow.types import LogPosterior, Schedule, TensorTree, Transform
 
-__all__ = ["build", "config"]
+__all__ = ["BAOAState", "build", "config", "init", "update"]
+
+BAOAState = SDEState
+"""posteriors' name for this sampler's state: an :class:`~bayesflow.engine.SDEState`."""
 
 
+@preset
 def config(lr: float | Schedule, alpha: float = 0.01, sigma: float = 1.0, temperature: float | Schedule = 1.0,
            **options) -> SDEConfig:
     """The engine configuration of BAOA (see the module docstring for the SDE and the word).
@@ -48,8 +60,8 @@ def config(lr: float | Schedule, alpha: float = 0.01, sigma: float = 1.0, temper
         **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``,
             ``momenta_init``).
     """
-    return make_config(options, step_size=positive("lr", lr, schedule=True), **underdamped(alpha, sigma),
-                       temperature=positive("temperature", temperature, allow_zero=True, schedule=True),
+    return make_config(options, step_size=learning_rate(lr), **underdamped(alpha, sigma),
+                       temperature=temperature_value(temperature),
                        integrator=Splitting("BAOA"))
 
 
@@ -67,3 +79,27 @@ def build(log_posterior: LogPosterior, lr: float | Schedule, alpha: float = 0.01
         ``log_posterior``, ``step``).
     """
     return build_with_defaults(log_posterior, config(lr, alpha, sigma, temperature, **kwargs), momenta)
+
+
+def init(params: TensorTree, momenta: TensorTree | float | None = None, seed=None) -> SDEState:
+    """posteriors' module-level ``baoa.init(params, momenta)``: momenta zero unless given; ``seed``: the
+    noise key's seed, drawn from torch's global generator when None.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.sgmcmc import baoa
+        >>> log_posterior = lambda p, batch: (-0.5 * (p**2).sum(), None)
+        >>> state = baoa.init(torch.zeros(3), seed=0)
+        >>> state, aux = baoa.update(state, None, log_posterior, lr=1e-2, alpha=1.0)
+        >>> int(state.step)
+        1
+    """
+    return module_init(build, params, seed, momenta=momenta)
+
+
+def update(state: SDEState, batch, log_posterior: LogPosterior, lr: float | Schedule, alpha: float = 0.01,
+           sigma: float = 1.0, temperature: float | Schedule = 1.0, inplace: bool = False):
+    """posteriors' module-level ``baoa.update``: ``build(log_posterior, lr, alpha, sigma,
+    temperature).update(state, batch, inplace)`` (the transform is kept for the next such call)."""
+    return cached_transform(build, log_posterior, lr=lr, alpha=alpha, sigma=sigma,
+                            temperature=temperature).update(state, batch, inplace=inplace)

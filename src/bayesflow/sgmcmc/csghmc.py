@@ -30,13 +30,22 @@ Example:
 
 from __future__ import annotations
 
-from bayesflow.engine import Cyclical, SDEConfig, SemiImplicitEuler
-from bayesflow.sgmcmc._common import build_with_defaults, fraction, make_config, positive, underdamped
+from bayesflow.engine import Cyclical, SDEConfig, SemiImplicitEuler, preset
+from bayesflow.sgmcmc._common import (
+    build_with_defaults,
+    fraction,
+    learning_rate,
+    make_config,
+    positive,
+    temperature_value,
+    underdamped,
+)
 from bayesflow.types import LogPosterior, TensorTree, Transform
 
 __all__ = ["build", "config"]
 
 
+@preset
 def config(lr: float, cycle_length: int, exploration: float = 0.25, alpha: float = 0.01, sigma: float = 1.0,
            temperature: float = 1.0, *, weight_decay: float = 0.0, **options) -> SDEConfig:
     """The engine configuration of cSGHMC (see the module docstring for the schedules).
@@ -55,8 +64,9 @@ def config(lr: float, cycle_length: int, exploration: float = 0.25, alpha: float
     if isinstance(cycle_length, bool) or not isinstance(cycle_length, int) or cycle_length < 1:
         raise ValueError(f"cycle_length must be a positive integer number of steps, got {cycle_length!r}")
     exploration = fraction("exploration", exploration, closed=True)
-    return make_config(options, step_size=Cyclical(positive("lr", lr), cycle_length), **underdamped(alpha, sigma),
-                       temperature=Cyclical(positive("temperature", temperature, allow_zero=True), cycle_length,
+    return make_config(options,
+                       step_size=Cyclical(learning_rate(lr, schedule=False), cycle_length), **underdamped(alpha, sigma),
+                       temperature=Cyclical(temperature_value(temperature, schedule=False), cycle_length,
                                             exploration=exploration, floor=0.0, anneal=False),
                        integrator=SemiImplicitEuler(),
                        weight_decay=positive("weight_decay", weight_decay, allow_zero=True))

@@ -29,13 +29,14 @@ Example:
 
 from __future__ import annotations
 
-from bayesflow.engine import SDEConfig, Splitting
-from bayesflow.sgmcmc._common import build_with_defaults, make_config, positive, underdamped
+from bayesflow.engine import SDEConfig, Splitting, preset
+from bayesflow.sgmcmc._common import build_with_defaults, learning_rate, make_config, temperature_value, underdamped
 from bayesflow.types import LogPosterior, Schedule, TensorTree, Transform
 
 __all__ = ["build", "config"]
 
 
+@preset
 def config(lr: float | Schedule, alpha: float = 0.01, sigma: float = 1.0, temperature: float | Schedule = 1.0,
            **options) -> SDEConfig:
     """The engine configuration of OBABO (see the module docstring for the SDE and the word).
@@ -48,8 +49,8 @@ def config(lr: float | Schedule, alpha: float = 0.01, sigma: float = 1.0, temper
         **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``,
             ``momenta_init``).
     """
-    return make_config(options, step_size=positive("lr", lr, schedule=True), **underdamped(alpha, sigma),
-                       temperature=positive("temperature", temperature, allow_zero=True, schedule=True),
+    return make_config(options, step_size=learning_rate(lr), **underdamped(alpha, sigma),
+                       temperature=temperature_value(temperature),
                        integrator=Splitting("OBABO"))
 
 

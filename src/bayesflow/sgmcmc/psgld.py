@@ -37,13 +37,21 @@ Example:
 
 from __future__ import annotations
 
-from bayesflow.engine import EulerMaruyama, Preconditioned, SDEConfig, SquaredGradientAverage
-from bayesflow.sgmcmc._common import build_with_defaults, fraction, make_config, positive
+from bayesflow.engine import EulerMaruyama, Preconditioned, SDEConfig, SquaredGradientAverage, preset
+from bayesflow.sgmcmc._common import (
+    build_with_defaults,
+    fraction,
+    learning_rate,
+    make_config,
+    positive,
+    temperature_value,
+)
 from bayesflow.types import LogPosterior, Schedule, Transform
 
 __all__ = ["build", "config"]
 
 
+@preset
 def config(lr: float | Schedule, alpha: float = 0.99, eps: float = 1e-8, temperature: float | Schedule = 1.0, *,
            centered: bool = False, weight_decay: float = 0.0, **options) -> SDEConfig:
     """The engine configuration of pSGLD (see the module docstring for the SDE).
@@ -58,8 +66,8 @@ def config(lr: float | Schedule, alpha: float = 0.99, eps: float = 1e-8, tempera
         **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``).
     """
     rms = SquaredGradientAverage(fraction("alpha", alpha), positive("eps", eps), centered=bool(centered))
-    return make_config(options, step_size=positive("lr", lr, schedule=True), diffusion=Preconditioned(rms, -1.0),
-                       temperature=positive("temperature", temperature, allow_zero=True, schedule=True),
+    return make_config(options, step_size=learning_rate(lr), diffusion=Preconditioned(rms, -1.0),
+                       temperature=temperature_value(temperature),
                        integrator=EulerMaruyama(), gamma=False,
                        weight_decay=positive("weight_decay", weight_decay, allow_zero=True))
 

@@ -46,13 +46,27 @@ Example:
 
 from __future__ import annotations
 
-from bayesflow.engine import SDEConfig, SemiImplicitEuler
-from bayesflow.sgmcmc._common import build_with_defaults, injected_temperature, make_config, positive, underdamped
+from bayesflow.engine import SDEConfig, SDEState, SemiImplicitEuler, preset
+from bayesflow.sgmcmc._common import (
+    build_with_defaults,
+    cached_transform,
+    injected_temperature,
+    learning_rate,
+    make_config,
+    module_init,
+    positive,
+    temperature_value,
+    underdamped,
+)
 from bayesflow.types import LogPosterior, Schedule, TensorTree, Transform
 
-__all__ = ["build", "config"]
+__all__ = ["SGHMCState", "build", "config", "init", "update"]
+
+SGHMCState = SDEState
+"""posteriors' name for this sampler's state: an :class:`~bayesflow.engine.SDEState`."""
 
 
+@preset
 def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: float = 1.0,
            temperature: float | Schedule = 1.0, *, weight_decay: float = 0.0, **options) -> SDEConfig:
     """The engine configuration of SGHMC (see the module docstring for the SDE).
@@ -68,8 +82,8 @@ def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: 
         **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``,
             ``momenta_init``).
     """
-    lr = positive("lr", lr, schedule=True)
-    temperature = positive("temperature", temperature, allow_zero=True, schedule=True)
+    lr = learning_rate(lr)
+    temperature = temperature_value(temperature)
     return make_config(options, step_size=lr, **underdamped(alpha, sigma),
                        temperature=injected_temperature(temperature, lr, beta, friction=float(alpha)),
                        integrator=SemiImplicitEuler(),
@@ -93,3 +107,27 @@ def build(log_posterior: LogPosterior, lr: float | Schedule, alpha: float = 0.01
         ``momenta``, ``log_posterior``, ``step``).
     """
     return build_with_defaults(log_posterior, config(lr, alpha, beta, sigma, temperature, **kwargs), momenta)
+
+
+def init(params: TensorTree, momenta: TensorTree | float | None = None, seed=None) -> SDEState:
+    """posteriors' module-level ``sghmc.init(params, momenta)``: momenta zero unless given (as posteriors
+    starts them); ``seed``: the noise key's seed, drawn from torch's global generator when None.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.sgmcmc import sghmc
+        >>> log_posterior = lambda p, batch: (-0.5 * (p**2).sum(), None)
+        >>> state = sghmc.init(torch.zeros(3), seed=0)
+        >>> state, aux = sghmc.update(state, None, log_posterior, lr=1e-2, alpha=1.0)
+        >>> state.momenta.shape
+        torch.Size([3])
+    """
+    return module_init(build, params, seed, momenta=momenta)
+
+
+def update(state: SDEState, batch, log_posterior: LogPosterior, lr: float | Schedule, alpha: float = 0.01,
+           beta: float = 0.0, sigma: float = 1.0, temperature: float | Schedule = 1.0, inplace: bool = False):
+    """posteriors' module-level ``sghmc.update``: ``build(log_posterior, lr, alpha, beta, sigma,
+    temperature).update(state, batch, inplace)`` (the transform is kept for the next such call)."""
+    return cached_transform(build, log_posterior, lr=lr, alpha=alpha, beta=beta, sigma=sigma,
+                            temperature=temperature).update(state, batch, inplace=inplace)

@@ -33,13 +33,26 @@ Example:
 
 from __future__ import annotations
 
-from bayesflow.engine import EulerMaruyama, Scalar, SDEConfig
-from bayesflow.sgmcmc._common import build_with_defaults, injected_temperature, make_config, positive
-from bayesflow.types import LogPosterior, Schedule, Transform
+from bayesflow.engine import EulerMaruyama, Scalar, SDEConfig, SDEState, preset
+from bayesflow.sgmcmc._common import (
+    build_with_defaults,
+    cached_transform,
+    injected_temperature,
+    learning_rate,
+    make_config,
+    module_init,
+    positive,
+    temperature_value,
+)
+from bayesflow.types import LogPosterior, Schedule, TensorTree, Transform
 
-__all__ = ["build", "config"]
+__all__ = ["SGLDState", "build", "config", "init", "update"]
+
+SGLDState = SDEState
+"""posteriors' name for this sampler's state: an :class:`~bayesflow.engine.SDEState`."""
 
 
+@preset
 def config(lr: float | Schedule, beta: float = 0.0, temperature: float | Schedule = 1.0, *,
            weight_decay: float = 0.0, **options) -> SDEConfig:
     """The engine configuration of SGLD (see the module docstring for the SDE).
@@ -52,8 +65,8 @@ def config(lr: float | Schedule, beta: float = 0.0, temperature: float | Schedul
         weight_decay: λ of a Gaussian prior (λ/2)|θ|² added to −ℓ (torch's coupled weight decay).
         **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``).
     """
-    lr = positive("lr", lr, schedule=True)
-    temperature = positive("temperature", temperature, allow_zero=True, schedule=True)
+    lr = learning_rate(lr)
+    temperature = temperature_value(temperature)
     return make_config(options, step_size=lr, diffusion=Scalar(1.0), curl=None,
                        temperature=injected_temperature(temperature, lr, beta, friction=1.0),
                        integrator=EulerMaruyama(), weight_decay=positive("weight_decay", weight_decay,
@@ -73,3 +86,27 @@ def build(log_posterior: LogPosterior, lr: float | Schedule, beta: float = 0.0,
         the state is an :class:`~bayesflow.engine.SDEState` (``params``, ``log_posterior``, ``step``).
     """
     return build_with_defaults(log_posterior, config(lr, beta, temperature, **kwargs))
+
+
+def init(params: TensorTree, seed=None) -> SDEState:
+    """posteriors' module-level ``sgld.init(params)``: the initial state (``seed``: the noise key's seed,
+    drawn from torch's global generator when None).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.sgmcmc import sgld
+        >>> log_posterior = lambda p, batch: (-0.5 * (p**2).sum(), None)
+        >>> state = sgld.init(torch.zeros(3), seed=0)
+        >>> state, aux = sgld.update(state, None, log_posterior, lr=1e-2)   # = build(log_posterior, lr=1e-2).update
+        >>> int(state.step)
+        1
+    """
+    return module_init(build, params, seed)
+
+
+def update(state: SDEState, batch, log_posterior: LogPosterior, lr: float | Schedule, beta: float = 0.0,
+           temperature: float | Schedule = 1.0, inplace: bool = False):
+    """posteriors' module-level ``sgld.update``: ``build(log_posterior, lr, beta, temperature).update(state,
+    batch, inplace)`` (the transform is kept for the next call with the same arguments)."""
+    return cached_transform(build, log_posterior, lr=lr, beta=beta, temperature=temperature).update(
+        state, batch, inplace=inplace)

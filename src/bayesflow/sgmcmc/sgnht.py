@@ -48,13 +48,27 @@ Example:
 
 from __future__ import annotations
 
-from bayesflow.engine import Block, Scalar, SDEConfig, SemiImplicitEuler, ThermostatCoupling
-from bayesflow.sgmcmc._common import build_with_defaults, make_config, positive
+import torch
+
+from bayesflow.engine import Block, Scalar, SDEConfig, SDEState, SemiImplicitEuler, ThermostatCoupling, preset
+from bayesflow.sgmcmc._common import (
+    build_with_defaults,
+    cached_transform,
+    learning_rate,
+    make_config,
+    module_init,
+    positive,
+    temperature_value,
+)
 from bayesflow.types import LogPosterior, Schedule, TensorTree, Transform
 
-__all__ = ["build", "config"]
+__all__ = ["SGNHTState", "build", "config", "init", "update"]
+
+SGNHTState = SDEState
+"""posteriors' name for this sampler's state: an :class:`~bayesflow.engine.SDEState`."""
 
 
+@preset
 def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: float = 1.0,
            temperature: float | Schedule = 1.0, **options) -> SDEConfig:
     """The engine configuration of SGNHT (see the module docstring for the SDE).
@@ -69,15 +83,18 @@ def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: 
         **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``,
             ``momenta_init``).
     """
-    lr = positive("lr", lr, schedule=True)
+    lr = learning_rate(lr)
     alpha = positive("alpha", alpha)
     sigma = positive("sigma", sigma)
-    temperature = positive("temperature", temperature, allow_zero=True, schedule=True)
+    temperature = temperature_value(temperature)
     beta = positive("beta", beta, allow_zero=True)
     friction = alpha
     if beta != 0.0:
         if callable(lr) or callable(temperature):
             raise ValueError("beta > 0 needs a constant lr and temperature")
+        if isinstance(lr, torch.Tensor) or isinstance(temperature, torch.Tensor):
+            raise ValueError("beta > 0 lowers SGNHT's friction by lr·beta·temperature/2, one value for all chains: "
+                             "per-chain lr or temperature need beta = 0")
         friction = alpha - lr * beta * temperature / 2.0
         if friction < 0.0:
             raise ValueError(f"beta={beta} is too large: the injected noise variance lr·T·(2·alpha - lr·beta·T) "
@@ -106,3 +123,27 @@ def build(log_posterior: LogPosterior, lr: float | Schedule, alpha: float = 0.01
     """
     xi = float(alpha) if xi is None else xi
     return build_with_defaults(log_posterior, config(lr, alpha, beta, sigma, temperature, **kwargs), momenta, xi)
+
+
+def init(params: TensorTree, momenta: TensorTree | float | None = None, xi: float = 0.01, seed=None) -> SDEState:
+    """posteriors' module-level ``sgnht.init(params, momenta, xi)``: momenta zero unless given, thermostat
+    ``xi``; ``seed``: the noise key's seed, drawn from torch's global generator when None.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.sgmcmc import sgnht
+        >>> log_posterior = lambda p, batch: (-0.5 * (p**2).sum(), None)
+        >>> state = sgnht.init(torch.zeros(3), seed=0)
+        >>> state, aux = sgnht.update(state, None, log_posterior, lr=1e-2)
+        >>> float(state.xi) > 0
+        True
+    """
+    return module_init(build, params, seed, momenta=momenta, xi=xi)
+
+
+def update(state: SDEState, batch, log_posterior: LogPosterior, lr: float | Schedule, alpha: float = 0.01,
+           beta: float = 0.0, sigma: float = 1.0, temperature: float | Schedule = 1.0, inplace: bool = False):
+    """posteriors' module-level ``sgnht.update``: ``build(log_posterior, lr, alpha, beta, sigma,
+    temperature).update(state, batch, inplace)`` (the transform is kept for the next such call)."""
+    return cached_transform(build, log_posterior, lr=lr, alpha=alpha, beta=beta, sigma=sigma,
+                            temperature=temperature).update(state, batch, inplace=inplace)

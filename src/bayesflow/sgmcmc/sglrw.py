@@ -1,0 +1,78 @@
+r"""SGLRW: stochastic gradient lattice random walk (Mensch et al. 2026; Duffield et al. 2025), an engine configuration.
+
+The overdamped Langevin SDE on θ alone,
+
+.. math::
+    dθ = \nabla ℓ(θ)\,dt + \sqrt{2T}\,dW,
+
+is the engine's equation with z = θ, H = −ℓ, **D = I**, **Q = 0**, N = 1 (posteriors' per-datum
+ℓ), temperature T, and the :class:`~bayesflow.engine.lattice.LatticeRandomWalk` integrator with
+step h = ``lr``: with the Euler drift :math:`d = h\,\hat\nabla ℓ(θ_t)` and the spatial step
+:math:`δx = \sqrt{2 T h}`, every coordinate moves by exactly one lattice site,
+
+.. math::
+    θ_{t+1,i} = θ_{t,i} + δx\,s_i, \qquad P(s_i = +1) = \tfrac12\big(1 + \operatorname{clamp}(d_i/δx, -1, 1)\big),
+    \quad s_i \in \{-1, +1\},
+
+so the step has mean d (where |d_i| ≤ δx) and variance δx² − d² (weak order 1, like SGLD's Euler
+step). The step's probability is linear in the stochastic gradient, so mini-batch noise leaves each
+coordinate's one-step law unchanged (SGLD's step gains the variance h²·Var(∇̂ℓ)); see
+:mod:`bayesflow.engine.lattice`. Its stationary law (for small h) is :math:`\propto \exp(ℓ(θ)/T)`:
+T = 1/num_data samples the Bayesian posterior, smaller T a cold posterior.
+
+**T = 0 limit:** :math:`θ_{t+1} = θ_t + h\nabla ℓ(θ_t)`, i.e. ``torch.optim.SGD(lr=lr)`` on the
+loss −ℓ (with ``weight_decay`` its coupled weight decay), step for step. (posteriors 0.1.3 divides
+by δx = 0 at T = 0 and leaves θ where it is.)
+
+Example:
+    >>> import torch
+    >>> from bayesflow.sgmcmc import sglrw
+    >>> def log_posterior(params, batch):
+    ...     return -0.5 * (params**2).sum(), None
+    >>> transform = sglrw.build(log_posterior, lr=1e-2, temperature=1.0)
+    >>> state = transform.init(torch.zeros(3), seed=0)
+    >>> state, aux = transform.update(state, batch=None)
+    >>> state.params.abs()   # one lattice site: δx = sqrt(2 · 1.0 · 0.01)
+    tensor([0.1414, 0.1414, 0.1414])
+"""
+
+from __future__ import annotations
+
+from bayesflow.engine import Scalar, SDEConfig
+from bayesflow.engine.lattice import LatticeRandomWalk
+from bayesflow.sgmcmc._common import build_with_defaults, make_config, positive
+from bayesflow.types import LogPosterior, Schedule, Transform
+
+__all__ = ["build", "config"]
+
+
+def config(lr: float | Schedule, temperature: float | Schedule = 1.0, *, weight_decay: float = 0.0,
+           **options) -> SDEConfig:
+    """The engine configuration of SGLRW (see the module docstring for the SDE and the update).
+
+    Args:
+        lr: step size h, a float or a schedule ``step -> float``.
+        temperature: T, a float or a schedule (1/num_data samples the posterior, 0 optimizes).
+        weight_decay: λ of a Gaussian prior (λ/2)|θ|² added to −ℓ (torch's coupled weight decay).
+        **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``).
+    """
+    lr = positive("lr", lr, schedule=True)
+    temperature = positive("temperature", temperature, allow_zero=True, schedule=True)
+    return make_config(options, step_size=lr, diffusion=Scalar(1.0), curl=None, temperature=temperature,
+                       integrator=LatticeRandomWalk(), weight_decay=positive("weight_decay", weight_decay,
+                                                                             allow_zero=True))
+
+
+def build(log_posterior: LogPosterior, lr: float | Schedule, temperature: float | Schedule = 1.0,
+          **kwargs) -> Transform:
+    """SGLRW transform: ``engine.build(log_posterior, config(lr, temperature, ...))``.
+
+    Args:
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``, value per datum.
+        lr, temperature, **kwargs: as :func:`config`.
+
+    Returns:
+        A transform with ``init(params, seed=None)`` and ``update(state, batch, inplace=False)``;
+        the state is an :class:`~bayesflow.engine.SDEState` (``params``, ``log_posterior``, ``step``).
+    """
+    return build_with_defaults(log_posterior, config(lr, temperature, **kwargs))
