@@ -11,7 +11,7 @@ import torch
 
 import bayesflow
 from bayesflow.ensemble import lift
-from bayesflow.sgmcmc import baoa, sghmc, sgld, sgnht
+from bayesflow.sgmcmc import baoa, sghmc, sgld, sglrw, sgnht
 
 F64 = torch.float64
 
@@ -30,7 +30,8 @@ def test_import_bayesflow_makes_every_method_family_available():
 def test_posteriors_type_names():
     assert bayesflow.types.LogProbFn is bayesflow.types.LogPosterior
     assert bayesflow.TensorTree is bayesflow.types.TensorTree and bayesflow.Transform is bayesflow.types.Transform
-    assert sgld.SGLDState is sghmc.SGHMCState is sgnht.SGNHTState is baoa.BAOAState is bayesflow.SDEState
+    assert (sgld.SGLDState is sghmc.SGHMCState is sgnht.SGNHTState is baoa.BAOAState is sglrw.SGLRWState
+            is bayesflow.SDEState)
 
 
 def test_states_stack_cat_unsqueeze_and_index_leafwise():
@@ -82,6 +83,7 @@ def test_chains_at_different_steps_are_refused():
     (sghmc, dict(lr=0.05, alpha=1.0, temperature=0.5)),
     (sgnht, dict(lr=0.05, alpha=1.0, temperature=0.5)),
     (baoa, dict(lr=0.05, alpha=1.0, temperature=0.5)),
+    (sglrw, dict(lr=0.05, temperature=0.5)),
 ])
 def test_module_level_init_and_update_equal_the_transform(module, arguments):
     """posteriors' ``module.update(state, batch, log_posterior, **hyper)`` is ``build(...).update``;

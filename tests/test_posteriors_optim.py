@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import doctest
-import pathlib
-import re
 import subprocess
 import sys
 
@@ -328,19 +326,3 @@ def test_docstring_examples(module, tmp_path, monkeypatch):
     for test in tests:
         runner.run(test, out=report.append)
     assert runner.failures == 0, "".join(report)
-
-
-PEER_TESTS = pathlib.Path("/work/shared/peer/posteriors-tests/tests")
-
-
-@pytest.mark.skipif(not (PEER_TESTS / "test_optim.py").exists(), reason="posteriors' tests are not unpacked here")
-def test_posteriors_own_tests_pass_with_the_import_renamed(tmp_path):
-    tests = tmp_path / "tests"
-    tests.mkdir()
-    for name in ("__init__.py", "test_optim.py", "test_torchopt.py"):
-        source = (PEER_TESTS / name).read_text()
-        (tests / name).write_text(re.sub(r"\bposteriors\b", "bayesflow", source))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 passed" in result.stdout

@@ -5,8 +5,9 @@ posteriors' states are tensordict classes, and code written for posteriors treat
 tensors: ``torch.stack(states)``, ``torch.cat((trace, torch.unsqueeze(state, 0)))``,
 ``trace[burn_in:].params``. :func:`record` gives a NamedTuple class the same behaviour through
 ``__torch_function__`` (every torch function applied to every tensor leaf, the record rebuilt
-around the results) and a leaf-wise ``__getitem__``, plus ``to_dict()``. Fields that are None or
-empty tuples (no leaves) pass through; non-tensor leaves are left as they are in the first record.
+around the results) and a leaf-wise ``__getitem__``, plus ``to_dict()`` and ``replace(**fields)``.
+Fields that are None or empty tuples (no leaves) pass through; non-tensor leaves are left as they
+are in the first record.
 
 A stack of K single-chain engine states *is* a K-chain state (every leaf gains the leading chain
 dimension the K-chain engine expects), and indexing a K-chain state gives back a single chain.
@@ -99,6 +100,11 @@ def _to_dict(self) -> dict[str, Any]:
     return self._asdict()
 
 
+def _replace_fields(self, **fields):
+    """A new record with ``fields`` replaced (posteriors' ``state.replace(...)``; NamedTuple's ``_replace``)."""
+    return self._replace(**fields)
+
+
 def record(cls):
     """Give a NamedTuple class tensor-like behaviour (see the module docstring) and register it as a
     safe global of ``torch.load(weights_only=True)``.
@@ -116,6 +122,7 @@ def record(cls):
     cls.__torch_function__ = classmethod(_torch_function)
     cls.__getitem__ = _getitem
     cls.to_dict = _to_dict
+    cls.replace = _replace_fields
     cls.__bayesflow_record__ = True
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals([cls])

@@ -38,14 +38,25 @@ Example:
 
 from __future__ import annotations
 
-from bayesflow.engine import Scalar, SDEConfig
-from bayesflow.engine.lattice import LatticeRandomWalk
-from bayesflow.sgmcmc._common import build_with_defaults, make_config, positive
-from bayesflow.types import LogPosterior, Schedule, Transform
+from bayesflow.engine import LatticeRandomWalk, Scalar, SDEConfig, SDEState, preset
+from bayesflow.sgmcmc._common import (
+    build_with_defaults,
+    cached_transform,
+    learning_rate,
+    make_config,
+    module_init,
+    positive,
+    temperature_value,
+)
+from bayesflow.types import LogPosterior, Schedule, TensorTree, Transform
 
-__all__ = ["build", "config"]
+__all__ = ["SGLRWState", "build", "config", "init", "update"]
+
+SGLRWState = SDEState
+"""posteriors' name for this sampler's state: an :class:`~bayesflow.engine.SDEState`."""
 
 
+@preset
 def config(lr: float | Schedule, temperature: float | Schedule = 1.0, *, weight_decay: float = 0.0,
            **options) -> SDEConfig:
     """The engine configuration of SGLRW (see the module docstring for the SDE and the update).
@@ -56,8 +67,8 @@ def config(lr: float | Schedule, temperature: float | Schedule = 1.0, *, weight_
         weight_decay: λ of a Gaussian prior (λ/2)|θ|² added to −ℓ (torch's coupled weight decay).
         **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``).
     """
-    lr = positive("lr", lr, schedule=True)
-    temperature = positive("temperature", temperature, allow_zero=True, schedule=True)
+    lr = learning_rate(lr)
+    temperature = temperature_value(temperature)
     return make_config(options, step_size=lr, diffusion=Scalar(1.0), curl=None, temperature=temperature,
                        integrator=LatticeRandomWalk(), weight_decay=positive("weight_decay", weight_decay,
                                                                              allow_zero=True))
@@ -76,3 +87,26 @@ def build(log_posterior: LogPosterior, lr: float | Schedule, temperature: float 
         the state is an :class:`~bayesflow.engine.SDEState` (``params``, ``log_posterior``, ``step``).
     """
     return build_with_defaults(log_posterior, config(lr, temperature, **kwargs))
+
+
+def init(params: TensorTree, seed=None) -> SDEState:
+    """posteriors' module-level ``sglrw.init(params)`` (``seed``: the noise key's seed, drawn from torch's
+    global generator when None).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.sgmcmc import sglrw
+        >>> state = sglrw.init(torch.zeros(3), seed=0)
+        >>> state, aux = sglrw.update(state, None, lambda p, batch: (-0.5 * (p**2).sum(), None), lr=1e-2)
+        >>> int(state.step)
+        1
+    """
+    return module_init(build, params, seed)
+
+
+def update(state: SDEState, batch, log_posterior: LogPosterior, lr: float | Schedule,
+           temperature: float | Schedule = 1.0, inplace: bool = False):
+    """posteriors' module-level ``sglrw.update``: ``build(log_posterior, lr, temperature).update(state, batch,
+    inplace)`` (the transform is kept for the next call with the same arguments)."""
+    return cached_transform(build, log_posterior, lr=lr, temperature=temperature).update(state, batch,
+                                                                                          inplace=inplace)

@@ -1,8 +1,7 @@
-r"""posteriors-compatible utilities (``posteriors.utils``), vectorised.
+r"""Running moments: posteriors' ``cumulative_mean_and_cov``, vectorised (one concept: moments of prefixes).
 
-For now only :func:`cumulative_mean_and_cov`, with the name, signature and conventions of posteriors'
-(normal-computing/posteriors); the rest of posteriors' utils (the linear-algebra and Hessian helpers that
-the variational and Laplace methods use) arrive with the VI/Laplace issue.
+The name, signature and conventions are those of ``posteriors.utils.cumulative_mean_and_cov``
+(normal-computing/posteriors); the implementation replaces its Python loop by cumulative sums.
 
 Example:
     >>> import torch
