@@ -11,6 +11,7 @@ import pkgutil
 import pytest
 
 MODULES = ("bayesflow", "bayesflow.engine", "bayesflow.sgmcmc", "bayesflow.optim", "bayesflow.ensemble")
+"""Packages whose public names are collected first (then every module's ``__all__``)."""
 
 
 def _public_docstrings():
@@ -19,15 +20,16 @@ def _public_docstrings():
     import bayesflow
 
     finder = doctest.DocTestFinder(recurse=False)
-    seen, found = set(), []
+    seen, found, names = set(), [], list(MODULES)
     for info in pkgutil.walk_packages(bayesflow.__path__, "bayesflow."):
         if info.name == "bayesflow.demo":  # a script: it runs when imported as __main__ only
             continue
         module = importlib.import_module(info.name)
         seen.add(id(module))
+        names.append(info.name)
         if any(test.examples for test in finder.find(module, info.name, globs={})):
             found.append((info.name, module))
-    for module_name in MODULES:
+    for module_name in dict.fromkeys(names):  # every module's public names, the packages' first
         module = importlib.import_module(module_name)
         objects = [(module_name, module)]
         objects += [(f"{module_name}.{name}", getattr(module, name)) for name in getattr(module, "__all__", [])]

@@ -325,6 +325,7 @@ STANDARD = {
     "sghmc": dict(lr=0.5, alpha=1.0),
     "sghmc-sigma2": dict(lr=0.5, alpha=2.0, sigma=2.0),
     "sgnht": dict(lr=0.2, alpha=1.0),
+    "sgnht-sigma2": dict(lr=0.4, alpha=4.0, sigma=2.0),  # the thermostat's inertia is σ² (friction ξ/σ²)
     "baoa": dict(lr=0.5, alpha=1.0),
     "baoab": dict(lr=0.5, alpha=1.0),
     "obabo": dict(lr=0.5, alpha=1.0),
@@ -336,6 +337,7 @@ ILL = {
     "sghmc": dict(lr=0.05, alpha=1.0),
     "sghmc-sigma2": dict(lr=0.1, alpha=4.0, sigma=2.0),
     "sgnht": dict(lr=0.05, alpha=1.0),
+    "sgnht-sigma2": dict(lr=0.1, alpha=4.0, sigma=2.0),
     "baoa": dict(lr=0.05, alpha=1.0),
     "baoab": dict(lr=0.05, alpha=1.0),
     "obabo": dict(lr=0.05, alpha=1.0),
@@ -387,9 +389,10 @@ def assert_thermostat(case, avg, friction, temperature, hp, d):
     sigma2 = hp.get("sigma", 1.0) ** 2
     kinetic = (avg["mm"].mean() / sigma2).item()
     # ξ' = ξ + h(|m'|²/(dσ²) - T) telescopes: the time average of the kinetic temperature is T up to
-    # (ξ_end - ξ_start)/(h·steps), whose spread is about sqrt(2·T/d)/(h·steps) (ξ ~ N(ξ*, T/d)).
+    # (ξ_end - ξ_start)/(h·steps), whose spread is about sqrt(2·T·σ²/d)/(h·steps) (ξ ~ N(ξ*, T·σ²/d):
+    # the thermostat's inertia is σ²).
     steps = avg["trace"].numel()
-    se = math.sqrt(2 * temperature / d) / (hp["lr"] * steps)
+    se = math.sqrt(2 * temperature * sigma2 / d) / (hp["lr"] * steps)
     assert abs(kinetic - temperature) < SIGMAS * se + 1e-6 * temperature, (case, kinetic, temperature, se)
     xi, xi_se = batch_means(avg["trace"])
     print(f"{case}: kinetic temperature {kinetic:.6f} (T = {temperature}, SE {se:.2g}); ξ {xi:.5f} ± {xi_se:.2g}, "

@@ -2,10 +2,12 @@
 
 ``import bayesflow`` makes every method family available, as ``import posteriors`` does:
 ``bayesflow.sgmcmc`` (samplers), ``bayesflow.optim`` (optimizers at T = 0, and posteriors'
-``optim.build`` around torch.optim), ``bayesflow.torchopt``, ``bayesflow.ensemble``, ``bayesflow.engine``.
+``optim.build`` around torch.optim), ``bayesflow.torchopt``, ``bayesflow.vi``, ``bayesflow.laplace``,
+``bayesflow.ekf``, ``bayesflow.ensemble``, ``bayesflow.engine``; posteriors' utilities and tree
+helpers are top-level names too.
 """
 
-from bayesflow import engine, ensemble, optim, sgmcmc, torchopt, tree_utils, types, utils
+from bayesflow import ekf, engine, ensemble, laplace, optim, sgmcmc, torchopt, tree_utils, types, utils, vi
 from bayesflow.engine import SDEConfig, SDEState, build
 from bayesflow.tree import load_state_dict, state_dict
 from bayesflow.tree_utils import (
@@ -22,28 +24,64 @@ from bayesflow.tree_utils import (
     tree_size,
 )
 from bayesflow.types import LogProbFn, TensorTree, Transform
-from bayesflow.utils import cumulative_mean_and_cov
+from bayesflow.utils import (
+    CatchAuxError,
+    L_from_flat,
+    L_to_flat,
+    cg,
+    cumulative_mean_and_cov,
+    diag_ggn,
+    diag_normal_log_prob,
+    diag_normal_sample,
+    empirical_fisher,
+    fvp,
+    ggn,
+    ggnvp,
+    hvp,
+    is_scalar,
+    linearized_forward_diag,
+    model_to_function,
+    per_samplify,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CatchAuxError",
+    "L_from_flat",
+    "L_to_flat",
     "LogProbFn",
     "SDEConfig",
     "SDEState",
     "TensorTree",
     "Transform",
     "build",
+    "cg",
     "cumulative_mean_and_cov",
+    "diag_ggn",
+    "diag_normal_log_prob",
+    "diag_normal_sample",
+    "ekf",
+    "empirical_fisher",
     "engine",
     "ensemble",
     "extract_requires_grad",
     "extract_requires_grad_and_func",
     "flexi_tree_map",
+    "fvp",
+    "ggn",
+    "ggnvp",
+    "hvp",
     "inplacify",
     "insert_requires_grad",
     "insert_requires_grad_",
+    "is_scalar",
+    "laplace",
+    "linearized_forward_diag",
     "load_state_dict",
+    "model_to_function",
     "optim",
+    "per_samplify",
     "sgmcmc",
     "state_dict",
     "torchopt",
@@ -55,4 +93,5 @@ __all__ = [
     "tree_utils",
     "types",
     "utils",
+    "vi",
 ]

@@ -37,7 +37,9 @@ class SDEConfig:
             default; num_data for summed ones), or one float per leaf of params (per-group N).
         integrator: an :class:`~bayesflow.engine.integrators.Integrator`.
         mass: M in the kinetic energy ½ mᵀM⁻¹m (a Scalar, Diagonal or Preconditioned operator).
-        thermostat_target: A in SGNHT's thermostat energy (d/2)(ξ - A)².
+        thermostat_target: A in SGNHT's thermostat energy (d/(2Q))(ξ - A)².
+        thermostat_mass: Q in that energy, the thermostat's inertia (SGNHT: σ², the momenta's mass, so
+            the friction is ξ/σ² whatever units m is measured in; ξ's stationary spread is T·Q/d).
         weight_decay: λ of a Gaussian prior (λ/2)|θ|² added to H (torch's coupled weight decay).
         decoupled_weight_decay: per-step factor ε of θ ← (1 - ε)θ applied before the step (AdamW).
         step_scales: ``((component, schedule), ...)``: that component's sub-steps use h·schedule(t)
@@ -70,6 +72,7 @@ class SDEConfig:
     integrator: Integrator = field(default_factory=EulerMaruyama)
     mass: Operator = field(default_factory=lambda: Scalar(1.0))
     thermostat_target: float = 1.0
+    thermostat_mass: float = 1.0
     weight_decay: float = 0.0
     decoupled_weight_decay: float = 0.0
     step_scales: tuple = ()
@@ -89,6 +92,8 @@ class SDEConfig:
             raise TypeError(f"integrator must be an Integrator, got {type(self.integrator).__name__}")
         if not isinstance(self.mass, Operator) or self.mass.diagonal is Operator.diagonal:
             raise TypeError(f"mass must be a diagonal operator (Scalar, Diagonal, Preconditioned), got {self.mass!r}")
+        if not self.thermostat_mass > 0 or self.thermostat_mass == float("inf"):
+            raise ValueError(f"thermostat_mass must be a positive finite number, got {self.thermostat_mass!r}")
         if self.weight_decay < 0 or self.decoupled_weight_decay < 0:
             raise ValueError("weight decays must be non-negative")
         for component, _ in self.step_scales:

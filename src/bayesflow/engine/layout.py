@@ -62,7 +62,8 @@ class Layout:
             if isinstance(op, Function):
                 op.validate_at(torch.cat([leaf.detach().reshape(-1) for leaf in leaves]), role, name)
         self.system = System(diffusion, curl, resolve_num_data(config.num_data, leaves), config.mass,
-                             config.thermostat_target, config.weight_decay, config.gamma)
+                             config.thermostat_target, config.weight_decay, config.gamma,
+                             config.thermostat_mass)
         _check_operator_tensors(diffusion, curl, config.mass, leaves[0])
         self.noise = NoiseStream(leaves[0].device, chains)
         self.numel = sum(leaf[0].numel() if chains else leaf.numel() for leaf in leaves)

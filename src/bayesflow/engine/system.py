@@ -6,8 +6,8 @@ For component i of z = (θ, m, ξ) and a sub-step of length h,
     z_i \leftarrow z_i - h \sum_j (D+Q)_{ij} \nabla_j H(z) + h\,T\,Γ_i(z) + \sqrt{2 T h}\,(D^{1/2} ξ)_i,
 
 with :math:`-\nabla_θ H = \nabla_θ ℓ / N - λθ` (ℓ the user's per-datum log posterior, λ the coupled
-weight decay), :math:`\nabla_m H = M^{-1} m` (mass M) and :math:`\nabla_ξ H = d(ξ - A)` (SGNHT's
-thermostat with target friction A, d parameters). Integrators are words over such row updates.
+weight decay), :math:`\nabla_m H = M^{-1} m` (mass M) and :math:`\nabla_ξ H = (d/Q)(ξ - A)` (SGNHT's
+thermostat with target friction A, inertia Q, d parameters). Integrators are words over such row updates.
 """
 
 from __future__ import annotations
@@ -95,12 +95,13 @@ class System:
     """The configured SDE: D, Q, N, mass, thermostat and weight decay, resolved for fast rows."""
 
     def __init__(self, diffusion: Block, curl: Block, num_data, mass: Operator,
-                 thermostat_target: float, weight_decay: float, gamma: bool):
+                 thermostat_target: float, weight_decay: float, gamma: bool, thermostat_mass: float = 1.0):
         self.diffusion = diffusion
         self.curl = curl
         self.num_data = num_data
         self.mass = mass
         self.thermostat_target = thermostat_target
+        self.thermostat_mass = thermostat_mass
         self.weight_decay = weight_decay
         self.gamma = gamma
         rows = sorted(diffusion.components() | curl.components())
@@ -160,7 +161,7 @@ class System:
                 return momenta, 1.0 / self.mass.value, None
             return momenta, 1.0, self.mass
         xi = ctx.leaves("xi")[0]
-        return [(xi - self.thermostat_target) * ctx.numel], 1.0, None
+        return [(xi - self.thermostat_target) * (ctx.numel / self.thermostat_mass)], 1.0, None
 
     # ----- one row ----------------------------------------------------------------------------
     def row(self, ctx: Context, inputs: StepInputs, row: str, h: float, *, noise: bool = True,

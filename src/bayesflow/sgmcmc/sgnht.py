@@ -5,9 +5,10 @@ SGHMC whose friction ξ is itself a state variable that adapts until the kinetic
 parameters and
 
 .. math::
-    H = -ℓ(θ) + \tfrac{1}{2σ^2}|m|^2 + \tfrac d2 (ξ - A)^2,
+    H = -ℓ(θ) + \tfrac{1}{2σ^2}|m|^2 + \tfrac{d}{2σ^2} (ξ - A)^2,
 
-the engine is configured with **mass M = σ²**, **D = diag(0, A·I, 0)** and the state-dependent curl
+the engine is configured with **mass M = σ²**, thermostat inertia Q = σ² (``thermostat_mass``),
+**D = diag(0, A·I, 0)** and the state-dependent curl
 
 .. math::
     Q = \begin{pmatrix} 0 & -I & 0 \\ I & 0 & m/d \\ 0 & -m^\top/d & 0 \end{pmatrix}
@@ -16,17 +17,19 @@ the engine is configured with **mass M = σ²**, **D = diag(0, A·I, 0)** and th
 
 .. math::
     dθ = σ^{-2} m\,dt, \quad
-    dm = \big(\nabla ℓ - (A σ^{-2} + ξ - A)\, m\big)\,dt + \sqrt{2AT}\,dW, \quad
+    dm = \big(\nabla ℓ - ξ σ^{-2}\, m\big)\,dt + \sqrt{2AT}\,dW, \quad
     dξ = \big(|m|^2/(dσ^2) - T\big)\,dt.
 
 The thermostat's "−T" is not written by hand: it is T·Γ_ξ with :math:`Γ_ξ = \sum_j \partial_{m_j}
 (-m_j/d) = -1`, the divergence of Q that the engine computes. The integrator is **semi-implicit
 Euler** with h = ``lr``: momenta first, then θ with the new momenta, then ξ with the new momenta.
-The stationary law is :math:`\propto \exp(-H/T)`; its ξ-marginal is N(A, T/d) without gradient noise
-and shifts upwards to cancel gradient noise, keeping :math:`E|m|^2/(dσ^2) = T`.
+The stationary law is :math:`\propto \exp(-H/T)`; its ξ-marginal is N(A, Tσ²/d) without gradient
+noise and shifts upwards to cancel gradient noise, keeping :math:`E|m|^2/(dσ^2) = T`. The inertia
+Q = σ² makes the dynamics independent of the units of m (the friction rate ξ/σ² fluctuates by
+sqrt(T/(dσ²)) whatever σ is; with Q = 1 it would fluctuate by sqrt(T/d), strong for small d).
 
-Relation to posteriors (``alpha`` = A): posteriors moves every component from the old state (explicit
-Euler) and writes the friction as ξ/σ²; both agree with the above at σ = 1. Its ``beta`` lowers the
+Relation to posteriors (``alpha`` = A): the same SDE (friction ξ/σ², ξ' = ξ + h(|m|²/(dσ²) − T));
+posteriors moves every component from the old state (explicit Euler). Its ``beta`` lowers the
 injected variance to lr·T·(2A − lr·β·T); here that is the friction A' = A − lr·β·T/2 in both D and
 the thermostat target, so the injected noise matches posteriors while the thermostat still targets T
 (with gradient noise of variance βT² per unit h², ξ settles near A again).
@@ -103,7 +106,8 @@ def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: 
     curl = Block({("params", "momenta"): Scalar(-1.0), ("momenta", "params"): Scalar(1.0),
                   ("momenta", "xi"): ThermostatCoupling(+1), ("xi", "momenta"): ThermostatCoupling(-1)})
     return make_config(options, step_size=lr, diffusion=diffusion, curl=curl, mass=Scalar(sigma**2),
-                       thermostat_target=friction, temperature=temperature, integrator=SemiImplicitEuler())
+                       thermostat_target=friction, thermostat_mass=sigma**2, temperature=temperature,
+                       integrator=SemiImplicitEuler())
 
 
 def build(log_posterior: LogPosterior, lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0,

@@ -1,0 +1,140 @@
+r"""Shared pieces of the extended Kalman filters: argument checks, the step's inverse temperature, the
+per-sample log likelihood, and the flat view of a parameter tree.
+
+Both filters weigh a batch :math:`B = \{b_1, \ldots, b_n\}` by its *mean* per-sample log likelihood
+:math:`\bar\ell(\theta) = \frac1n \sum_i \log p(b_i \mid \theta)` times the inverse temperature ``lr``
+(posteriors' convention), so ``lr = n`` gives a batch its full Bayesian weight.
+
+Example:
+    >>> import torch
+    >>> from bayesflow.ekf._common import ravel
+    >>> flat, unravel = ravel({"a": torch.ones(2), "b": torch.zeros(1, 2)})
+    >>> flat, unravel(torch.arange(8.0).reshape(2, 4), batch_shape=(2,))["b"].shape
+    (tensor([1., 1., 0., 0.]), torch.Size([2, 1, 2]))
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bayesflow.tree import flatten
+from bayesflow.tree_utils import tree_insert_
+from bayesflow.types import TensorTree
+
+__all__ = ["check_lr", "check_state", "current_lr", "per_sample_log_likelihood", "ravel", "write_counters"]
+
+
+def check_lr(lr: Any) -> Any:
+    """``lr`` unchanged if it is a finite number ≥ 0 (or a 1-element tensor) or a schedule ``step -> lr``.
+
+    Raises:
+        TypeError: ``lr`` is neither a number nor callable.
+        ValueError: ``lr`` is negative or not finite.
+    """
+    if callable(lr):
+        return lr
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        value = float(lr)
+    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        value = float(lr)
+    else:
+        raise TypeError(f"lr must be a number ≥ 0 or a schedule step -> lr, got {lr!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"lr must be a finite number ≥ 0 (the inverse temperature of each update), got {lr!r}")
+    return lr
+
+
+def current_lr(lr: Any, step: torch.Tensor) -> Any:
+    """The inverse temperature of this step: ``lr(step)`` for a schedule (posteriors passes the step tensor).
+
+    A number is checked (:func:`check_lr`); a tensor is not (that would be a host sync on an accelerator).
+    """
+    if callable(lr):
+        return lr(step)
+    return lr if isinstance(lr, torch.Tensor) else check_lr(lr)
+
+
+def check_state(state: Any, cls: type, module: str) -> None:
+    """Raise ``TypeError`` unless ``state`` is a ``cls`` (the state made by ``module.init``)."""
+    if not isinstance(state, cls):
+        raise TypeError(f"{module}.update expects an {cls.__name__} (from {module}.init), got {type(state).__name__}")
+
+
+def per_sample_log_likelihood(log_likelihood: Callable, per_sample: bool) -> Callable:
+    r"""``f(params, batch) -> (values, aux)`` with ``values[i] = \log p(b_i | θ)``, a vector.
+
+    ``per_sample=False``: ``log_likelihood`` is a batch statistic, mapped over the samples with
+    :func:`bayesflow.utils.per_samplify`. The output is checked to be one value per sample.
+    """
+    if not callable(log_likelihood):
+        raise TypeError(f"log_likelihood must be a function (params, batch) -> (value, aux), got {log_likelihood!r}")
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
+    from bayesflow.utils import per_samplify
+
+    inner = log_likelihood if per_sample else per_samplify(log_likelihood)
+
+    def values_and_aux(params: TensorTree, batch: Any):
+        try:
+            out = inner(params, batch)
+        except ValueError as error:
+            if "must only return Tensors" not in str(error):  # torch.vmap's error for a non-tensor output
+                raise
+            raise TypeError("log_likelihood must return (value, aux) made of tensors: a tensor value and a tensor "
+                            "or tree of tensors as aux (return torch.tensor([]) as aux if there is none)") from error
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError("log_likelihood must return a tuple (value, aux); return torch.tensor([]) as aux "
+                            f"if there is none (got {type(out).__name__})")
+        values, aux = out
+        if not isinstance(values, torch.Tensor) or values.ndim != 1:
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            if per_sample:
+                expected = "with per_sample=True, a vector of one log likelihood per sample"
+            else:
+                expected = "with per_sample=False, a scalar log likelihood (it is mapped over the samples)"
+            raise ValueError(f"log_likelihood returned a value of shape {shape}; expected {expected}")
+        return values, aux
+
+    return values_and_aux
+
+
+def ravel(tree: TensorTree):
+    r"""The leaves of ``tree`` as one flat vector (optree's leaf order, as ``optree.tree_ravel``), and
+    ``unravel(flat, batch_shape=())`` mapping a ``batch_shape + (d,)`` tensor back to a tree whose leaves
+    have shape ``batch_shape + leaf.shape`` (and the leaf's dtype).
+    """
+    leaves, spec = flatten(tree)
+    if not leaves:
+        raise ValueError("params must hold at least one tensor")
+    leaves = [torch.as_tensor(leaf) for leaf in leaves]
+    flat = torch.cat([leaf.reshape(-1) for leaf in leaves])
+    sizes = [leaf.numel() for leaf in leaves]
+    shapes = [leaf.shape for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
+
+    def unravel(vector: torch.Tensor, batch_shape: tuple = ()) -> TensorTree:
+        batch_shape = tuple(batch_shape)
+        parts = torch.split(vector, sizes, dim=-1)
+        return spec.unflatten([part.reshape(batch_shape + tuple(shape)).to(dtype)
+                               for part, shape, dtype in zip(parts, shapes, dtypes)])
+
+    return flat, unravel
+
+
+def write_counters(state: Any, log_likelihood: torch.Tensor) -> Any:
+    """The in-place end of an update: ``state.log_likelihood`` ← ``log_likelihood``, ``state.step`` ← step + 1.
+
+    Returns ``state`` itself, unless a counter is the state class's shared default tensor (a state built
+    by hand, not by ``init``): that tensor is never written, and a state with new counters is returned.
+    """
+    defaults = type(state)._field_defaults
+    if state.log_likelihood is defaults["log_likelihood"] or state.step is defaults["step"]:
+        return state._replace(log_likelihood=log_likelihood, step=state.step + 1)
+    tree_insert_(state.log_likelihood, log_likelihood)
+    tree_insert_(state.step, state.step + 1)
+    return state

@@ -1,0 +1,39 @@
+r"""Laplace approximations: a Normal :math:`N(\mu, P^{-1})` around a MAP :math:`\mu`, with :math:`P` a curvature.
+
+posteriors' ``laplace`` modules, with its names, arguments, state fields and return conventions. Each
+has ``build(...) -> Transform``, module-level ``init``, ``update(state, batch, ..., inplace=False)`` and
+``sample(state, sample_shape=(), generator=None)``:
+
+============== ======================================== ====================================== =========
+module          precision added per batch                 built from                             state
+============== ======================================== ====================================== =========
+diag_fisher     :math:`\sum_i g_i^2` (scores squared)     ``log_posterior``                      diagonal
+dense_fisher    :math:`\sum_i g_i g_i^\top`               ``log_posterior``                      dense
+diag_ggn        :math:`\mathrm{diag}(J^\top H_\ell J)`    ``forward``, ``outer_log_likelihood``  diagonal
+dense_ggn       :math:`J^\top H_\ell J`                   ``forward``, ``outer_log_likelihood``  dense
+dense_hessian   :math:`-\nabla^2 \log p(\theta \mid B)`   ``log_posterior``                      dense
+============== ======================================== ====================================== =========
+
+Diagonal states are :class:`~bayesflow.laplace._common.DiagLaplaceState` (``params``, ``prec_diag``,
+``step``), dense ones :class:`~bayesflow.laplace._common.DenseLaplaceState` (``params``, ``prec``,
+``step``). Beyond posteriors: dense sampling works for any parameter tree and leaf shapes and on any
+device, ``sample`` takes a ``torch.Generator``, ``inplace=True`` accumulates into the state's own tensors,
+and bad inputs (a non-scalar log posterior, a wrongly shaped or non-PSD initial precision, a precision
+that cannot be sampled) raise errors that say what was expected.
+
+Example:
+    >>> import torch
+    >>> from bayesflow import laplace
+    >>> log_posterior = lambda p, b: (-0.5 * ((b - p) ** 2).sum() - 0.5 * (p**2).sum(), torch.tensor([]))
+    >>> state = laplace.dense_hessian.init(torch.zeros(2))
+    >>> state, _ = laplace.dense_hessian.update(state, torch.ones(2), log_posterior)
+    >>> state.prec   # the exact posterior precision of a Gaussian model: 2 I
+    tensor([[2., 0.],
+            [0., 2.]])
+"""
+
+from bayesflow.laplace import dense_fisher, dense_ggn, dense_hessian, diag_fisher, diag_ggn
+from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState
+
+__all__ = ["DenseLaplaceState", "DiagLaplaceState", "dense_fisher", "dense_ggn", "dense_hessian", "diag_fisher",
+           "diag_ggn"]

@@ -1,0 +1,445 @@
+r"""What the Laplace approximations share: their two states, initial precisions, accumulation, sampling.
+
+Every Laplace approximation here is a Normal distribution :math:`N(\mu, P^{-1})` around parameters
+:math:`\mu` (normally a MAP estimate), whose precision :math:`P` is a curvature summed over batches,
+
+.. math:: P = P_0 + \sum_{b} C(\mu; B_b),
+
+with :math:`C` the empirical Fisher, the GGN or the Hessian of the negative log posterior. A
+*diagonal* state keeps :math:`\mathrm{diag}(P)` as a tree shaped like the parameters; a *dense* state
+keeps :math:`P` as one ``(d, d)`` matrix over the ravelled parameters (the leaves in bayesflow's optree
+order, flattened and concatenated: the order of :func:`bayesflow.utils.empirical_fisher`). Samples come
+back as trees shaped like the parameters, with ``sample_shape`` in front of every leaf, on the
+parameters' devices, from an optional ``torch.Generator``.
+
+Example:
+    >>> import torch
+    >>> from bayesflow.laplace import dense_fisher
+    >>> params = {"w": torch.zeros(2, 2), "b": torch.zeros(1)}   # any tree, any leaf shape
+    >>> state = dense_fisher.init(params, init_prec=4.0)        # P = 4 I over the 5 ravelled numbers
+    >>> draws = dense_fisher.sample(state, (3,), generator=torch.Generator().manual_seed(0))
+    >>> draws["w"].shape, draws["b"].shape
+    (torch.Size([3, 2, 2]), torch.Size([3, 1]))
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from numbers import Real
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from bayesflow.records import record
+from bayesflow.tree import flatten
+from bayesflow.types import TensorTree
+
+__all__ = ["DenseLaplaceState", "DiagLaplaceState", "dense_sample", "diag_sample"]
+
+_NAMESPACE = "bayesflow"
+_NO_AUX = "torch.tensor([])"
+ONE_DRAW = torch.Size([])
+"""The default ``sample_shape``: one draw, leaves shaped like the parameters."""
+
+
+class _DiagFields(NamedTuple):
+    params: TensorTree
+    prec_diag: TensorTree
+    step: torch.Tensor | None = None
+
+
+class _DenseFields(NamedTuple):
+    params: TensorTree
+    prec: torch.Tensor
+    step: torch.Tensor | None = None
+
+
+@record
+class DiagLaplaceState(_DiagFields):
+    r"""A diagonal Normal :math:`N(\mu, \mathrm{diag}(p)^{-1})` over the parameters (posteriors' fields).
+
+    Attributes:
+        params: :math:`\mu`, the parameters themselves (not copied).
+        prec_diag: :math:`p`, the precision diagonal, a tree shaped like ``params``.
+        step: the number of batches accumulated (an int64 tensor on the CPU; a fresh ``tensor(0)`` when
+            left out, so in-place updates of one state never touch another's).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.laplace.diag_fisher import DiagLaplaceState
+        >>> state = DiagLaplaceState(torch.zeros(2), torch.ones(2))
+        >>> state.step, torch.stack([state, state]).prec_diag.shape
+        (tensor(0), torch.Size([2, 2]))
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, params: TensorTree, prec_diag: TensorTree, step: torch.Tensor | None = None):
+        return super().__new__(cls, params, prec_diag, _fresh_step() if step is None else step)
+
+
+@record
+class DenseLaplaceState(_DenseFields):
+    r"""A Normal :math:`N(\mu, P^{-1})` with a dense precision over the ravelled parameters (posteriors' fields).
+
+    Attributes:
+        params: :math:`\mu`, the parameters themselves (not copied), any tree of any leaf shapes.
+        prec: :math:`P`, a ``(d, d)`` tensor, ``d`` the number of parameter entries, in the order of
+            the leaves flattened and concatenated.
+        step: the number of batches accumulated (an int64 tensor on the CPU; a fresh ``tensor(0)`` when
+            left out).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.laplace.dense_fisher import DenseLaplaceState
+        >>> state = DenseLaplaceState({"a": torch.zeros(2)}, torch.eye(2))
+        >>> state.step, state.prec.shape
+        (tensor(0), torch.Size([2, 2]))
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, params: TensorTree, prec: torch.Tensor, step: torch.Tensor | None = None):
+        return super().__new__(cls, params, prec, _fresh_step() if step is None else step)
+
+
+def _fresh_step() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments and the user's functions
+
+
+def check_callable(name: str, fn: Any) -> None:
+    """TypeError unless ``fn`` is callable."""
+    if not callable(fn):
+        raise TypeError(f"{name} must be a function, got {type(fn).__name__}")
+
+
+def param_leaves(name: str, params: TensorTree) -> tuple[list[torch.Tensor], optree.PyTreeSpec]:
+    leaves, spec = flatten(params)
+    if not leaves:
+        raise ValueError(f"{name}: params has no tensors to approximate a distribution over")
+    for path, leaf in zip(_paths(params), leaves):
+        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            what = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+            raise TypeError(f"{name}: every leaf of params must be a floating-point tensor; "
+                            f"params{path} is {what}")
+    return leaves, spec
+
+
+def _paths(tree: TensorTree) -> list[str]:
+    return ["".join(f"[{p!r}]" for p in path) for path in optree.tree_paths(tree, namespace=_NAMESPACE)]
+
+
+def flat_layout(leaves: list[torch.Tensor]) -> tuple[torch.dtype, torch.device]:
+    """The dtype (all leaves' promoted) and device (the first leaf's) of the ravelled parameters."""
+    return functools.reduce(torch.promote_types, (leaf.dtype for leaf in leaves)), leaves[0].device
+
+
+def ravel(leaves: list[torch.Tensor]) -> torch.Tensor:
+    """The leaves flattened and concatenated, in the flat dtype, on the first leaf's device."""
+    dtype, device = flat_layout(leaves)
+    return torch.cat([leaf.detach().reshape(-1).to(dtype=dtype, device=device) for leaf in leaves])
+
+
+def unraveller(leaves: list[torch.Tensor], spec: optree.PyTreeSpec) -> Callable[[torch.Tensor], TensorTree]:
+    """The inverse of :func:`ravel` for trees shaped like ``leaves``: a flat ``(..., d)`` tensor to a tree
+    of ``(..., *leaf.shape)`` tensors in each leaf's dtype (differentiable, so torch.func can trace it)."""
+    sizes = [leaf.numel() for leaf in leaves]
+    shapes = [leaf.shape for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
+
+    def unravel(flat: torch.Tensor) -> TensorTree:
+        batch = flat.shape[:-1]
+        pieces = torch.split(flat, sizes, dim=-1)
+        return spec.unflatten([piece.reshape(batch + shape).to(dtype)
+                               for piece, shape, dtype in zip(pieces, shapes, dtypes)])
+
+    return unravel
+
+
+def split_output(name: str, out: Any) -> tuple[Any, Any]:
+    """``(value, aux)`` of a user function, or a TypeError saying the contract."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise TypeError(f"{name} must return a tuple (value, aux), got {type(out).__name__}; "
+                        f"with no auxiliary information return (value, {_NO_AUX})")
+    return out
+
+
+def scalar_value(name: str, value: Any, hint: str = "") -> torch.Tensor:
+    """``value`` as a 0-d tensor, or a TypeError (not a tensor) / ValueError (not one number)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must return a tensor value, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must return a scalar value (one number), got a value of shape "
+                         f"{tuple(value.shape)}{hint}")
+    return value.reshape(())
+
+
+def vector_value(name: str, value: Any) -> torch.Tensor:
+    """``value`` if it is a 1-D tensor (one value per sample), else a TypeError / ValueError."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must return a tensor value, got {type(value).__name__}")
+    if value.ndim != 1:
+        raise ValueError(f"with per_sample=True, {name} must return a vector of one log posterior per sample "
+                         f"(shape (batch_size,)), got a value of shape {tuple(value.shape)}; pass "
+                         "per_sample=False if it returns one scalar for the whole batch")
+    return value
+
+
+def likelihood_terms(forward: Callable, outer_log_likelihood: Callable, batch: Any,
+                     ) -> tuple[Callable, Callable]:
+    r"""``(model, loss)`` for :func:`bayesflow.utils.ggn`: ``model(params) = forward(params, batch)`` (checked
+    to be an ``(output, aux)`` tuple) and :math:`\ell(z) = -` ``outer_log_likelihood(z, batch)`` (checked scalar)."""
+
+    def model(params: TensorTree) -> tuple[Any, Any]:
+        output, aux = split_output("forward", forward(params, batch))
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"forward must return a tensor output (e.g. logits) and aux, got {type(output).__name__}")
+        return output, aux
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        out = outer_log_likelihood(z, batch)
+        if isinstance(out, tuple):
+            raise TypeError("outer_log_likelihood must return the log likelihood value alone (no aux), got a tuple")
+        return -scalar_value("outer_log_likelihood", out, " (sum the log likelihood over the batch)")
+
+    return model, loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Initial precisions
+
+
+def check_scalar_precision(name: str, value: Any) -> None:
+    """A number given as an initial precision must be finite and non-negative (checked at build)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a tensor, got {value!r}")
+    if isinstance(value, Real) and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite non-negative precision, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, Real) and not isinstance(value, bool)) or (
+        isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+def init_diag(params: TensorTree, init_prec_diag: TensorTree | float) -> DiagLaplaceState:
+    """A :class:`DiagLaplaceState` with ``prec_diag`` the (checked, copied) initial diagonal."""
+    leaves, spec = param_leaves("init", params)
+    if _is_number(init_prec_diag):
+        check_scalar_precision("init_prec_diag", float(init_prec_diag))
+        value = float(init_prec_diag)
+        prec = [torch.full(leaf.shape, value, dtype=leaf.dtype, device=leaf.device) for leaf in leaves]
+    else:
+        try:
+            given = spec.flatten_up_to(init_prec_diag)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"init_prec_diag must be a number or a tree with the structure of params "
+                             f"({spec}): {error}") from None
+        prec = []
+        for path, leaf, value in zip(_paths(params), leaves, given):
+            value = torch.as_tensor(value, dtype=leaf.dtype, device=leaf.device)
+            try:
+                value = torch.broadcast_to(value, leaf.shape)
+            except RuntimeError:
+                raise ValueError(f"init_prec_diag{path} has shape {tuple(value.shape)}, which does not "
+                                 f"broadcast to the parameter's shape {tuple(leaf.shape)}") from None
+            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+                raise ValueError(f"init_prec_diag{path} must hold finite non-negative precisions, "
+                                 f"got {value}")
+            prec.append(value.clone())
+    return DiagLaplaceState(params, spec.unflatten(prec))
+
+
+def init_dense(params: TensorTree, init_prec: torch.Tensor | float) -> DenseLaplaceState:
+    """A :class:`DenseLaplaceState` with ``prec`` the (checked, copied) initial ``(d, d)`` precision."""
+    leaves, _ = param_leaves("init", params)
+    dtype, device = flat_layout(leaves)
+    d = sum(leaf.numel() for leaf in leaves)
+    if _is_number(init_prec):
+        check_scalar_precision("init_prec", float(init_prec))
+        prec = torch.eye(d, dtype=dtype, device=device) * float(init_prec)
+        return DenseLaplaceState(params, prec)
+    if not isinstance(init_prec, torch.Tensor):
+        raise TypeError(f"init_prec must be a number or a (d, d) tensor, got {type(init_prec).__name__}")
+    if init_prec.shape != (d, d):
+        raise ValueError(f"init_prec must be a number or a ({d}, {d}) tensor (params has {d} entries), "
+                         f"got shape {tuple(init_prec.shape)}")
+    prec = init_prec.detach().to(dtype=dtype, device=device).clone()
+    check_psd("init_prec", prec)
+    return DenseLaplaceState(params, prec)
+
+
+def check_psd(name: str, matrix: torch.Tensor) -> None:
+    """ValueError unless ``matrix`` is finite, symmetric and positive semi-definite (to round-off)."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"{name} must be finite")
+    tolerance = 100 * matrix.shape[0] * torch.finfo(matrix.dtype).eps * max(float(matrix.abs().max()), 1e-300)
+    asymmetry = float((matrix - matrix.mT).abs().max())
+    if asymmetry > tolerance:
+        raise ValueError(f"{name} must be symmetric, but |P - Pᵀ| reaches {asymmetry:.3g}")
+    smallest = float(torch.linalg.eigvalsh(matrix)[0])
+    if smallest < -tolerance:
+        raise ValueError(f"{name} must be positive semi-definite, but has the eigenvalue {smallest:.6g}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accumulation
+
+
+def add_diag(state: DiagLaplaceState, increment: TensorTree, inplace: bool) -> DiagLaplaceState:
+    """``prec_diag + increment`` and ``step + 1``: in place (the state's own tensors) or in a new state."""
+    prec, spec = flatten(state.prec_diag)
+    extra = spec.flatten_up_to(increment)
+    if inplace:
+        torch._foreach_add_(prec, extra)
+        state.step.add_(1)
+        return state
+    return DiagLaplaceState(state.params, spec.unflatten(torch._foreach_add(prec, extra)), state.step + 1)
+
+
+def add_dense(state: DenseLaplaceState, increment: torch.Tensor, inplace: bool) -> DenseLaplaceState:
+    """``prec + increment`` and ``step + 1``: in place (the state's own tensors) or in a new state."""
+    if inplace:
+        state.prec.add_(increment)
+        state.step.add_(1)
+        return state
+    return DenseLaplaceState(state.params, state.prec + increment, state.step + 1)
+
+
+def per_sample_gram(jacobian: TensorTree) -> torch.Tensor:
+    r""":math:`J^\top J` for a tree of per-sample gradients (leaves ``(n, *leaf.shape)``), ``(d, d)``."""
+    leaves, _ = flatten(jacobian)
+    dtype, device = flat_layout(leaves)
+    rows = torch.cat([leaf.reshape(leaf.shape[0], -1).to(dtype=dtype, device=device) for leaf in leaves], dim=1)
+    return rows.mT @ rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _sample_count(sample_shape: Any) -> torch.Size:
+    if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
+        sample_shape = (sample_shape,)
+    try:
+        sample_shape = torch.Size(sample_shape)
+    except TypeError:
+        raise TypeError(f"sample_shape must be a torch.Size or a tuple of ints, got {sample_shape!r}") from None
+    if any(n < 0 for n in sample_shape):
+        raise ValueError(f"sample_shape must have non-negative sizes, got {tuple(sample_shape)}")
+    return sample_shape
+
+
+def _standard_normal(n: int, d: int, dtype: torch.dtype, device: torch.device,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """``(n, d)`` standard normals from ``generator`` (drawn on its device) or torch's global one."""
+    if generator is None:
+        return torch.randn(n, d, dtype=dtype, device=device)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return torch.randn(n, d, dtype=dtype, device=generator.device, generator=generator).to(device)
+
+
+def _to_tree(flat: torch.Tensor, leaves: list[torch.Tensor], spec: optree.PyTreeSpec,
+             sample_shape: torch.Size) -> TensorTree:
+    """``(n, d)`` draws to a tree of ``sample_shape + leaf.shape`` tensors on the leaves' devices."""
+    pieces = torch.split(flat, [leaf.numel() for leaf in leaves], dim=1)
+    return spec.unflatten([piece.reshape(sample_shape + leaf.shape).to(dtype=leaf.dtype, device=leaf.device)
+                           for piece, leaf in zip(pieces, leaves)])
+
+
+def diag_sample(state: DiagLaplaceState, sample_shape: torch.Size = ONE_DRAW,
+                generator: torch.Generator | None = None) -> TensorTree:
+    r"""Draws :math:`\theta = \mu + \mathrm{diag}(p)^{-1/2} z`, :math:`z \sim N(0, I)`, from a diagonal state.
+
+    Args:
+        state: a :class:`DiagLaplaceState` (``params`` :math:`\mu`, ``prec_diag`` :math:`p > 0`).
+        sample_shape: the shape of the batch of draws (``torch.Size``, tuple or int); ``()`` for one draw.
+        generator: the ``torch.Generator`` to draw from (any device: the numbers are drawn on its device
+            and moved to the parameters'); torch's global generator when None.
+
+    Returns:
+        A tree shaped like ``params`` whose leaves have shape ``sample_shape + leaf.shape``, on the
+        leaves' devices and in their dtypes.
+
+    Raises:
+        ValueError: a precision is zero, negative or not finite (the distribution has no density).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.laplace import diag_fisher
+        >>> state = diag_fisher.init({"a": torch.zeros(2), "b": torch.ones(2, 2)}, init_prec_diag=1e4)
+        >>> draws = diag_fisher.sample(state, (1000,), generator=torch.Generator().manual_seed(0))
+        >>> draws["b"].shape, round(float(draws["b"].mean()), 2), round(float(draws["a"].std()), 2)
+        (torch.Size([1000, 2, 2]), 1.0, 0.01)
+    """
+    sample_shape = _sample_count(sample_shape)
+    leaves, spec = param_leaves("sample", state.params)
+    try:
+        prec_leaves = spec.flatten_up_to(state.prec_diag)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"state.prec_diag must have the structure of state.params: {error}") from None
+    mean, prec = ravel(leaves), ravel(prec_leaves).to(device=leaves[0].device)
+    if not bool(torch.isfinite(prec).all()) or not bool((prec > 0).all()):
+        bad = [path for path, p in zip(_paths(state.params), prec_leaves)
+               if not bool(torch.isfinite(p).all() and (p > 0).all())]
+        raise ValueError(f"diagonal precisions must be finite and positive to sample; prec_diag{bad[0]} is "
+                         f"not (give init_prec_diag > 0, a prior precision, or update with data first)")
+    z = _standard_normal(math.prod(sample_shape), mean.numel(), mean.dtype, mean.device, generator)
+    return _to_tree(torch.addcmul(mean, z, prec.rsqrt()), leaves, spec, sample_shape)
+
+
+def dense_sample(state: DenseLaplaceState, sample_shape: torch.Size = ONE_DRAW,
+                 generator: torch.Generator | None = None) -> TensorTree:
+    r"""Draws :math:`\theta = \mu + L^{-\top} z`, :math:`z \sim N(0, I)`, :math:`P = L L^\top`, from a dense state.
+
+    The Cholesky factor :math:`L` of the precision is taken once, and the draws solve one triangular
+    system (:math:`\mathrm{Cov}\,\theta = L^{-\top} L^{-1} = P^{-1}`): no inverse is formed. Works for
+    parameters of any tree structure and leaf shapes, on the precision's device.
+
+    Args:
+        state: a :class:`DenseLaplaceState` (``params`` :math:`\mu`, ``prec`` :math:`P`, positive definite).
+        sample_shape: the shape of the batch of draws (``torch.Size``, tuple or int); ``()`` for one draw.
+        generator: the ``torch.Generator`` to draw from (any device: the numbers are drawn on its device
+            and moved to the precision's); torch's global generator when None.
+
+    Returns:
+        A tree shaped like ``params`` whose leaves have shape ``sample_shape + leaf.shape``, on the
+        leaves' devices and in their dtypes.
+
+    Raises:
+        ValueError: ``prec`` is not ``(d, d)`` or not positive definite.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.laplace import dense_ggn
+        >>> cov = torch.tensor([[1.0, 0.8], [0.8, 1.0]])
+        >>> state = dense_ggn.init(torch.zeros(2), init_prec=torch.linalg.inv(cov))
+        >>> draws = dense_ggn.sample(state, 20000, generator=torch.Generator().manual_seed(0))
+        >>> torch.cov(draws.T).round(decimals=1)
+        tensor([[1.0000, 0.8000],
+                [0.8000, 1.0000]])
+    """
+    sample_shape = _sample_count(sample_shape)
+    leaves, spec = param_leaves("sample", state.params)
+    mean = ravel(leaves)
+    d = mean.numel()
+    prec = state.prec
+    if not isinstance(prec, torch.Tensor) or prec.shape != (d, d):
+        shape = tuple(prec.shape) if isinstance(prec, torch.Tensor) else type(prec).__name__
+        raise ValueError(f"state.prec must be a ({d}, {d}) tensor (params has {d} entries), got {shape}")
+    mean = mean.to(device=prec.device, dtype=torch.promote_types(mean.dtype, prec.dtype))
+    factor, info = torch.linalg.cholesky_ex(prec.to(mean.dtype))
+    if int(info) != 0:
+        raise ValueError("state.prec must be positive definite to sample (its Cholesky factorisation fails at "
+                         f"column {int(info)}); give init_prec > 0 (a prior precision) or add epsilon")
+    z = _standard_normal(math.prod(sample_shape), d, mean.dtype, mean.device, generator)
+    draws = mean + torch.linalg.solve_triangular(factor, z, upper=False, left=False)  # z L^{-1}: rows of L^{-T} z
+    return _to_tree(draws, leaves, spec, sample_shape)
