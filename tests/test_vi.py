@@ -224,6 +224,29 @@ def test_update_gradient_is_the_gradient_of_the_nelbo(module, stl, n_samples):
     assert torch.allclose(new.nelbo, value.detach(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("module", [vi.diag, vi.dense])
+@pytest.mark.parametrize("n_samples", [1, 2])
+@pytest.mark.parametrize("log_posterior", [
+    lambda p, batch: (p["a"].sum() + p["b"].sum(), None),       # both gradients: the seed, expanded
+    lambda p, batch: (-0.5 * ((p["a"] + p["b"]) ** 2).sum(), None),  # one gradient tensor for a and b
+], ids=["expanded", "shared"])
+def test_gradients_that_autograd_aliases(module, n_samples, log_posterior):
+    """The closed-form step writes gradients in place, so it must not write through autograd's aliases."""
+    params = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([0.2, 0.1])}
+    optimizer, seen = recorder()
+    state = module.init(params, optimizer, seed=0)
+    module.update(state, None, log_posterior, optimizer, n_samples=n_samples)
+    mean = tree_map(lambda t: t.clone().requires_grad_(), params)
+    scale = tree_map(lambda t: t.clone().requires_grad_(),
+                     state.log_sd_diag if module is vi.diag else state.L_factor)
+    scale_arg = tree_map(torch.exp, scale) if module is vi.diag else scale
+    value, _ = module.nelbo(mean, scale_arg, None, log_posterior, 1.0, n_samples,
+                            generator=noise_generator(state.rng, state.step, "cpu"))
+    expected = torch.autograd.grad(value, flatten(mean)[0] + flatten(scale)[0])
+    for a, b in zip(flatten(seen[0])[0], expected):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_dense_stl_detaches_the_mean():
     """The STL mean gradient has no score term: at q = p it is zero although -∇ log p alone is not
     (posteriors 0.1.3 keeps the mean's score term -Σ⁻¹(θ - μ) in its dense STL estimator)."""
@@ -264,6 +287,17 @@ def test_the_state_determines_the_trajectory(module):
         assert all(map(torch.equal, flatten(x)[0], flatten(y)[0]))
     assert not torch.equal(ravel(a[-1].params), ravel(c[-1].params))
     assert int(a[-1].step) == 10 and torch.equal(a[-1].rng, a[0].rng)
+
+
+def test_noise_is_the_engine_stream_of_the_key_and_step():
+    """Step t of a state with key k draws from a generator seeded derive(k, t, STEP), as the engine does."""
+    from bayesflow.engine.noise import STEP, derive, seed_key
+
+    for key in (seed_key(0), seed_key(123), -5):
+        for step in (0, 1, 1000, 2**33 + 7):
+            expected = torch.Generator().manual_seed(derive(key, step, STEP))
+            got = noise_generator(torch.tensor(key), torch.tensor(step), "cpu")
+            assert torch.equal(torch.randn(5, generator=got), torch.randn(5, generator=expected))
 
 
 @pytest.mark.parametrize("module", [vi.diag, vi.dense])

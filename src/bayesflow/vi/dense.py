@@ -139,6 +139,8 @@ def build(
         >>> state.L_factor.shape
         torch.Size([6])
     """
+    if not callable(log_posterior):
+        raise TypeError(f"log_posterior must be a function (params, batch) -> (value, aux), got {log_posterior!r}")
     optimizer = check_optimizer(optimizer)
     temperature = check_temperature(temperature)
     n_samples, stl = check_n_samples(n_samples), check_stl(stl)

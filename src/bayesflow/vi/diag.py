@@ -125,6 +125,8 @@ def build(
         >>> int(state.step), state.nelbo.shape
         (1, torch.Size([]))
     """
+    if not callable(log_posterior):
+        raise TypeError(f"log_posterior must be a function (params, batch) -> (value, aux), got {log_posterior!r}")
     optimizer = check_optimizer(optimizer)
     temperature = check_temperature(temperature)
     n_samples, stl = check_n_samples(n_samples), check_stl(stl)

@@ -37,9 +37,8 @@ from bayesflow.engine.gradients import autograd_gradient, unpack, vmapped_gradie
 from bayesflow.engine.noise import STEP, NoiseStream, derive
 from bayesflow.tree import flatten, tree_leaves, tree_map, unflatten
 
-__all__ = ["check_n_samples", "check_optimizer", "check_stl", "check_temperature", "current_temperature",
-           "finish", "initial_key", "log_posterior_and_gradient", "nelbo_value", "noise_generator", "optimizer_step",
-           "standard_normal", "value_and_aux"]
+# the helpers of diag.py and dense.py; these four are documented for reuse
+__all__ = ["check_temperature", "nelbo_value", "noise_generator", "standard_normal"]
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _MASK32 = (1 << 32) - 1
@@ -155,6 +154,13 @@ def standard_normal(like: list, sample_shape: tuple, generator: torch.Generator 
     returned views share its memory. A leaf of another dtype or device than the first gets a copy.
     ``generator`` None draws from torch's global generator. ``reuse``: draw into this thread's
     scratch buffer, overwritten by the next draw (for noise that does not outlive an update).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.vi.nelbo import standard_normal
+        >>> flat, (w, b) = standard_normal([torch.zeros(2, 3), torch.zeros(())], (4,), torch.Generator().manual_seed(0))
+        >>> flat.shape, w.shape, b.shape, torch.equal(w.reshape(-1), flat[:24])
+        (torch.Size([28]), torch.Size([4, 2, 3]), torch.Size([4]), True)
     """
     first = like[0]
     count = math.prod(sample_shape)
@@ -185,9 +191,22 @@ def log_posterior_and_gradient(log_posterior, spec, leaves: list, batch, n_sampl
     aux_box = [None]
     if n_samples == 1:
         grads, value, _ = autograd_gradient(log_posterior, spec, batch, None, aux_box)(leaves)
-        return grads, value, _detached(aux_box[0])
+        return _writable(grads), value, _detached(aux_box[0])
     grads, value, _ = vmapped_gradient(log_posterior, spec, batch, n_samples, aux_box)(leaves)
-    return grads, value, aux_box[0]
+    return _writable(grads), value, aux_box[0]
+
+
+def _writable(grads: list) -> list:
+    """The gradients, each safe to write in place: autograd may hand back a broadcast view (the gradient
+    of ``p.sum()`` is the seed expanded) or one tensor for two inputs (``(p + q).sum()``); those are copied."""
+    seen = set()
+    out = []
+    for g in grads:
+        if not g.is_contiguous() or g.data_ptr() in seen:
+            g = g.clone(memory_format=torch.contiguous_format)
+        seen.add(g.data_ptr())
+        out.append(g)
+    return out
 
 
 def value_and_aux(log_posterior, theta, batch, n_samples: int) -> tuple[torch.Tensor, Any]:
@@ -216,6 +235,13 @@ def nelbo_value(log_p: torch.Tensor, temperature: float, log_det: torch.Tensor, 
     Along the draws θ_s = μ + Aε_s, :math:`\log q(θ_s) = -\log|\det A| - \tfrac12|ε_s|^2 - \tfrac d2\log 2π`
     (A = diag σ or L): no density needs evaluating. ``log_det`` = log|det A|, ``flat_eps`` all the draws'
     noise, ``log_p`` the S values (or the one value).
+
+    Example:
+        >>> import math, torch
+        >>> from bayesflow.vi.nelbo import nelbo_value
+        >>> value = nelbo_value(torch.tensor(-1.0), 1.0, torch.tensor(0.0), torch.zeros(3), 1)
+        >>> torch.isclose(value, torch.tensor(1.0 - 1.5 * math.log(2 * math.pi)))   # -log p + log q at ε = 0
+        tensor(True)
     """
     d = flat_eps.numel() // n_samples
     if n_samples > 1:
