@@ -20,8 +20,16 @@ RUNNER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "peer" / "run-
 NOT_YET: list[str] = []
 """Peer test folders or files bayesflow has no module for yet (none)."""
 
-EXPECTED_DIFFERENCES: dict[str, str] = {}
-"""Peer test id -> why bayesflow answers differently on purpose (none in the parts run here)."""
+EXPECTED_DIFFERENCES: dict[str, str] = {
+    "tests/sgmcmc/test_sgnht.py::test_sgnht": (
+        "its last check ('the KL of the running Gaussian fit decreases in > 50 % of 100-step spaced pairs "
+        "before its minimum') is a coin flip at its threshold for any correct SGNHT on this target: "
+        "posteriors 0.1.3 itself scores 0.63, 0.48, 0.44 for torch seeds 42, 1, 2 (bayesflow 0.44, 0.44 for "
+        "42, 1), because the thermostat mixes slowly here (friction rate 1, mass 10, d = 2); its mean, "
+        "covariance and KL checks pass. The noise is keyed by the state (not torch's global generator), so "
+        "seed 42 draws other numbers than posteriors'"),
+}
+"""Peer test id -> why bayesflow answers differently (deselected; docs/posteriors-differences.md)."""
 
 
 @pytest.mark.skipif(not RUNNER.exists(), reason=f"posteriors' suite is not beside the repository ({RUNNER})")

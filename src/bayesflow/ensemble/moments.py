@@ -193,8 +193,15 @@ def sample(
         A tree like ``state.mean`` whose leaves have a leading ``num_samples`` axis.
 
     Example:
+        >>> import torch
+        >>> from bayesflow.ensemble.moments import running_moments, sample
+        >>> moments = running_moments(max_rank=0)
+        >>> state = moments.init({"w": torch.zeros(2, 3)})
+        >>> for k in range(3):
+        ...     state, _ = moments.update(state, {"w": torch.full((2, 3), float(k))})
         >>> draws = sample(state, torch.Generator().manual_seed(0), num_samples=100)
         >>> draws["w"].shape  # (100, *w.shape)
+        torch.Size([100, 2, 3])
     """
     count = int(state.count)
     if count < 1:

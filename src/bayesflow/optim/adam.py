@@ -82,6 +82,11 @@ def config(
         An :class:`~bayesflow.engine.SDEConfig`.
 
     Example:
+        >>> import torch, bayesflow
+        >>> from bayesflow.optim import adam
+        >>> def log_posterior(params, batch):
+        ...     return -0.5 * (params**2).sum(), None
+        >>> params, batch = torch.ones(3), None
         >>> transform = bayesflow.engine.build(log_posterior, adam.config(lr=1e-3))
         >>> state = transform.init(params)
         >>> state, aux = transform.update(state, batch)
@@ -151,8 +156,14 @@ def transformation(lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), 
     """Adam as a torchopt-style gradient transformation (see :mod:`bayesflow.optim.transform`).
 
     Example:
+        >>> import torch, bayesflow
+        >>> from bayesflow.optim import adam
+        >>> def log_posterior(params, batch):
+        ...     return -0.5 * (params**2).sum(), None
+        >>> params, batch = torch.ones(3), None
         >>> tx = adam.transformation(lr=1e-3)        # interchangeable with torchopt.adam(lr=1e-3)
         >>> opt_state = tx.init(params)
+        >>> loss_grads = params.clone()                  # ∇ of the loss |θ|²/2 at θ
         >>> updates, opt_state = tx.update(loss_grads, opt_state, params=params)
     """
     return as_gradient_transformation(config(lr, betas, eps, weight_decay, amsgrad, **engine_options))

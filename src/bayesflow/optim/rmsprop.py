@@ -89,6 +89,11 @@ def config(
         An :class:`~bayesflow.engine.SDEConfig`.
 
     Example:
+        >>> import torch, bayesflow
+        >>> from bayesflow.optim import rmsprop
+        >>> def log_posterior(params, batch):
+        ...     return -0.5 * (params**2).sum(), None
+        >>> params, batch = torch.ones(3), None
         >>> transform = bayesflow.engine.build(log_posterior, rmsprop.config(lr=1e-3, centered=True))
         >>> state = transform.init(params)
         >>> state, aux = transform.update(state, batch)
@@ -157,8 +162,14 @@ def transformation(lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8, wei
     """RMSprop as a torchopt-style gradient transformation (see :mod:`bayesflow.optim.transform`).
 
     Example:
+        >>> import torch, bayesflow
+        >>> from bayesflow.optim import rmsprop
+        >>> def log_posterior(params, batch):
+        ...     return -0.5 * (params**2).sum(), None
+        >>> params, batch = torch.ones(3), None
         >>> tx = rmsprop.transformation(lr=1e-3)
         >>> opt_state = tx.init(params)
+        >>> loss_grads = params.clone()                  # ∇ of the loss |θ|²/2 at θ
         >>> updates, opt_state = tx.update(loss_grads, opt_state, params=params)
     """
     return as_gradient_transformation(config(lr, alpha, eps, weight_decay, momentum, centered, **engine_options))

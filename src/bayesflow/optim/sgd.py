@@ -92,6 +92,11 @@ def config(
         is the transform :func:`build` returns.
 
     Example:
+        >>> import torch, bayesflow
+        >>> from bayesflow.optim import sgd
+        >>> def log_posterior(params, batch):
+        ...     return -0.5 * (params**2).sum(), None
+        >>> params, batch = torch.ones(3), None
         >>> config = sgd.config(lr=0.1, momentum=0.9)
         >>> transform = bayesflow.engine.build(log_posterior, config)   # = sgd.build(...)
         >>> state = transform.init(params)
@@ -165,9 +170,15 @@ def transformation(lr: float, momentum: float = 0.0, dampening: float = 0.0, nes
     """SGD as a torchopt-style gradient transformation (see :mod:`bayesflow.optim.transform`).
 
     Example:
+        >>> import torch, bayesflow
+        >>> from bayesflow.optim import sgd
+        >>> def log_posterior(params, batch):
+        ...     return -0.5 * (params**2).sum(), None
+        >>> params, batch = torch.ones(3), None
         >>> tx = sgd.transformation(lr=0.1, momentum=0.9)
         >>> opt_state = tx.init(params)
+        >>> loss_grads = params.clone()                  # ∇ of the loss |θ|²/2 at θ
         >>> updates, opt_state = tx.update(loss_grads, opt_state, params=params)
-        >>> params = torchopt.apply_updates(params, updates)
+        >>> params = params + updates                     # torchopt.apply_updates(params, updates)
     """
     return as_gradient_transformation(config(lr, momentum, dampening, nesterov, weight_decay, **engine_options))

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from numbers import Real
@@ -32,7 +31,6 @@ from typing import Any
 
 import torch
 
-from bayesflow.engine import noise
 from bayesflow.engine.gradients import autograd_gradient, unpack, vmapped_gradient
 from bayesflow.engine.noise import STEP, NoiseStream, derive
 from bayesflow.tree import flatten, tree_leaves, tree_map, unflatten
@@ -41,7 +39,6 @@ from bayesflow.tree import flatten, tree_leaves, tree_map, unflatten
 __all__ = ["check_temperature", "nelbo_value", "noise_generator", "standard_normal"]
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-_MASK32 = (1 << 32) - 1
 
 
 def check_temperature(temperature: Any):
@@ -121,17 +118,8 @@ def noise_generator(rng: torch.Tensor, step: torch.Tensor, device) -> torch.Gene
                          "A stack of states must be indexed (state[k]) before it is updated")
     device = torch.device(device)
     generator = torch.Generator(device=device)
-    key, step = int(rng), int(step)
-    if device.type == "cpu":  # derive(key, step, STEP), its key-only part kept between steps
-        generator.manual_seed(noise._feistel32(step & _MASK32, _round_keys(key)))
-    else:
-        generator.manual_seed(derive(key, step, STEP, full=True))
+    generator.manual_seed(derive(int(rng), int(step), STEP, full=device.type != "cpu"))
     return generator
-
-
-@functools.lru_cache(maxsize=64)
-def _round_keys(key: int) -> tuple:
-    return noise._round_keys(noise._stream(key, STEP))
 
 
 _workspace = threading.local()
