@@ -17,6 +17,7 @@ import atexit
 import os
 import pathlib
 import re
+import signal
 import subprocess
 
 import pytest
@@ -44,14 +45,14 @@ def start() -> None:
     arguments = [f"--deselect={test}" for test in EXPECTED_DIFFERENCES]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     _RUN.append(subprocess.Popen(["bash", str(RUNNER), *arguments], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, env=env))
+                                 stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True))
     atexit.register(_stop)  # a session that ends before the test (-x, ^C) leaves no suite running
 
 
 def _stop() -> None:
     for process in _RUN:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)  # the runner and the pytest it started
 
 
 def finish() -> tuple[int, str]:
