@@ -31,10 +31,18 @@ from bayesflow.engine.context import Context
 from bayesflow.engine.gradients import autograd_gradient, caller_gradient, vmapped_gradient
 from bayesflow.engine.layout import Layout
 from bayesflow.engine.noise import INIT, STEP
+from bayesflow.engine.rollback import refused, restore, snapshot
 from bayesflow.engine.schedules import Constant, as_schedule, is_zero
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import GradientNotAvailable, StepInputs
-from bayesflow.engine.validation import Rejected, check_finite_params, check_params, checked_gradient
+from bayesflow.engine.validation import (
+    Rejected,
+    chain_mismatch,
+    check_finite_params,
+    check_params,
+    checked_gradient,
+    step_count,
+)
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogPosterior, Transform
 
@@ -153,7 +161,7 @@ class _Engine:
         keys = state.rng
         if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or (
                 keys.shape != self._keys_shape):
-            raise ValueError(_chain_mismatch(keys, self.chains))
+            raise ValueError(chain_mismatch(keys, self.chains))
         params = self._select(state.params)
         if ((state.momenta is None) == self._momenta or (state.xi is None) == self._xi
                 or len(state.preconditioner) != len(self.system.preconditioners)):
@@ -307,7 +315,7 @@ class _Engine:
     def _advance(self, state: SDEState, params: list, gradient_fn, inplace: bool,
                  caller_gradient: bool = False, value_given: bool = True) -> SDEState:
         config = self.config
-        step = _step_count(state.step)
+        step = step_count(state.step)
         temperature = self._fixed_temperature
         if temperature is None:
             temperature = self.temperature(step)
@@ -327,9 +335,7 @@ class _Engine:
         ctx = Context(z, step, {}, self.numel, self.buffers)
         if inputs.hot:
             self.noise.begin(state.rng, step, STEP)
-        # An in-place step of a word that evaluates ∇ℓ after moving (BAOAB, OBABO) has written the state
-        # when the evaluation fails: it keeps a copy to restore (the state as it was, never half-written).
-        saved = self._snapshot(ctx) if inplace and self._evaluates_mid_step else None
+        saved = snapshot(ctx) if inplace and self._evaluates_mid_step else None  # see engine.rollback
         try:
             preconditioner = self._precondition(state, ctx, inputs, inplace)
             if config.decoupled_weight_decay:
@@ -338,27 +344,12 @@ class _Engine:
                 z["params"].mul(1.0 - config.decoupled_weight_decay)
             config.integrator.advance(self.system, ctx, inputs, self.scales)
         except Rejected:
-            self._restore(ctx, saved)
-            return _refused(state, inplace)
+            restore(saved)
+            return refused(state, inplace)
         except BaseException:
-            self._restore(ctx, saved)
+            restore(saved)
             raise
         return self._finish(state, spec, ctx, inputs, preconditioner, inplace)
-
-    def _snapshot(self, ctx: Context) -> list | None:
-        """Copies of the components an in-place step writes (reused buffers), or None at no risk."""
-        saved = []
-        for component, accumulator in ctx.z.items():
-            copy = ctx.scratch(("rollback", component), accumulator.leaves)
-            torch._foreach_copy_(copy, accumulator.leaves)
-            saved.append((accumulator.leaves, copy))
-        return saved
-
-    @staticmethod
-    def _restore(ctx: Context, saved: list | None) -> None:
-        if saved:
-            for leaves, copy in saved:
-                torch._foreach_copy_(leaves, copy)
 
     def _precondition(self, state, ctx, inputs, inplace):
         if not self.system.preconditioners:
@@ -407,42 +398,3 @@ class _Engine:
             rejected=state.rejected,
         )
 
-
-def _step_count(step: torch.Tensor) -> int:
-    """The step of a state (one count, or K equal counts of K chains) as a Python int."""
-    if step.ndim == 0:
-        return int(step)
-    counts = step.tolist()
-    if counts.count(counts[0]) != len(counts):
-        raise ValueError(f"the chains of this state are at different steps {counts}: a K-chain state advances "
-                         "its chains together (stack states taken at the same step)")
-    return counts[0]
-
-
-def _refused(state: SDEState, inplace: bool) -> SDEState:
-    """A step refused under ``on_nonfinite="reject"``: the state as it was, with the step (so that a retry
-    draws new noise) and the count of refused steps moved on."""
-    rejected = state.rejected if state.rejected is not None else torch.zeros_like(state.step)
-    if inplace:
-        state.step.add_(1)
-        if state.rejected is not None:
-            rejected.add_(1)
-            return state
-        return state._replace(rejected=rejected + 1)
-    return state._replace(step=state.step + 1, rejected=rejected + 1)
-
-
-def _chain_mismatch(keys, chains: int | None) -> str:
-    """What is wrong, in chain terms, with a state whose noise keys do not fit this transform."""
-    if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or keys.ndim > 1:
-        shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
-        return (f"state.rng must hold the int64 noise keys that init made (shape () or (chains,)), got {shape}; "
-                "a state of another bayesflow version or a hand-made record cannot be advanced")
-    held = None if keys.ndim == 0 else keys.shape[0]
-    if chains is None:
-        return (f"this state holds {held} chains but the transform advances a single chain; lift the transform "
-                f"(bayesflow.ensemble.lift(transform, {held})) or take one chain with state[k]")
-    if held is None:
-        return (f"this state is a single chain but the transform advances {chains} chains; stack {chains} states "
-                f"(torch.stack([...])) or init with params of leading dimension {chains}")
-    return f"this state holds {held} chains but the transform advances {chains}"

@@ -145,3 +145,30 @@ def checked_gradient(gradient_fn, config, spec, small: bool, step: int, caller_g
         return grads, value, owned
 
     return checked
+
+
+def step_count(step: torch.Tensor) -> int:
+    """The step of a state (one count, or K equal counts of K chains) as a Python int."""
+    if step.ndim == 0:
+        return int(step)
+    counts = step.tolist()
+    if counts.count(counts[0]) != len(counts):
+        raise ValueError(f"the chains of this state are at different steps {counts}: a K-chain state advances "
+                         "its chains together (stack states taken at the same step)")
+    return counts[0]
+
+
+def chain_mismatch(keys, chains: int | None) -> str:
+    """What is wrong, in chain terms, with a state whose noise keys do not fit this transform."""
+    if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or keys.ndim > 1:
+        shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+        return (f"state.rng must hold the int64 noise keys that init made (shape () or (chains,)), got {shape}; "
+                "a state of another bayesflow version or a hand-made record cannot be advanced")
+    held = None if keys.ndim == 0 else keys.shape[0]
+    if chains is None:
+        return (f"this state holds {held} chains but the transform advances a single chain; lift the transform "
+                f"(bayesflow.ensemble.lift(transform, {held})) or take one chain with state[k]")
+    if held is None:
+        return (f"this state is a single chain but the transform advances {chains} chains; stack {chains} states "
+                f"(torch.stack([...])) or init with params of leading dimension {chains}")
+    return f"this state holds {held} chains but the transform advances {chains}"

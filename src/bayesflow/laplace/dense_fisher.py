@@ -44,8 +44,8 @@ from bayesflow.laplace._common import (
     split_output,
     vector_value,
 )
-from bayesflow.laplace._common import dense_sample as sample
 from bayesflow.laplace.diag_fisher import per_sample_scores
+from bayesflow.laplace.sampling import dense_sample as sample
 from bayesflow.types import LogProbFn, TensorTree, Transform
 from bayesflow.utils import CatchAuxError, empirical_fisher
 

@@ -44,7 +44,7 @@ from bayesflow.laplace._common import (
     init_dense,
     likelihood_terms,
 )
-from bayesflow.laplace._common import dense_sample as sample
+from bayesflow.laplace.sampling import dense_sample as sample
 from bayesflow.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
 from bayesflow.utils import CatchAuxError, ggn
 

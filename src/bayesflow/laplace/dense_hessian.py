@@ -47,7 +47,7 @@ from bayesflow.laplace._common import (
     split_output,
     unraveller,
 )
-from bayesflow.laplace._common import dense_sample as sample
+from bayesflow.laplace.sampling import dense_sample as sample
 from bayesflow.types import LogProbFn, TensorTree, Transform
 from bayesflow.utils import CatchAuxError
 

@@ -45,7 +45,7 @@ from bayesflow.laplace._common import (
     split_output,
     vector_value,
 )
-from bayesflow.laplace._common import diag_sample as sample
+from bayesflow.laplace.sampling import diag_sample as sample
 from bayesflow.tree import tree_map
 from bayesflow.types import LogProbFn, TensorTree, Transform
 from bayesflow.utils import CatchAuxError, per_samplify

@@ -41,7 +41,7 @@ from bayesflow.laplace._common import (
     init_diag,
     likelihood_terms,
 )
-from bayesflow.laplace._common import diag_sample as sample
+from bayesflow.laplace.sampling import diag_sample as sample
 from bayesflow.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
 from bayesflow.utils import CatchAuxError
 from bayesflow.utils import diag_ggn as ggn_diagonal

@@ -1,0 +1,47 @@
+"""Refused and failed steps leave the state as it was: the copies an in-place step restores, and the
+record of a refusal.
+
+An in-place step of a word that evaluates ∇ℓ after moving (BAOAB, OBABO) has written θ and m when
+that evaluation fails (a non-finite value under ``on_nonfinite="reject"`` or ``"raise"``, or an
+exception from the user's log posterior): it takes copies first, into reused scratch buffers, and
+writes them back (two copies per step, only for those words and only in place).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bayesflow.engine.context import Context
+from bayesflow.engine.state import SDEState
+
+__all__ = ["refused", "restore", "snapshot"]
+
+
+def snapshot(ctx: Context) -> list:
+    """Copies of every component of the step's state (reused buffers), to :func:`restore` on failure."""
+    saved = []
+    for component, accumulator in ctx.z.items():
+        copy = ctx.scratch(("rollback", component), accumulator.leaves)
+        torch._foreach_copy_(copy, accumulator.leaves)
+        saved.append((accumulator.leaves, copy))
+    return saved
+
+
+def restore(saved: list | None) -> None:
+    """Write the copies of :func:`snapshot` back into the state's tensors (nothing when None)."""
+    if saved:
+        for leaves, copy in saved:
+            torch._foreach_copy_(leaves, copy)
+
+
+def refused(state: SDEState, inplace: bool) -> SDEState:
+    """A step refused under ``on_nonfinite="reject"``: the state as it was, with the step (so that a retry
+    draws new noise) and the count of refused steps moved on."""
+    rejected = state.rejected if state.rejected is not None else torch.zeros_like(state.step)
+    if inplace:
+        state.step.add_(1)
+        if state.rejected is not None:
+            rejected.add_(1)
+            return state
+        return state._replace(rejected=rejected + 1)
+    return state._replace(step=state.step + 1, rejected=rejected + 1)

@@ -1,0 +1,153 @@
+r"""Draws from a Laplace state: N(μ, diag(P)⁻¹) or N(μ, P⁻¹) for parameters of any tree and shapes.
+
+A dense draw solves :math:`L^\top x = ξ` with :math:`P = L L^\top` (one Cholesky factor, one
+triangular solve; no inverse), on the parameters' device, from an optional ``torch.Generator``;
+``sample_shape`` goes in front of every leaf.
+
+Example:
+    >>> import torch
+    >>> from bayesflow.laplace import diag_fisher
+    >>> state = diag_fisher.init({"w": torch.zeros(2, 2)}, init_prec_diag=4.0)
+    >>> diag_fisher.sample(state, (5,), generator=torch.Generator().manual_seed(0))["w"].shape
+    torch.Size([5, 2, 2])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optree
+import torch
+
+from bayesflow.laplace._common import (
+    ONE_DRAW,
+    DenseLaplaceState,
+    DiagLaplaceState,
+    _paths,
+    param_leaves,
+    ravel,
+)
+from bayesflow.types import TensorTree
+
+__all__ = ["dense_sample", "diag_sample"]
+
+
+def _sample_count(sample_shape: Any) -> torch.Size:
+    if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
+        sample_shape = (sample_shape,)
+    try:
+        sample_shape = torch.Size(sample_shape)
+    except TypeError:
+        raise TypeError(f"sample_shape must be a torch.Size or a tuple of ints, got {sample_shape!r}") from None
+    if any(n < 0 for n in sample_shape):
+        raise ValueError(f"sample_shape must have non-negative sizes, got {tuple(sample_shape)}")
+    return sample_shape
+
+
+def _standard_normal(n: int, d: int, dtype: torch.dtype, device: torch.device,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """``(n, d)`` standard normals from ``generator`` (drawn on its device) or torch's global one."""
+    if generator is None:
+        return torch.randn(n, d, dtype=dtype, device=device)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return torch.randn(n, d, dtype=dtype, device=generator.device, generator=generator).to(device)
+
+
+def _to_tree(flat: torch.Tensor, leaves: list[torch.Tensor], spec: optree.PyTreeSpec,
+             sample_shape: torch.Size) -> TensorTree:
+    """``(n, d)`` draws to a tree of ``sample_shape + leaf.shape`` tensors on the leaves' devices."""
+    pieces = torch.split(flat, [leaf.numel() for leaf in leaves], dim=1)
+    return spec.unflatten([piece.reshape(sample_shape + leaf.shape).to(dtype=leaf.dtype, device=leaf.device)
+                           for piece, leaf in zip(pieces, leaves)])
+
+
+def diag_sample(state: DiagLaplaceState, sample_shape: torch.Size = ONE_DRAW,
+                generator: torch.Generator | None = None) -> TensorTree:
+    r"""Draws :math:`\theta = \mu + \mathrm{diag}(p)^{-1/2} z`, :math:`z \sim N(0, I)`, from a diagonal state.
+
+    Args:
+        state: a :class:`DiagLaplaceState` (``params`` :math:`\mu`, ``prec_diag`` :math:`p > 0`).
+        sample_shape: the shape of the batch of draws (``torch.Size``, tuple or int); ``()`` for one draw.
+        generator: the ``torch.Generator`` to draw from (any device: the numbers are drawn on its device
+            and moved to the parameters'); torch's global generator when None.
+
+    Returns:
+        A tree shaped like ``params`` whose leaves have shape ``sample_shape + leaf.shape``, on the
+        leaves' devices and in their dtypes.
+
+    Raises:
+        ValueError: a precision is zero, negative or not finite (the distribution has no density).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.laplace import diag_fisher
+        >>> state = diag_fisher.init({"a": torch.zeros(2), "b": torch.ones(2, 2)}, init_prec_diag=1e4)
+        >>> draws = diag_fisher.sample(state, (1000,), generator=torch.Generator().manual_seed(0))
+        >>> draws["b"].shape, round(float(draws["b"].mean()), 2), round(float(draws["a"].std()), 2)
+        (torch.Size([1000, 2, 2]), 1.0, 0.01)
+    """
+    sample_shape = _sample_count(sample_shape)
+    leaves, spec = param_leaves("sample", state.params)
+    try:
+        prec_leaves = spec.flatten_up_to(state.prec_diag)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"state.prec_diag must have the structure of state.params: {error}") from None
+    mean, prec = ravel(leaves), ravel(prec_leaves).to(device=leaves[0].device)
+    if not bool(torch.isfinite(prec).all()) or not bool((prec > 0).all()):
+        bad = [path for path, p in zip(_paths(state.params), prec_leaves)
+               if not bool(torch.isfinite(p).all() and (p > 0).all())]
+        raise ValueError(f"diagonal precisions must be finite and positive to sample; prec_diag{bad[0]} is "
+                         f"not (give init_prec_diag > 0, a prior precision, or update with data first)")
+    z = _standard_normal(math.prod(sample_shape), mean.numel(), mean.dtype, mean.device, generator)
+    return _to_tree(torch.addcmul(mean, z, prec.rsqrt()), leaves, spec, sample_shape)
+
+
+def dense_sample(state: DenseLaplaceState, sample_shape: torch.Size = ONE_DRAW,
+                 generator: torch.Generator | None = None) -> TensorTree:
+    r"""Draws :math:`\theta = \mu + L^{-\top} z`, :math:`z \sim N(0, I)`, :math:`P = L L^\top`, from a dense state.
+
+    The Cholesky factor :math:`L` of the precision is taken once, and the draws solve one triangular
+    system (:math:`\mathrm{Cov}\,\theta = L^{-\top} L^{-1} = P^{-1}`): no inverse is formed. Works for
+    parameters of any tree structure and leaf shapes, on the precision's device.
+
+    Args:
+        state: a :class:`DenseLaplaceState` (``params`` :math:`\mu`, ``prec`` :math:`P`, positive definite).
+        sample_shape: the shape of the batch of draws (``torch.Size``, tuple or int); ``()`` for one draw.
+        generator: the ``torch.Generator`` to draw from (any device: the numbers are drawn on its device
+            and moved to the precision's); torch's global generator when None.
+
+    Returns:
+        A tree shaped like ``params`` whose leaves have shape ``sample_shape + leaf.shape``, on the
+        leaves' devices and in their dtypes.
+
+    Raises:
+        ValueError: ``prec`` is not ``(d, d)`` or not positive definite.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.laplace import dense_ggn
+        >>> cov = torch.tensor([[1.0, 0.8], [0.8, 1.0]])
+        >>> state = dense_ggn.init(torch.zeros(2), init_prec=torch.linalg.inv(cov))
+        >>> draws = dense_ggn.sample(state, 20000, generator=torch.Generator().manual_seed(0))
+        >>> torch.cov(draws.T).round(decimals=1)
+        tensor([[1.0000, 0.8000],
+                [0.8000, 1.0000]])
+    """
+    sample_shape = _sample_count(sample_shape)
+    leaves, spec = param_leaves("sample", state.params)
+    mean = ravel(leaves)
+    d = mean.numel()
+    prec = state.prec
+    if not isinstance(prec, torch.Tensor) or prec.shape != (d, d):
+        shape = tuple(prec.shape) if isinstance(prec, torch.Tensor) else type(prec).__name__
+        raise ValueError(f"state.prec must be a ({d}, {d}) tensor (params has {d} entries), got {shape}")
+    mean = mean.to(device=prec.device, dtype=torch.promote_types(mean.dtype, prec.dtype))
+    factor, info = torch.linalg.cholesky_ex(prec.to(mean.dtype))
+    if int(info) != 0:
+        raise ValueError("state.prec must be positive definite to sample (its Cholesky factorisation fails at "
+                         f"column {int(info)}); give init_prec > 0 (a prior precision) or add epsilon")
+    z = _standard_normal(math.prod(sample_shape), d, mean.dtype, mean.device, generator)
+    draws = mean + torch.linalg.solve_triangular(factor, z, upper=False, left=False)  # z L^{-1}: rows of L^{-T} z
+    return _to_tree(draws, leaves, spec, sample_shape)
