@@ -42,7 +42,7 @@ def start() -> None:
     """Start the peer suite in the background (once); :func:`finish` waits for it."""
     if _RUN or not RUNNER.exists():
         return
-    arguments = [f"--deselect={test}" for test in EXPECTED_DIFFERENCES]
+    arguments = ["-k", _deselection()] if EXPECTED_DIFFERENCES else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     _RUN.append(subprocess.Popen(["bash", str(RUNNER), *arguments], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True))
@@ -53,6 +53,14 @@ def _stop() -> None:
     for process in _RUN:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)  # the runner and the pytest it started
+
+
+def _deselection() -> str:
+    """A ``-k`` expression leaving out exactly the listed tests. (``--deselect`` matches node-id
+    prefixes: ``...::test_sgnht`` would drop ``...::test_sgnht_inplace_step`` too; ``-k`` matches
+    substrings of names, so a name followed by ``_`` is kept.)"""
+    names = [test.rsplit("::", 1)[1] for test in EXPECTED_DIFFERENCES]
+    return "not (" + " or ".join(f"({name} and not {name}_)" for name in names) + ")"
 
 
 def finish() -> tuple[int, str]:
