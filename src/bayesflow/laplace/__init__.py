@@ -32,8 +32,8 @@ Example:
             [0., 2.]])
 """
 
-from bayesflow.laplace import dense_fisher, dense_ggn, dense_hessian, diag_fisher, diag_ggn
+from bayesflow.laplace import dense_fisher, dense_ggn, dense_hessian, diag_fisher, diag_ggn, kfac
 from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState
 
 __all__ = ["DenseLaplaceState", "DiagLaplaceState", "dense_fisher", "dense_ggn", "dense_hessian", "diag_fisher",
-           "diag_ggn"]
+           "diag_ggn", "kfac"]
