@@ -24,6 +24,8 @@ BENCHMARKS = {
     "engine": ("bench_engine", "Engine (issue 2): SGLD step, update, T = 0 vs torch SGD"),
     "presets": ("bench_presets", "Presets (issue 3): optimizers vs torch.optim, samplers vs hand-written, memory"),
     "ensemble": ("bench_ensemble", "Ensembles (issue 4): K chains of an MLP 64-100-32-10, batch 64"),
+    "toolkit": ("bench_toolkit", "Toolkit (issue 10): VI, Laplace, EKF per batch vs a torch Adam training step, "
+                "784-512-512-10 MLP, batch 128"),
 }
 
 

@@ -96,3 +96,11 @@ def test_engine_benchmark_quick_mode_runs_and_writes_json(tmp_path):
     assert rows and all(r.ours > 0 for r in rows)
     payload = json.loads((tmp_path / "engine_quick.json").read_text())
     assert payload["quick"] is True and payload["rows"]
+
+
+def test_toolkit_benchmark_quick_mode_runs_and_writes_json(tmp_path):
+    import bench_toolkit
+    rows = bench_toolkit.run(quick=True, out_dir=tmp_path, verbose=False)
+    assert rows and all(r.ours > 0 for r in rows)
+    payload = json.loads((tmp_path / "toolkit_quick.json").read_text())
+    assert payload["quick"] is True and payload["rows"]
