@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import optree
@@ -10,11 +12,14 @@ import torch
 from bayesflow.types import TensorTree
 
 __all__ = [
+    "flat_layout",
     "flatten",
     "load_state_dict",
+    "ravel",
     "state_dict",
     "tree_map",
     "unflatten",
+    "unraveller",
 ]
 
 NONE_IS_LEAF = False
@@ -36,6 +41,44 @@ def tree_leaves(tree) -> list:
 
 def tree_map(fn, tree: TensorTree, *rest: TensorTree) -> TensorTree:
     return optree.tree_map(fn, tree, *rest, none_is_leaf=NONE_IS_LEAF, namespace="bayesflow")
+
+
+def flat_layout(leaves: list[torch.Tensor]) -> tuple[torch.dtype, torch.device]:
+    """The dtype (all leaves' promoted) and device (the first leaf's) of the ravelled leaves."""
+    return functools.reduce(torch.promote_types, (leaf.dtype for leaf in leaves)), leaves[0].device
+
+
+def ravel(leaves: list[torch.Tensor]) -> torch.Tensor:
+    """The leaves detached, flattened and concatenated (optree order), in the flat dtype, on the first
+    leaf's device: the vector dense curvatures and covariances act on.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.tree import flatten, ravel, unraveller
+        >>> leaves, spec = flatten({"a": torch.ones(2), "b": torch.zeros(1, 2)})
+        >>> ravel(leaves)
+        tensor([1., 1., 0., 0.])
+        >>> unraveller(leaves, spec)(torch.arange(8.0).reshape(2, 4))["b"].shape   # a batch of two
+        torch.Size([2, 1, 2])
+    """
+    dtype, device = flat_layout(leaves)
+    return torch.cat([leaf.detach().reshape(-1).to(dtype=dtype, device=device) for leaf in leaves])
+
+
+def unraveller(leaves: list[torch.Tensor], spec: optree.PyTreeSpec) -> Callable[[torch.Tensor], TensorTree]:
+    """The inverse of :func:`ravel` for trees shaped like ``leaves``: a flat ``(..., d)`` tensor to a tree
+    of ``(..., *leaf.shape)`` tensors in each leaf's dtype (differentiable, so torch.func can trace it)."""
+    sizes = [leaf.numel() for leaf in leaves]
+    shapes = [leaf.shape for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
+
+    def unravel(flat: torch.Tensor) -> TensorTree:
+        batch = flat.shape[:-1]
+        pieces = torch.split(flat, sizes, dim=-1)
+        return spec.unflatten([piece.reshape(batch + shape).to(dtype)
+                               for piece, shape, dtype in zip(pieces, shapes, dtypes)])
+
+    return unravel
 
 
 def _paths(tree: TensorTree) -> list[str]:

@@ -9,7 +9,7 @@ Example:
     >>> import torch
     >>> from bayesflow.ekf._common import ravel
     >>> flat, unravel = ravel({"a": torch.ones(2), "b": torch.zeros(1, 2)})
-    >>> flat, unravel(torch.arange(8.0).reshape(2, 4), batch_shape=(2,))["b"].shape
+    >>> flat, unravel(torch.arange(8.0).reshape(2, 4))["b"].shape
     (tensor([1., 1., 0., 0.]), torch.Size([2, 1, 2]))
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from bayesflow.tree import flatten
+from bayesflow.tree import flatten, unraveller
+from bayesflow.tree import ravel as tree_ravel
 from bayesflow.tree_utils import tree_insert_
 from bayesflow.types import TensorTree
 
@@ -104,26 +105,13 @@ def per_sample_log_likelihood(log_likelihood: Callable, per_sample: bool) -> Cal
 
 
 def ravel(tree: TensorTree):
-    r"""The leaves of ``tree`` as one flat vector (optree's leaf order, as ``optree.tree_ravel``), and
-    ``unravel(flat, batch_shape=())`` mapping a ``batch_shape + (d,)`` tensor back to a tree whose leaves
-    have shape ``batch_shape + leaf.shape`` (and the leaf's dtype).
-    """
+    r"""The leaves of ``tree`` as one flat vector (:func:`bayesflow.tree.ravel`) and ``unravel(flat)``
+    mapping a ``(..., d)`` tensor back to a tree whose leaves have shape ``(..., *leaf.shape)``."""
     leaves, spec = flatten(tree)
     if not leaves:
         raise ValueError("params must hold at least one tensor")
     leaves = [torch.as_tensor(leaf) for leaf in leaves]
-    flat = torch.cat([leaf.reshape(-1) for leaf in leaves])
-    sizes = [leaf.numel() for leaf in leaves]
-    shapes = [leaf.shape for leaf in leaves]
-    dtypes = [leaf.dtype for leaf in leaves]
-
-    def unravel(vector: torch.Tensor, batch_shape: tuple = ()) -> TensorTree:
-        batch_shape = tuple(batch_shape)
-        parts = torch.split(vector, sizes, dim=-1)
-        return spec.unflatten([part.reshape(batch_shape + tuple(shape)).to(dtype)
-                               for part, shape, dtype in zip(parts, shapes, dtypes)])
-
-    return flat, unravel
+    return tree_ravel(leaves), unraveller(leaves, spec)
 
 
 def write_counters(state: Any, log_likelihood: torch.Tensor) -> Any:

@@ -330,4 +330,4 @@ def sample(state: EKFDenseState, sample_shape: torch.Size = torch.Size([]),  # n
     if int(info) != 0:
         raise ValueError("state.cov is not positive definite: cannot sample")
     z = torch.randn(sample_shape + mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-    return unravel(mu + z @ chol.T, batch_shape=sample_shape)
+    return unravel(mu + z @ chol.T)

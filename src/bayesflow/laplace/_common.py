@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from numbers import Real
@@ -35,7 +34,7 @@ import optree
 import torch
 
 from bayesflow.records import record
-from bayesflow.tree import flatten
+from bayesflow.tree import flat_layout, flatten, ravel, unraveller  # noqa: F401  (re-exported to the methods)
 from bayesflow.types import TensorTree
 
 __all__ = ["DenseLaplaceState", "DiagLaplaceState"]
@@ -135,33 +134,6 @@ def param_leaves(name: str, params: TensorTree) -> tuple[list[torch.Tensor], opt
 
 def _paths(tree: TensorTree) -> list[str]:
     return ["".join(f"[{p!r}]" for p in path) for path in optree.tree_paths(tree, namespace=_NAMESPACE)]
-
-
-def flat_layout(leaves: list[torch.Tensor]) -> tuple[torch.dtype, torch.device]:
-    """The dtype (all leaves' promoted) and device (the first leaf's) of the ravelled parameters."""
-    return functools.reduce(torch.promote_types, (leaf.dtype for leaf in leaves)), leaves[0].device
-
-
-def ravel(leaves: list[torch.Tensor]) -> torch.Tensor:
-    """The leaves flattened and concatenated, in the flat dtype, on the first leaf's device."""
-    dtype, device = flat_layout(leaves)
-    return torch.cat([leaf.detach().reshape(-1).to(dtype=dtype, device=device) for leaf in leaves])
-
-
-def unraveller(leaves: list[torch.Tensor], spec: optree.PyTreeSpec) -> Callable[[torch.Tensor], TensorTree]:
-    """The inverse of :func:`ravel` for trees shaped like ``leaves``: a flat ``(..., d)`` tensor to a tree
-    of ``(..., *leaf.shape)`` tensors in each leaf's dtype (differentiable, so torch.func can trace it)."""
-    sizes = [leaf.numel() for leaf in leaves]
-    shapes = [leaf.shape for leaf in leaves]
-    dtypes = [leaf.dtype for leaf in leaves]
-
-    def unravel(flat: torch.Tensor) -> TensorTree:
-        batch = flat.shape[:-1]
-        pieces = torch.split(flat, sizes, dim=-1)
-        return spec.unflatten([piece.reshape(batch + shape).to(dtype)
-                               for piece, shape, dtype in zip(pieces, shapes, dtypes)])
-
-    return unravel
 
 
 def split_output(name: str, out: Any) -> tuple[Any, Any]:
