@@ -1,0 +1,128 @@
+"""curvlinops-for-pytorch side by side with bayesflow's own curvature (the evaluation in docs/curvature.md).
+
+Not part of ``run_all.py``: curvlinops is not a dependency (see docs/curvature.md for why). Run with it on the
+path, e.g. ``pip install --target /tmp/clenv curvlinops-for-pytorch`` then
+``PYTHONPATH=/tmp/clenv python benchmarks/bench_curvlinops.py [--quick]``. Writes
+``benchmarks/results/curvlinops.json``.
+
+Rows (784-512-512-10 ReLU MLP, batch 128, one thread, ratios to a ``torch.optim.Adam`` training step in
+the same process): KFAC factors of one batch (curvlinops ``KFACLinearOperator`` type-2 vs
+``bayesflow.laplace.kfac`` "ggn"; the factors are compared for equality), one GGN-vector product
+(curvlinops ``GGNLinearOperator`` vs ``bayesflow.utils.ggnvp``) and the GGN diagonal (curvlinops has no
+exact diagonal, only Hutchinson's estimator; bayesflow's per-layer ``diag_ggn.build_for_module``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import curvlinops
+    except ImportError:
+        print("curvlinops is not installed: nothing to compare (see the module docstring)")
+        return {}
+    from bayesflow import utils
+    from bayesflow.laplace import kfac
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    widths = (32, 16, 16, 4) if args.quick else (784, 512, 512, 10)
+    batch_size, repeats = (16, 2) if args.quick else (128, 5)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(batch_size, widths[0])
+    y = torch.randint(0, widths[-1], (batch_size,))
+    params = [p for p in model.parameters()]
+    loss_func = torch.nn.CrossEntropyLoss(reduction="sum")
+    rows = {}
+
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+
+    def train_step():
+        adam.zero_grad()
+        loss_func(model(x), y).backward()
+        adam.step()
+
+    base = timed(train_step, repeats)
+    rows["adam_step_s"] = base
+
+    def theirs_kfac():
+        op = curvlinops.KFACLinearOperator(model, loss_func, params, [(x, y)], fisher_type="type-2",
+                                           separate_weight_and_bias=False, check_deterministic=False)
+        op.compute_kronecker_factors()
+        return op
+
+    loglik = lambda logits, batch: -torch.nn.functional.cross_entropy(logits, batch[1], reduction="sum")  # noqa: E731
+    transform = kfac.build(model, loglik)
+    named = {k: v.detach() for k, v in model.named_parameters()}
+
+    def ours_kfac():
+        return transform.update(transform.init(named), (x, y))[0]
+
+    rows["kfac_curvlinops_s"] = timed(theirs_kfac, repeats)
+    rows["kfac_ours_s"] = timed(ours_kfac, repeats)
+    op, state = theirs_kfac(), ours_kfac()
+    # curvlinops keeps sums (A over data, G times N for reduction="sum"); ours keeps means with num_data = N.
+    worst = 0.0
+    for name in state.A:   # compare each factor up to scale, and the scale of the Kronecker product
+        theirs_a, theirs_g = op._input_covariances[name], op._gradient_covariances[name]
+        ours_a, ours_g = state.A[name], state.G[name]
+        for ours_f, theirs_f in ((ours_a, theirs_a), (ours_g, theirs_g)):
+            ours_n, theirs_n = ours_f / ours_f.trace(), theirs_f / theirs_f.trace()
+            worst = max(worst, float((ours_n - theirs_n).abs().max() / theirs_n.abs().max()))
+        scale_ours = state.num_data * ours_a.trace() * ours_g.trace()
+        scale_theirs = theirs_a.trace() * theirs_g.trace()
+        worst = max(worst, float(abs(scale_ours / scale_theirs - 1)))
+    rows["kfac_max_rel_difference"] = worst
+
+    vector = [torch.randn_like(p) for p in params]
+    ggn_op = curvlinops.GGNLinearOperator(model, loss_func, params, [(x, y)], check_deterministic=False)
+    flat = torch.cat([v.flatten() for v in vector])
+    rows["ggnvp_curvlinops_s"] = timed(lambda: ggn_op @ flat, repeats)
+
+    keys = [k for k, _ in model.named_parameters()]
+    forward = lambda p, batch: torch.func.functional_call(model, p, (batch[0],))  # noqa: E731
+    tangent = dict(zip(keys, vector))
+    rows["ggnvp_ours_s"] = timed(lambda: utils.ggnvp(lambda p: forward(p, (x, y)),
+                                                     lambda z: loglik(z, (x, y)), (named,), (tangent,)), repeats)
+    for key in ("kfac", "ggnvp"):
+        rows[f"{key}_ratio_ours"] = rows[f"{key}_ours_s"] / base
+        rows[f"{key}_ratio_curvlinops"] = rows[f"{key}_curvlinops_s"] / base
+    rows["curvlinops_version"] = getattr(curvlinops, "__version__", "3.x")
+    out = pathlib.Path(__file__).parent / "results" / "curvlinops.json"
+    if not args.quick:
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2))
+    print(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
