@@ -22,12 +22,14 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from collections.abc import Mapping
 
 import torch
 
 from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.context import Context
+from bayesflow.engine.groups import LeafTemperature, TemperatureGroups
 from bayesflow.engine.gradients import autograd_gradient, caller_gradient, vmapped_gradient
 from bayesflow.engine.layout import Layout
 from bayesflow.engine.noise import INIT, STEP
@@ -108,13 +110,31 @@ def build(log_posterior: LogPosterior, config: SDEConfig | None = None, *, chain
                      log_posterior=log_posterior, chains=chains)
 
 
+def _check_groups(config: SDEConfig) -> None:
+    """What per-group temperatures need: operators that act leaf by leaf (see engine.groups)."""
+    if getattr(config.integrator, "discrete_noise", False) or type(config.integrator).__name__ == "LatticeRandomWalk":
+        raise ValueError("per-group temperatures are not supported by the lattice random walk (its lattice spacing "
+                         "is one temperature); use SGLD")
+    for block in (config.diffusion_block, config.curl_block):
+        for op in block.blocks.values():
+            if getattr(op, "joint", None) is not None or op.__class__.__name__ in ("Dense", "Function"):
+                raise ValueError(f"per-group temperatures need operators that act leaf by leaf; {op!r} couples "
+                                 "all parameters")
+
+
 class _Engine:
     def __init__(self, log_posterior: LogPosterior, config: SDEConfig, chains: int | None, vectorize: str):
         self.log_posterior = log_posterior
         self.config = config
         self.components = config.components
         self._momenta, self._xi = "momenta" in self.components, "xi" in self.components
-        self.temperature = as_schedule(config.temperature, "temperature")
+        self.groups = None  # per-group temperatures (engine.groups), resolved per layout
+        temperature = config.temperature
+        if isinstance(temperature, Mapping):
+            self.groups = TemperatureGroups(temperature)
+            _check_groups(config)
+            temperature = 0.0 if self.groups.all_zero else max(self.groups.groups.values())
+        self.temperature = as_schedule(temperature, "temperature")
         self.step_size = as_schedule(config.step_size, "step_size")
         # what a step reads without calling a schedule: a tensor (per chain), a constant's float, or None
         self._fixed_temperature, self._fixed_step_size = _fixed(self.temperature), _fixed(self.step_size)
@@ -135,6 +155,8 @@ class _Engine:
 
     def _use(self, layout: Layout) -> None:
         self.layout, self.spec, self.signature = layout, layout.spec, layout.signature
+        if self.groups is not None:  # the step reads the layout's per-leaf temperatures
+            self._fixed_temperature = layout.leaf_temperature
         self.system, self.noise, self.numel, self.buffers = layout.system, layout.noise, layout.numel, layout.buffers
 
     def _layout(self, leaves: list, spec) -> Layout:
@@ -147,6 +169,8 @@ class _Engine:
                     raise ValueError(f"{name} is a tensor on {value.device} but params are on {leaves[0].device}; "
                                      f"move it with .to({str(leaves[0].device)!r})")
             layout = self._layouts[key] = Layout(self.config, self.chains, self.components, leaves, spec)
+            if self.groups is not None:
+                layout.leaf_temperature = self.groups.resolve(unflatten(spec, leaves))
             if len(self._layouts) > MAX_LAYOUTS:  # a bounded cache: the oldest layout's buffers go
                 del self._layouts[next(iter(self._layouts))]
         self._use(layout)
@@ -203,7 +227,7 @@ class _Engine:
         layout = self._layout(leaves, spec)
         check_finite_params(leaves, spec)
         xi_shape = layout.xi_shape
-        if seed is None and is_zero(self.temperature):
+        if seed is None and (self.groups.all_zero if self.groups is not None else is_zero(self.temperature)):
             seed = 0  # a T = 0 transform never draws: leave torch's global generator untouched
         rng = self.noise.initial_state(seed)
         ctx = Context({"params": Accumulator(leaves, False)}, 0, {}, layout.numel)
@@ -238,17 +262,25 @@ class _Engine:
             return momenta
         zeros = [torch.zeros_like(leaf) for leaf in leaves]
         temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else self.temperature(0)
-        hot = bool((temperature != 0).any()) if isinstance(temperature, torch.Tensor) else temperature != 0
+        if self.groups is not None:
+            temperature = self.layout.leaf_temperature
+        if isinstance(temperature, LeafTemperature):
+            hot = bool(temperature)
+        else:
+            hot = bool((temperature != 0).any()) if isinstance(temperature, torch.Tensor) else temperature != 0
         if self.config.momenta_init == "zero" or not hot:
             return unflatten(spec, zeros)
         mass = self.config.mass.diagonal(ctx) if not self.config.mass.preconditioners() else 1.0
         self.noise.begin(rng, 0, INIT)  # a stream of its own: no step reuses these numbers
-        flat_noise, views = self.noise.normal(zeros, "momenta")
-        scale = 1.0
-        if isinstance(temperature, torch.Tensor):
-            flat_noise.mul_(temperature.to(flat_noise.dtype).sqrt().view(-1, 1))
+        if isinstance(temperature, LeafTemperature):  # N(0, T_ℓ M) per leaf; cold leaves draw nothing
+            views, scale = temperature.draw(self.noise, zeros, "momenta", 0.5)
         else:
-            scale = math.sqrt(temperature)
+            flat_noise, views = self.noise.normal(zeros, "momenta")
+            scale = 1.0
+            if isinstance(temperature, torch.Tensor):
+                flat_noise.mul_(temperature.to(flat_noise.dtype).sqrt().view(-1, 1))
+            else:
+                scale = math.sqrt(temperature)
         drawn = [view.clone() * scale for view in views]
         if isinstance(mass, float):
             drawn = [d * math.sqrt(mass) for d in drawn]

@@ -20,6 +20,7 @@ import torch
 from bayesflow.engine.accumulator import Accumulator, Leaves, per_chain
 from bayesflow.engine.block import Block
 from bayesflow.engine.context import Context
+from bayesflow.engine.groups import LeafTemperature
 from bayesflow.engine.operators import Operator, Scalar
 
 
@@ -51,7 +52,10 @@ class StepInputs:
     def __init__(self, temperature, h: float, noise, gradient_fn, cached: Leaves | None):
         self.temperature = temperature
         # whether noise and Γ are active (T > 0) this step
-        self.hot = bool((temperature != 0).any()) if isinstance(temperature, torch.Tensor) else temperature != 0.0
+        if isinstance(temperature, LeafTemperature):
+            self.hot = bool(temperature)
+        else:
+            self.hot = bool((temperature != 0).any()) if isinstance(temperature, torch.Tensor) else temperature != 0.0
         self.h = h
         self.noise = noise
         self.gradient_fn = gradient_fn
@@ -238,8 +242,7 @@ class System:
             if joint is not None:  # noise shared with other rows (a coupled Block.dense diffusion)
                 out.add(joint.noise(row, ctx, inputs.noise), alpha=math.sqrt(2.0 * inputs.temperature * h))
             elif not diffusion.is_zero:
-                flat_noise, views = inputs.noise.normal(out.leaves, row)
-                alpha = _noise_scale(flat_noise, inputs.temperature, h)
+                views, alpha = _draw(inputs, out.leaves, row, h)
                 diffusion.sqrt_accumulate(out, views, alpha, ctx)
 
     def _gamma(self, ctx, inputs, terms, out, h):
@@ -248,7 +251,9 @@ class System:
                 divergence = op.divergence(ctx)
                 if divergence is not None:
                     T = inputs.temperature
-                    if isinstance(T, torch.Tensor):
+                    if isinstance(T, LeafTemperature):
+                        out.add(T.scale_divergence(divergence), alpha=h)
+                    elif isinstance(T, torch.Tensor):
                         out.addcmul(divergence, per_chain(T, divergence), value=h)
                     else:
                         out.add(divergence, alpha=h * T)
@@ -265,8 +270,7 @@ class System:
             decay = torch.exp(-rate * h) if isinstance(h, torch.Tensor) else math.exp(-rate * h)
             momenta.mul(decay)
             if inputs.hot:
-                flat_noise, views = inputs.noise.normal(momenta.leaves, "momenta")
-                alpha = _noise_scale(flat_noise, inputs.temperature, 0.5)
+                views, alpha = _draw(inputs, momenta.leaves, "momenta", 0.5)
                 momenta.add(views, alpha=alpha * (mass * (1.0 - decay**2)) ** 0.5)
             return
         like = momenta.leaves
@@ -279,9 +283,16 @@ class System:
         if inputs.hot:
             spread = torch._foreach_sqrt(torch._foreach_mul(mass, torch._foreach_addcmul(
                 [torch.ones_like(d) for d in decay], decay, decay, value=-1.0)))
-            flat_noise, views = inputs.noise.normal(like, "momenta")
-            alpha = _noise_scale(flat_noise, inputs.temperature, 0.5)
+            views, alpha = _draw(inputs, like, "momenta", 0.5)
             momenta.addcmul(spread, views, value=alpha)
+
+
+def _draw(inputs: StepInputs, like: Leaves, key: str, h) -> tuple[Leaves, float]:
+    """``(views, alpha)``: standard normals shaped like ``like`` and the factor making them sqrt(2 T h) ξ."""
+    if isinstance(inputs.temperature, LeafTemperature):  # per-group temperatures: only hot leaves draw
+        return inputs.temperature.draw(inputs.noise, like, key, h)
+    flat_noise, views = inputs.noise.normal(like, key)
+    return views, _noise_scale(flat_noise, inputs.temperature, h)
 
 
 def _noise_scale(flat_noise: torch.Tensor, temperature, h):

@@ -12,6 +12,8 @@ dense_fisher    :math:`\sum_i g_i g_i^\top`               ``log_posterior``     
 diag_ggn        :math:`\mathrm{diag}(J^\top H_\ell J)`    ``forward``, ``outer_log_likelihood``  diagonal
 dense_ggn       :math:`J^\top H_\ell J`                   ``forward``, ``outer_log_likelihood``  dense
 dense_hessian   :math:`-\nabla^2 \log p(\theta \mid B)`   ``log_posterior``                      dense
+low_rank        top-k of Σ_b V_bᵀV_b (GGN roots)          ``forward``, ``outer_log_likelihood``  U, s, λ
+subset          any method on chosen leaves (rest fixed)  ``method_build`` + its arguments       the method's
 ============== ======================================== ====================================== =========
 
 Diagonal states are :class:`~bayesflow.laplace._common.DiagLaplaceState` (``params``, ``prec_diag``,
@@ -32,8 +34,9 @@ Example:
             [0., 2.]])
 """
 
-from bayesflow.laplace import dense_fisher, dense_ggn, dense_hessian, diag_fisher, diag_ggn, kfac
+from bayesflow.laplace import dense_fisher, dense_ggn, dense_hessian, diag_fisher, diag_ggn, kfac, low_rank, subset
 from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState
+from bayesflow.laplace.low_rank import LowRankLaplaceState
 
-__all__ = ["DenseLaplaceState", "DiagLaplaceState", "dense_fisher", "dense_ggn", "dense_hessian", "diag_fisher",
-           "diag_ggn", "kfac"]
+__all__ = ["DenseLaplaceState", "DiagLaplaceState", "LowRankLaplaceState", "dense_fisher", "dense_ggn",
+           "dense_hessian", "diag_fisher", "diag_ggn", "kfac", "low_rank", "subset"]

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from numbers import Real
 
 import torch
 
 from bayesflow.engine import Block, Scalar, SDEConfig, hamiltonian_curl
 from bayesflow.engine import build as engine_build
+from bayesflow.engine.groups import TemperatureGroups
 from bayesflow.tree import tree_map
 from bayesflow.types import Transform
 
@@ -50,8 +52,15 @@ def learning_rate(lr, *, schedule: bool = True):
     return positive("lr", lr, schedule=schedule, per_chain=True)
 
 
-def temperature_value(temperature, *, schedule: bool = True):
-    """``temperature`` checked: a non-negative number, a schedule, or one value per chain."""
+def temperature_value(temperature, *, schedule: bool = True, groups: bool = True):
+    """``temperature`` checked: a non-negative number, a schedule, one value per chain, or (``groups``)
+    a dict ``{parameter-name glob: T}`` of per-group temperatures (:mod:`bayesflow.engine.groups`)."""
+    if isinstance(temperature, Mapping):
+        if not groups:
+            raise ValueError("per-group temperatures (a dict) are not supported by this preset: its operators "
+                             "depend on the temperature as a whole")
+        TemperatureGroups(temperature)  # checked here, at the preset's boundary
+        return dict(temperature)
     return positive("temperature", temperature, allow_zero=True, schedule=schedule, per_chain=True)
 
 
@@ -78,6 +87,8 @@ def injected_temperature(temperature, lr, beta: float, friction: float):
     beta = positive("beta", beta, allow_zero=True)
     if beta == 0.0:
         return temperature
+    if isinstance(temperature, Mapping):
+        raise ValueError("beta > 0 needs one temperature, not per-group temperatures")
     constant = (isinstance(v, torch.Tensor) or not callable(v) for v in (lr, temperature))
     if not all(constant):
         raise ValueError("beta > 0 needs a constant lr and temperature (the noise correction "

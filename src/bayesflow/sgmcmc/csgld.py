@@ -64,7 +64,7 @@ def config(lr: float, cycle_length: int, exploration: float = 0.25, temperature:
     exploration = fraction("exploration", exploration, closed=True)
     return make_config(options,
                        step_size=Cyclical(learning_rate(lr, schedule=False), cycle_length), diffusion=Scalar(1.0),
-                       temperature=Cyclical(temperature_value(temperature, schedule=False), cycle_length,
+                       temperature=Cyclical(temperature_value(temperature, schedule=False, groups=False), cycle_length,
                                             exploration=exploration, floor=0.0, anneal=False),
                        integrator=EulerMaruyama(), weight_decay=positive("weight_decay", weight_decay,
                                                                          allow_zero=True))

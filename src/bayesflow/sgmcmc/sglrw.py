@@ -68,7 +68,7 @@ def config(lr: float | Schedule, temperature: float | Schedule = 1.0, *, weight_
         **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``).
     """
     lr = learning_rate(lr)
-    temperature = temperature_value(temperature)
+    temperature = temperature_value(temperature, groups=False)
     return make_config(options, step_size=lr, diffusion=Scalar(1.0), curl=None, temperature=temperature,
                        integrator=LatticeRandomWalk(), weight_decay=positive("weight_decay", weight_decay,
                                                                              allow_zero=True))

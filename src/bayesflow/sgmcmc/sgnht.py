@@ -89,7 +89,7 @@ def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: 
     lr = learning_rate(lr)
     alpha = positive("alpha", alpha)
     sigma = positive("sigma", sigma)
-    temperature = temperature_value(temperature)
+    temperature = temperature_value(temperature, groups=False)
     beta = positive("beta", beta, allow_zero=True)
     friction = alpha
     if beta != 0.0:
