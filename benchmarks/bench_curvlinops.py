@@ -15,6 +15,7 @@ exact diagonal, only Hutchinson's estimator; bayesflow's per-layer ``diag_ggn.bu
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -52,7 +53,7 @@ def main(argv=None) -> dict:
     widths = (32, 16, 16, 4) if args.quick else (784, 512, 512, 10)
     batch_size, repeats = (16, 2) if args.quick else (128, 5)
     layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(torch.nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(torch.nn.ReLU())

@@ -14,13 +14,20 @@ Baseline: one plain torch training step of the same model and loss (the negative
 * ``bayesflow.laplace.diag_fisher`` (per-sample scores of the log posterior), ``bayesflow.laplace.diag_ggn``
   (``forward`` = the logits, ``outer_log_likelihood`` = minus the mean cross-entropy) and
   ``bayesflow.ekf.diag_fisher`` (the log posterior as its log likelihood, ``lr=1e-3``) update per batch:
-  target ≤ 3× the baseline each.
+  target ≤ 3× the baseline each;
+* their per-layer module routes (``build_for_module(model, outer_log_likelihood)``, the log likelihood
+  summed over the batch: :mod:`bayesflow.utils.layer_curvature`) and ``bayesflow.laplace.kfac``
+  (``fisher_type="ggn"`` and ``"empirical"``, ``prior_prec=1``) update per batch: target ≤ 3× each.
+  posteriors has no such routes (its rows above are the reference for the same precisions). KFAC's GGN
+  costs more than the diagonal GGN: its factor G = Σ g gᵀ of a 512-wide layer is a
+  (512 × 1280) · (1280 × 512) product (10 output columns × 128 rows), 10× a weight gradient.
 
 Every method is used through its public ``build`` / ``init`` / ``update`` (``inplace=True``); posteriors
 0.1.3's same methods are timed in the same interleaved run as reference rows when it is importable.
 Where one call of a contender takes over a second, its comparison runs 3 rounds after 1 warm-up call.
 
-Run: ``python benchmarks/bench_toolkit.py [--quick]``.
+Run: ``python benchmarks/bench_toolkit.py [--quick] [--skip-slow]`` (``--skip-slow`` leaves out the
+torch.func ``laplace.diag_ggn`` rows, ours and posteriors', which take about a minute per call at full size).
 """
 
 from __future__ import annotations
@@ -35,9 +42,9 @@ import torch.nn.functional as F
 
 from common import (
     Row,
-    cli,
     compare,
     fmt_time,
+    markdown_table,
     peak_extra_bytes,
     quiet_import,
     row_ratio,
@@ -134,6 +141,27 @@ def methods(lib, model: torch.nn.Module) -> dict:
     }
 
 
+def module_methods(lib, model: torch.nn.Module) -> dict:
+    """label -> transform factory of bayesflow's per-layer routes for ``nn.Module`` models."""
+
+    def outer_sum(logits, batch):   # the module routes take the log likelihood summed over the batch
+        return -F.cross_entropy(logits, batch[1], reduction="sum")
+
+    return {
+        "laplace.diag_fisher.build_for_module": lambda: lib.laplace.diag_fisher.build_for_module(model, outer_sum),
+        "laplace.diag_ggn.build_for_module": lambda: lib.laplace.diag_ggn.build_for_module(model, outer_sum),
+        "ekf.diag_fisher.build_for_module": lambda: lib.ekf.diag_fisher.build_for_module(model, outer_sum,
+                                                                                         lr=EKF_LR),
+        "laplace.kfac": lambda: lib.laplace.kfac.build(model, outer_sum, prior_prec=1.0),
+        "laplace.kfac (empirical)": lambda: lib.laplace.kfac.build(model, outer_sum, prior_prec=1.0,
+                                                                   fisher_type="empirical"),
+    }
+
+
+SLOW = ("laplace.diag_ggn",)
+"""The rows ``--skip-slow`` leaves out: the Jacobian routes (about a minute per call at full size)."""
+
+
 def _init(lib_name: str, transform, params):
     if lib_name == "bayesflow" and "seed" in inspect.signature(transform.init).parameters:
         return transform.init(params, seed=0)  # randomised transforms: a fixed noise key
@@ -159,7 +187,7 @@ def _load(lib_name: str):
             available(f"posteriors.{sub}")
         return lib
     lib = importlib.import_module("bayesflow")
-    for sub in ("vi.diag", "laplace.diag_fisher", "laplace.diag_ggn", "ekf.diag_fisher"):
+    for sub in ("vi.diag", "laplace.diag_fisher", "laplace.diag_ggn", "laplace.kfac", "ekf.diag_fisher"):
         importlib.import_module(f"bayesflow.{sub}")
     return lib
 
@@ -231,11 +259,14 @@ def _rounds(contenders: dict, kw: dict, slow_s: float) -> dict:
     return {**kw, "repeats": 3, "warmup": 1} if longest > slow_s else kw
 
 
-TARGETS = {"vi.diag": 2.0, "laplace.diag_fisher": 3.0, "laplace.diag_ggn": 3.0, "ekf.diag_fisher": 3.0}
+TARGETS = {"vi.diag": 2.0, "laplace.diag_fisher": 3.0, "laplace.diag_ggn": 3.0, "ekf.diag_fisher": 3.0,
+           "laplace.diag_fisher.build_for_module": 3.0, "laplace.diag_ggn.build_for_module": 3.0,
+           "ekf.diag_fisher.build_for_module": 3.0, "laplace.kfac": 3.0, "laplace.kfac (empirical)": 3.0}
 MEMORY_TARGET = 5.0
 
 
-def run(quick: bool = False, out_dir: Path | None = None, verbose: bool = True) -> list[Row]:
+def run(quick: bool = False, out_dir: Path | None = None, verbose: bool = True, skip_slow: bool = False,
+        ) -> list[Row]:
     cfg = _settings(quick)
     sizes, kw = cfg["sizes"], {"repeats": cfg["repeats"], "block_s": cfg["block_s"], "warmup": cfg["warmup"]}
     size = "-".join(map(str, sizes)) + f", batch {cfg['batch']}"
@@ -254,8 +285,11 @@ def run(quick: bool = False, out_dir: Path | None = None, verbose: bool = True) 
     ours_lib, ref_lib = _load("bayesflow"), _load("posteriors")
     ours_methods = methods(ours_lib, model)
     ref_methods = methods(ref_lib, model) if ref_lib is not None else {}
+    timed = {**ours_methods, **module_methods(ours_lib, model)}
+    if skip_slow:
+        timed = {label: factory for label, factory in timed.items() if label not in SLOW}
 
-    for label, factory in ours_methods.items():
+    for label, factory in timed.items():
         contenders = {"torch": torch_training_step(sizes, batch), "ours": updater("bayesflow", factory, model, batch)}
         if label in ref_methods:
             contenders["posteriors"] = updater("posteriors", ref_methods[label], model, batch)
@@ -302,7 +336,14 @@ def run(quick: bool = False, out_dir: Path | None = None, verbose: bool = True) 
 
 
 def main(argv=None):
-    cli(run, __doc__.splitlines()[0], argv)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    parser.add_argument("--skip-slow", action="store_true", help=f"leave out the slow rows {SLOW}")
+    args = parser.parse_args(argv)
+    print(markdown_table(run(args.quick, args.out, skip_slow=args.skip_slow)))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,6 @@ Example:
     (tensor([0.4000]), tensor([[0.2000]]))
 """
 
-from bayesflow.ekf import dense_fisher, diag_fisher
+from bayesflow.ekf import dense_fisher, diag_fisher, module_diag
 
-__all__ = ["dense_fisher", "diag_fisher"]
+__all__ = ["dense_fisher", "diag_fisher", "module_diag"]

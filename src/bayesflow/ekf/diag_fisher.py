@@ -16,6 +16,10 @@ descent in trajectory space"): the precision only grows with data. Where every s
 touches one coordinate (independent coordinates) the empirical Fisher is diagonal and this filter is
 exactly :mod:`bayesflow.ekf.dense_fisher` with a diagonal covariance.
 
+For an ``nn.Module`` model, :func:`build_for_module` runs this filter on its ``torch.nn.Linear`` layers
+with the per-sample squares from one forward and one backward pass (:mod:`bayesflow.ekf.module_diag`)
+instead of a per-sample Jacobian.
+
 Example:
     >>> import torch
     >>> from bayesflow.ekf import diag_fisher
@@ -44,7 +48,7 @@ from bayesflow.tree import flatten, tree_map
 from bayesflow.tree_utils import tree_insert_
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
 
-__all__ = ["EKFDiagState", "build", "init", "sample", "update"]
+__all__ = ["EKFDiagState", "build", "build_for_module", "init", "sample", "update"]
 
 
 @record
@@ -255,3 +259,7 @@ def sample(state: EKFDiagState, sample_shape: torch.Size = torch.Size([]),  # no
     return tree_map(lambda mu, sd: mu + sd * torch.randn(sample_shape + mu.shape, generator=generator,
                                                          dtype=mu.dtype, device=mu.device),
                     state.params, state.sd_diag)
+
+
+# The per-layer route for nn.Module models builds on this module's state and init, so it is imported last.
+from bayesflow.ekf.module_diag import build_for_module  # noqa: E402

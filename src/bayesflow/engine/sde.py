@@ -29,8 +29,8 @@ import torch
 from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.context import Context
-from bayesflow.engine.groups import LeafTemperature, TemperatureGroups
 from bayesflow.engine.gradients import autograd_gradient, caller_gradient, vmapped_gradient
+from bayesflow.engine.groups import LeafTemperature, TemperatureGroups
 from bayesflow.engine.layout import Layout
 from bayesflow.engine.noise import INIT, STEP
 from bayesflow.engine.rollback import refused, restore, snapshot

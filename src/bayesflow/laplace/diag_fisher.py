@@ -13,6 +13,10 @@ of the gradient), one backward pass per sample. With ``per_sample=True`` it retu
 sample, and the per-sample gradients are its Jacobian (``torch.func.jacrev``: one backward pass of the
 whole batch per sample, so prefer ``per_sample=False`` where the function vmaps).
 
+For an ``nn.Module`` model :func:`build_for_module` gives the same precision for its ``torch.nn.Linear``
+layers from one forward and one backward pass (:mod:`bayesflow.laplace.module_diag`): use it where the
+log posterior is a module's log likelihood.
+
 Example:
     >>> import torch
     >>> from bayesflow.laplace import diag_fisher
@@ -45,12 +49,13 @@ from bayesflow.laplace._common import (
     split_output,
     vector_value,
 )
+from bayesflow.laplace.module_diag import build_fisher_for_module as build_for_module
 from bayesflow.laplace.sampling import diag_sample as sample
 from bayesflow.tree import tree_map
 from bayesflow.types import LogProbFn, TensorTree, Transform
 from bayesflow.utils import CatchAuxError, per_samplify
 
-__all__ = ["DiagLaplaceState", "build", "init", "per_sample_scores", "sample", "update"]
+__all__ = ["DiagLaplaceState", "build", "build_for_module", "init", "per_sample_scores", "sample", "update"]
 
 _ONE_SAMPLE_HINT = ("; with per_sample=False it is called on one sample at a time and must return the log "
                     "posterior of that sample as one number (pass per_sample=True if it returns a vector of "

@@ -10,7 +10,9 @@ Around parameters :math:`\mu` (a MAP estimate) the posterior is approximated by
 ``forward`` being :math:`f` (the model output, not reduced over the batch) and ``outer_log_likelihood``
 :math:`\log p(y \mid z)` (see :mod:`bayesflow.laplace.dense_ggn`). Computed by
 :func:`bayesflow.utils.diag_ggn`, which never forms the ``(d, d)`` matrix; the diagonal is a tree shaped
-like the parameters.
+like the parameters. For an ``nn.Module`` model :func:`build_for_module` gives the same diagonal for
+its ``torch.nn.Linear`` layers exactly, per layer, without forming a Jacobian
+(:mod:`bayesflow.laplace.module_diag`).
 
 Example:
     >>> import torch
@@ -41,12 +43,13 @@ from bayesflow.laplace._common import (
     init_diag,
     likelihood_terms,
 )
+from bayesflow.laplace.module_diag import build_ggn_for_module as build_for_module
 from bayesflow.laplace.sampling import diag_sample as sample
 from bayesflow.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
 from bayesflow.utils import CatchAuxError
 from bayesflow.utils import diag_ggn as ggn_diagonal
 
-__all__ = ["DiagLaplaceState", "build", "init", "sample", "update"]
+__all__ = ["DiagLaplaceState", "build", "build_for_module", "init", "sample", "update"]
 
 
 def build(forward: ForwardFn, outer_log_likelihood: OuterLogProbFn, init_prec_diag: TensorTree | float = 0.0,

@@ -36,7 +36,8 @@ every datum) ``"ggn"`` is exact *in total* for any number of data: :math:`N A \o
 \sum_n \tilde a_n \tilde a_n^\top \otimes H_\ell`.
 
 Accumulation uses forward hooks on the Linear modules and one backward pass (``"empirical"``) or one
-batched backward pass (``"ggn"``) through the captured layer outputs: no per-sample Jacobians. It
+batched backward pass (``"ggn"``) through the captured layer outputs: no per-sample Jacobians (the
+machinery of :mod:`bayesflow.utils.layer_curvature`, shared with the diagonal module routes). It
 assumes that the log likelihood is a sum over data (rows) that do not interact (no batch norm) and that
 each Linear layer is called once per forward, on ``(batch, features)`` inputs. Parameters outside the
 Linear layers are held at their MAP values (they are returned unchanged by :func:`sample`).
@@ -70,8 +71,16 @@ import torch
 
 from bayesflow.laplace._common import check_callable, scalar_value
 from bayesflow.laplace.kfac_posterior import KFACLaplaceState, _key, precision_dense, sample
-from bayesflow.tree import flatten
 from bayesflow.types import Transform
+from bayesflow.utils.layer_curvature import (
+    backward_columns,
+    check_batch_rows,
+    default_input,
+    forward_capture,
+    hessian_root,
+    linear_layers,
+    output_hessian,
+)
 
 __all__ = ["FISHER_TYPES", "KFACLaplaceState", "build", "init", "precision_dense", "sample", "update"]
 
@@ -80,13 +89,7 @@ FISHER_TYPES = ("ggn", "empirical")
 
 
 def _linear_layers(model: Any) -> dict[str, torch.nn.Linear]:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    if not layers:
-        raise ValueError(f"model ({type(model).__name__}) has no torch.nn.Linear layer (KFAC here covers "
-                         "Linear layers only)")
-    return layers
+    return linear_layers(model, "KFAC")
 
 
 def _check_prior(prior_prec: Any) -> float:
@@ -97,13 +100,6 @@ def _check_prior(prior_prec: Any) -> float:
     if not (math.isfinite(prior_prec) and prior_prec >= 0):
         raise ValueError(f"prior_prec must be a finite non-negative precision, got {prior_prec!r}")
     return float(prior_prec)
-
-
-def _default_input(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    raise TypeError(f"batch must be a tuple (inputs, targets, ...) whose first item is the model's input, got "
-                    f"{type(batch).__name__}; pass input_fn to build to say how to get the input from a batch")
 
 
 def build(model: torch.nn.Module, outer_log_likelihood: Callable[[torch.Tensor, Any], torch.Tensor],
@@ -195,45 +191,6 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, prior_prec: fl
                             zero.clone(), zero.clone())
 
 
-def _forward_capture(state: KFACLaplaceState, model: torch.nn.Module, inputs: Any,
-                     layers: dict[str, torch.nn.Linear]):
-    """The model's output at ``state.params`` and, per Linear layer, its input (detached) and output."""
-    captured: dict[str, list] = {name: [] for name in layers}
-
-    def hook(name, module, args, output):
-        captured[name].append((args[0], output))
-
-    handles = [layer.register_forward_hook(partial(hook, name)) for name, layer in layers.items()]
-    params = {key: value.detach().requires_grad_(True) for key, value in state.params.items()}
-    try:
-        with torch.enable_grad():
-            output = torch.func.functional_call(model, params, (inputs,))
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"the model must return a tensor output (e.g. logits), got {type(output).__name__}")
-    for name, calls in captured.items():
-        if len(calls) != 1:
-            raise ValueError(f"the Linear layer {name!r} was called {len(calls)} times in one forward; KFAC here "
-                             "needs each Linear layer called exactly once")
-        if calls[0][0].ndim != 2:
-            raise ValueError(f"the Linear layer {name!r} got an input of shape {tuple(calls[0][0].shape)}; KFAC "
-                             "here needs (batch, features) inputs")
-    return output, {name: calls[0] for name, calls in captured.items()}
-
-
-def _check_batch(batch: Any, n: int, output: torch.Tensor) -> None:
-    if output.ndim == 0 or output.shape[0] != n:
-        raise ValueError(f"the model's output has shape {tuple(output.shape)}, but its Linear layers saw {n} rows "
-                         "of data: the output's leading dimension must be the batch")
-    leaves, _ = flatten(batch)
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0 and leaf.shape[0] != n:
-            raise ValueError(f"mismatched batch: a batch tensor has shape {tuple(leaf.shape)}, but the model's "
-                             f"input has {n} rows (every batch tensor's leading dimension must be {n})")
-
-
 def update(state: KFACLaplaceState, batch: Any, model: torch.nn.Module,
            outer_log_likelihood: Callable[[torch.Tensor, Any], torch.Tensor], fisher_type: str = "ggn",
            input_fn: Callable[[Any], Any] | None = None, inplace: bool = False) -> tuple[KFACLaplaceState, Any]:
@@ -274,32 +231,18 @@ def update(state: KFACLaplaceState, batch: Any, model: torch.nn.Module,
     missing = sorted(set(layers) ^ set(state.A))
     if missing:
         raise ValueError(f"the state's layers {sorted(state.A)} are not the model's Linear layers {sorted(layers)}")
-    inputs = (input_fn or _default_input)(batch)
-    output, captured = _forward_capture(state, model, inputs, layers)
+    inputs = (input_fn or default_input)(batch)
+    output, captured = forward_capture(model, state.params, inputs, layers, "KFAC")
     n = next(iter(captured.values()))[0].shape[0]
-    _check_batch(batch, n, output)
+    check_batch_rows(batch, n, output)
     outs = [captured[name][1] for name in layers]
     with torch.enable_grad():
         loss = -scalar_value("outer_log_likelihood", outer_log_likelihood(output, batch),
                              " (sum the log likelihood over the batch)")
         if fisher_type == "empirical":
-            grads = torch.autograd.grad(loss, outs, allow_unused=True)
-            grads = [None if g is None else g.unsqueeze(0) for g in grads]   # (1, n, out)
-        else:
-            flat = output.reshape(n, -1)
-            dz = flat.shape[1]
-            (dloss,) = torch.autograd.grad(loss, output, create_graph=True)
-            basis = torch.eye(dz, dtype=flat.dtype, device=flat.device).unsqueeze(1).expand(dz, n, dz)
-            hess = None
-            if dloss.requires_grad:   # else ℓ is linear in the output: H = 0
-                (hess,) = torch.autograd.grad(dloss, output, basis.reshape(dz, *output.shape),
-                                              is_grads_batched=True, retain_graph=True, allow_unused=True)
-            hess = torch.zeros_like(basis) if hess is None else hess.reshape(dz, n, dz)
-            hess = hess.permute(1, 2, 0)   # (n, dz, dz): H_n[i, c] = ∂² ℓ / ∂z_i ∂z_c
-            values, vectors = torch.linalg.eigh(0.5 * (hess + hess.mT))
-            root = vectors * values.clamp(min=0).sqrt().unsqueeze(-2)   # R_n R_nᵀ = H_n
-            cotangent = root.permute(2, 0, 1).reshape(dz, *output.shape)   # column c of every R_n
-            grads = torch.autograd.grad(output, outs, cotangent, is_grads_batched=True, allow_unused=True)
+            grads = torch.autograd.grad(loss, outs, allow_unused=True)   # (n, out) each
+        else:   # the columns of R_n R_nᵀ = H_n: Σ_c g_c g_cᵀ = J_sᵀ H J_s
+            grads = backward_columns(output, outs, hessian_root(output_hessian(loss, output)).permute(2, 0, 1))
     m = torch.as_tensor(n, dtype=torch.int64)
     total = state.num_data + m
     new_A, new_G = {}, {}

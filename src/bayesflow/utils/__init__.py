@@ -12,7 +12,10 @@ implementations are bayesflow's.
 - :mod:`~bayesflow.utils.linalg`: conjugate gradients :func:`cg`, :func:`L_from_flat`, :func:`L_to_flat`;
 - :mod:`~bayesflow.utils.gaussian`: :func:`diag_normal_log_prob`, :func:`diag_normal_sample`;
 - :mod:`~bayesflow.utils.linearized`: :func:`linearized_forward_diag`;
-- :mod:`~bayesflow.utils.moments`: :func:`cumulative_mean_and_cov`.
+- :mod:`~bayesflow.utils.moments`: :func:`cumulative_mean_and_cov`;
+- :mod:`~bayesflow.utils.layer_curvature`: exact per-layer diagonal Fisher/GGN of ``nn.Linear`` layers
+  (forward hooks and one batched backward pass, no per-sample gradients), shared with KFAC (a module
+  of its own, outside posteriors' names).
 
 Example:
     >>> import torch
