@@ -21,6 +21,10 @@ For ``nn.Module`` models, ``diag_fisher.build_for_module`` and ``diag_ggn.build_
 layer by layer from forward hooks and one (batched) backward pass — no per-sample gradients, no
 Jacobian — at about one training step per batch instead of posteriors' hundreds.
 
+:mod:`~bayesflow.laplace.marglik`: the Laplace evidence :func:`log_marginal_likelihood` and
+:func:`optimize_prior_precision` (MacKay's fixed point or Adam on log λ; scalar, per leaf or per
+Linear layer) for diagonal, dense and KFAC states.
+
 Diagonal states are :class:`~bayesflow.laplace._common.DiagLaplaceState` (``params``, ``prec_diag``,
 ``step``), dense ones :class:`~bayesflow.laplace._common.DenseLaplaceState` (``params``, ``prec``,
 ``step``). Beyond posteriors: dense sampling works for any parameter tree and leaf shapes and on any
@@ -40,18 +44,21 @@ Example:
 """
 
 from bayesflow.laplace import (
-                               dense_fisher,
-                               dense_ggn,
-                               dense_hessian,
-                               diag_fisher,
-                               diag_ggn,
-                               kfac,
-                               low_rank,
-                               module_diag,
-                               subset,
+    dense_fisher,
+    dense_ggn,
+    dense_hessian,
+    diag_fisher,
+    diag_ggn,
+    kfac,
+    low_rank,
+    marglik,
+    module_diag,
+    subset,
 )
 from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState
 from bayesflow.laplace.low_rank import LowRankLaplaceState
+from bayesflow.laplace.marglik import log_marginal_likelihood, optimize_prior_precision
 
 __all__ = ["DenseLaplaceState", "DiagLaplaceState", "LowRankLaplaceState", "dense_fisher", "dense_ggn",
-           "dense_hessian", "diag_fisher", "diag_ggn", "kfac", "low_rank", "module_diag", "subset"]
+           "dense_hessian", "diag_fisher", "diag_ggn", "kfac", "log_marginal_likelihood", "low_rank", "marglik",
+           "module_diag", "optimize_prior_precision", "subset"]
