@@ -4,6 +4,8 @@ covariance, and the errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -120,7 +122,7 @@ def test_one_datum_empirical_is_the_exact_empirical_fisher():
                                rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("fisher_type", kfac.FISHER_TYPES)
+@pytest.mark.parametrize("fisher_type", ["ggn", "empirical"])   # "mc" draws new numbers per batch
 @pytest.mark.parametrize("inplace", [False, True])
 def test_batches_accumulate_to_the_full_data_pass(fisher_type, inplace):
     model = _mlp(4)
@@ -186,7 +188,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         kfac.build(lambda x: x, _cross_entropy)
     with pytest.raises(ValueError, match="fisher_type"):
-        kfac.build(model, _cross_entropy, fisher_type="mc")
+        kfac.build(model, _cross_entropy, fisher_type="sampled")
+    with pytest.raises(ValueError, match="mc_samples must be a positive integer"):
+        kfac.build(model, _cross_entropy, fisher_type="mc", mc_samples=0)
     with pytest.raises(ValueError, match="prior_prec"):
         kfac.build(model, _cross_entropy, prior_prec=-1.0)
     with pytest.raises(ValueError, match="has no 'bias'"):
@@ -208,3 +212,37 @@ def test_bad_inputs_raise_clear_errors():
         kfac.sample(state)
     with pytest.raises(ValueError, match="are not the model's Linear layers"):
         kfac.update(state, (torch.randn(2, 2), torch.zeros(2, dtype=torch.long)), twice, _cross_entropy)
+
+
+def test_mc_is_an_unbiased_estimate_of_the_ggn_factor():
+    """E[R ε εᵀ Rᵀ] = H: G of "mc" averages to G of "ggn" (A is the same); the error is Monte-Carlo's."""
+    torch.manual_seed(3)
+    model = _mlp(4)
+    x, y = torch.randn(6, 3, dtype=DTYPE), torch.randint(0, 3, (6,))
+    exact = _fit(model, (x, y), _cross_entropy, fisher_type="ggn")
+    transform = kfac.build(model, _cross_entropy, fisher_type="mc", mc_samples=4)
+    draws = [transform.update(transform.init(_params(model), seed=seed), (x, y))[0] for seed in range(400)]
+    for name in exact.G:
+        torch.testing.assert_close(draws[0].A[name], exact.A[name], rtol=1e-12, atol=1e-14)
+        stack = torch.stack([d.G[name] for d in draws])
+        error = (stack.mean(0) - exact.G[name]).abs()
+        se = stack.std(0) / math.sqrt(len(draws))
+        assert bool((error <= 5 * se + 1e-12).all())
+        assert float((stack[0] - exact.G[name]).abs().max()) > 1e-3   # one draw is not the GGN
+
+
+def test_mc_draws_come_from_the_state():
+    """The same state gives the same factors (a checkpoint resumes them); another seed or step differs."""
+    model = _mlp(4)
+    x, y = torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,))
+    transform = kfac.build(model, _cross_entropy, fisher_type="mc")
+    state = transform.init(_params(model), seed=7)
+    one, _ = transform.update(state, (x, y))
+    two, _ = transform.update(state, (x, y))
+    other, _ = transform.update(transform.init(_params(model), seed=8), (x, y))
+    later, _ = transform.update(one, (x, y))
+    assert torch.equal(one.G["0"], two.G["0"])
+    assert not torch.equal(one.G["0"], other.G["0"])
+    assert not torch.equal(later.G["0"] * 2 - one.G["0"], one.G["0"])   # step 1 drew new numbers
+    with pytest.raises(ValueError, match="noise key"):
+        transform.update(state._replace(rng=None), (x, y))

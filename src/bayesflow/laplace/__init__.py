@@ -25,6 +25,10 @@ Jacobian — at about one training step per batch instead of posteriors' hundred
 :func:`optimize_prior_precision` (MacKay's fixed point or Adam on log λ; scalar, per leaf or per
 Linear layer) for diagonal, dense and KFAC states.
 
+Predictives (laplace-torch's): :mod:`~bayesflow.laplace.predictive` — :func:`glm_predictive` (the
+linearised predictive with the probit or an MC link), :func:`mc_predictive` and
+:func:`predictive_samples` (parameter draws, chunked), for diagonal, dense and KFAC states.
+
 Diagonal states are :class:`~bayesflow.laplace._common.DiagLaplaceState` (``params``, ``prec_diag``,
 ``step``), dense ones :class:`~bayesflow.laplace._common.DenseLaplaceState` (``params``, ``prec``,
 ``step``). Beyond posteriors: dense sampling works for any parameter tree and leaf shapes and on any
@@ -53,12 +57,15 @@ from bayesflow.laplace import (
     low_rank,
     marglik,
     module_diag,
+    predictive,
     subset,
 )
 from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState
 from bayesflow.laplace.low_rank import LowRankLaplaceState
 from bayesflow.laplace.marglik import log_marginal_likelihood, optimize_prior_precision
+from bayesflow.laplace.predictive import glm_predictive, mc_predictive, predictive_samples
 
 __all__ = ["DenseLaplaceState", "DiagLaplaceState", "LowRankLaplaceState", "dense_fisher", "dense_ggn",
-           "dense_hessian", "diag_fisher", "diag_ggn", "kfac", "log_marginal_likelihood", "low_rank", "marglik",
-           "module_diag", "optimize_prior_precision", "subset"]
+           "dense_hessian", "diag_fisher", "diag_ggn", "glm_predictive", "kfac", "log_marginal_likelihood", "low_rank",
+           "marglik", "mc_predictive", "module_diag", "optimize_prior_precision", "predictive", "predictive_samples",
+           "subset"]

@@ -36,6 +36,7 @@ class _KFACFields(NamedTuple):
     prior_prec: torch.Tensor
     num_data: torch.Tensor
     step: torch.Tensor
+    rng: torch.Tensor | None = None
 
 
 @record
@@ -50,6 +51,8 @@ class KFACLaplaceState(_KFACFields):
         prior_prec: :math:`\lambda`, a 0-d tensor.
         num_data: :math:`N`, the number of data accumulated (an int64 0-d tensor).
         step: the number of batches accumulated (an int64 0-d tensor).
+        rng: the noise key of ``fisher_type="mc"`` (int64, on the CPU): batch ``step``'s draws are a
+            function of the key and the step alone (:mod:`bayesflow.engine.noise`).
 
     Example:
         >>> import torch

@@ -11,7 +11,8 @@ implementations are bayesflow's.
   :func:`empirical_fisher`; :mod:`~bayesflow.utils.gauss_newton`: the dense :func:`ggn` and :func:`diag_ggn`;
 - :mod:`~bayesflow.utils.linalg`: conjugate gradients :func:`cg`, :func:`L_from_flat`, :func:`L_to_flat`;
 - :mod:`~bayesflow.utils.gaussian`: :func:`diag_normal_log_prob`, :func:`diag_normal_sample`;
-- :mod:`~bayesflow.utils.linearized`: :func:`linearized_forward_diag`;
+- :mod:`~bayesflow.utils.linearized`: :func:`linearized_forward_diag` and (beyond posteriors)
+  :func:`linearized_forward_dense`;
 - :mod:`~bayesflow.utils.moments`: :func:`cumulative_mean_and_cov`;
 - :mod:`~bayesflow.utils.layer_curvature`: exact per-layer diagonal Fisher/GGN of ``nn.Linear`` layers
   (forward hooks and one batched backward pass, no per-sample gradients), shared with KFAC (a module
@@ -41,7 +42,7 @@ from bayesflow.utils.functional import (
 from bayesflow.utils.gauss_newton import diag_ggn, ggn
 from bayesflow.utils.gaussian import diag_normal_log_prob, diag_normal_sample
 from bayesflow.utils.linalg import L_from_flat, L_to_flat, cg
-from bayesflow.utils.linearized import linearized_forward_diag
+from bayesflow.utils.linearized import linearized_forward_dense, linearized_forward_diag
 from bayesflow.utils.moments import cumulative_mean_and_cov
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "ggnvp",
     "hvp",
     "is_scalar",
+    "linearized_forward_dense",
     "linearized_forward_diag",
     "model_to_function",
     "per_samplify",
