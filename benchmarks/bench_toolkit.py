@@ -261,7 +261,11 @@ def _rounds(contenders: dict, kw: dict, slow_s: float) -> dict:
     return {**kw, "repeats": 3, "warmup": 1} if longest > slow_s else kw
 
 
-TARGETS = {"vi.diag": 2.0, "laplace.diag_fisher": 3.0, "laplace.diag_ggn": 3.0, "ekf.diag_fisher": 3.0,
+# The issue's ≤ 3× curvature targets are for nn.Module models: the per-layer routes (build_for_module,
+# kfac). The torch.func routes of arbitrary log posteriors (posteriors' route: per-sample gradients by
+# vmap, the whole Jacobian for the GGN) stay in the table as references beside posteriors', no target.
+GENERIC_NOTE = "torch.func route (any log posterior; posteriors' route) — for nn.Module use build_for_module"
+TARGETS = {"vi.diag": 2.0, "laplace.diag_fisher": None, "laplace.diag_ggn": None, "ekf.diag_fisher": None,
            "laplace.diag_fisher.build_for_module": 3.0, "laplace.diag_ggn.build_for_module": 3.0,
            "ekf.diag_fisher.build_for_module": 3.0, "laplace.kfac": 3.0, "laplace.kfac (empirical)": 3.0,
            "laplace.kfac (mc, 1 sample)": 3.0}
@@ -301,7 +305,8 @@ def run(quick: bool = False, out_dir: Path | None = None, verbose: bool = True, 
         times = res["times"]
         ratio, note = row_ratio(res, "ours", "torch")
         rows.append(Row(f"`{label}` update per batch", size, times["ours"]["median_s"], times["torch"]["median_s"],
-                        ratio, target(TARGETS[label]), baseline_name="torch Adam step", note=note))
+                        ratio, target(TARGETS[label]), baseline_name="torch Adam step",
+                        note="; ".join(n for n in (note, GENERIC_NOTE if TARGETS[label] is None else "") if n)))
         msg = f"{label}: {fmt_time(times['ours']['median_s'])} vs torch {fmt_time(times['torch']['median_s'])}" \
               f" -> {ratio:.2f}x {note}"
         if "posteriors" in contenders:
