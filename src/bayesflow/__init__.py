@@ -3,11 +3,27 @@
 ``import bayesflow`` makes every method family available, as ``import posteriors`` does:
 ``bayesflow.sgmcmc`` (samplers), ``bayesflow.optim`` (optimizers at T = 0, and posteriors'
 ``optim.build`` around torch.optim), ``bayesflow.torchopt``, ``bayesflow.vi``, ``bayesflow.laplace``,
-``bayesflow.ekf``, ``bayesflow.ensemble``, ``bayesflow.engine``; posteriors' utilities and tree
-helpers are top-level names too.
+``bayesflow.ekf``, ``bayesflow.ensemble``, ``bayesflow.engine``, and beyond posteriors
+``bayesflow.predictive`` (TU = AU + EU, OOD scores), ``bayesflow.metrics`` and ``bayesflow.continual``
+(posteriors as priors); posteriors' utilities and tree helpers are top-level names too.
 """
 
-from bayesflow import ekf, engine, ensemble, laplace, optim, sgmcmc, torchopt, tree_utils, types, utils, vi
+from bayesflow import (
+    continual,
+    ekf,
+    engine,
+    ensemble,
+    laplace,
+    metrics,
+    optim,
+    predictive,
+    sgmcmc,
+    torchopt,
+    tree_utils,
+    types,
+    utils,
+    vi,
+)
 from bayesflow.engine import SDEConfig, SDEState, build
 from bayesflow.tree import load_state_dict, state_dict
 from bayesflow.tree_utils import (
@@ -57,6 +73,7 @@ __all__ = [
     "Transform",
     "build",
     "cg",
+    "continual",
     "cumulative_mean_and_cov",
     "diag_ggn",
     "diag_normal_log_prob",
@@ -79,9 +96,11 @@ __all__ = [
     "laplace",
     "linearized_forward_diag",
     "load_state_dict",
+    "metrics",
     "model_to_function",
     "optim",
     "per_samplify",
+    "predictive",
     "sgmcmc",
     "state_dict",
     "torchopt",

@@ -6,13 +6,14 @@ from bayesflow.ensemble.diagnostics import ess, rhat
 from bayesflow.ensemble.moments import MomentsState, running_moments
 from bayesflow.ensemble.plots import plot_sweep, trace_plot
 from bayesflow.ensemble.summary import format_summary, summary, to_inference_data
-from bayesflow.ensemble.sweep import expected_calibration_error, sweep
+from bayesflow.ensemble.sweep import sweep
 from bayesflow.ensemble.temperature import (
     configurational_temperature,
     configurational_terms,
     kinetic_temperature,
     virial_temperature,
 )
+from bayesflow.metrics import expected_calibration_error  # re-exported: one implementation, shared
 
 __all__ = [
     "MomentsState",

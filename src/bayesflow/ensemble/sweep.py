@@ -6,7 +6,8 @@ posterior predictive :math:`\bar p(y|x) = \frac1S\sum_s p(y|x,θ_s)`, from which
 
 * log-likelihood :math:`\frac1n\sum_i \log \bar p(y_i|x_i)`,
 * accuracy of :math:`\arg\max_y \bar p(y|x)`,
-* expected calibration error (ECE, 15 equal-width confidence bins).
+* expected calibration error (ECE, 15 equal-width confidence bins:
+  :func:`bayesflow.metrics.expected_calibration_error`).
 
 With ``common_random_numbers`` replica j of every temperature shares one starting point and one noise
 stream, so the differences between temperatures are not swamped by Monte-Carlo noise (two equal
@@ -39,10 +40,11 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from bayesflow.ensemble.chains import lift, replicate
+from bayesflow.metrics import expected_calibration_error
 from bayesflow.tree import tree_map
 from bayesflow.types import TensorTree, Transform
 
-__all__ = ["expected_calibration_error", "sweep"]
+__all__ = ["sweep"]
 
 
 def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTree, train: Iterable,
@@ -136,24 +138,6 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
             "predictive": probs,
         })
     return rows
-
-
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    r"""ECE: :math:`\sum_b \frac{|B_b|}{n} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|` over confidence bins.
-
-    Example:
-        >>> import torch
-        >>> from bayesflow.ensemble import expected_calibration_error
-        >>> probs = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.25, 0.75]])
-        >>> expected_calibration_error(probs, torch.tensor([0, 1, 1]))  # (|2 - 2 · 0.75| + |0 - 0.5|) / 3
-        0.3333333333333333
-    """
-    confidence, predicted = probs.max(-1)
-    correct = (predicted == labels).double()
-    index = (confidence * bins).long().clamp(max=bins - 1)
-    accuracy = torch.bincount(index, weights=correct, minlength=bins)
-    confident = torch.bincount(index, weights=confidence.double(), minlength=bins)
-    return ((accuracy - confident).abs().sum() / max(len(labels), 1)).item()
 
 
 def _epochs(train: Iterable):
