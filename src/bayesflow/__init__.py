@@ -5,7 +5,9 @@
 ``optim.build`` around torch.optim), ``bayesflow.torchopt``, ``bayesflow.vi``, ``bayesflow.laplace``,
 ``bayesflow.ekf``, ``bayesflow.ensemble``, ``bayesflow.engine``, and beyond posteriors
 ``bayesflow.predictive`` (TU = AU + EU, OOD scores), ``bayesflow.metrics`` and ``bayesflow.continual``
-(posteriors as priors); posteriors' utilities and tree helpers are top-level names too.
+(posteriors as priors), ``bayesflow.integrations`` (``as_optimizer``: any transform as a
+``torch.optim.Optimizer``; Lightning, Hugging Face, pyro); posteriors' utilities and tree helpers are
+top-level names too.
 """
 
 from bayesflow import (
@@ -13,6 +15,7 @@ from bayesflow import (
     ekf,
     engine,
     ensemble,
+    integrations,
     laplace,
     metrics,
     optim,
@@ -25,6 +28,7 @@ from bayesflow import (
     vi,
 )
 from bayesflow.engine import SDEConfig, SDEState, build
+from bayesflow.integrations import EngineOptimizer, as_optimizer
 from bayesflow.tree import load_state_dict, state_dict
 from bayesflow.tree_utils import (
     extract_requires_grad,
@@ -64,6 +68,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CatchAuxError",
+    "EngineOptimizer",
     "L_from_flat",
     "L_to_flat",
     "LogProbFn",
@@ -71,6 +76,7 @@ __all__ = [
     "SDEState",
     "TensorTree",
     "Transform",
+    "as_optimizer",
     "build",
     "cg",
     "continual",
@@ -92,6 +98,7 @@ __all__ = [
     "inplacify",
     "insert_requires_grad",
     "insert_requires_grad_",
+    "integrations",
     "is_scalar",
     "laplace",
     "linearized_forward_diag",

@@ -1,0 +1,507 @@
+r"""``as_optimizer``: any engine transform — sampler or optimizer — as a ``torch.optim.Optimizer``.
+
+The face reads the gradients torch left in ``p.grad`` and advances the parameters in place through
+the engine's ``step(state, grads, inplace=True)``, so everything that works on ``.grad`` keeps working:
+AMP's ``GradScaler`` (it unscales before calling ``step``), gradient clipping, DDP's reduced
+gradients, gradient accumulation, Lightning's and Hugging Face's training loops.
+
+**Sign and scale.** torch minimises a loss; the engine ascends the per-datum log posterior ℓ
+(posteriors' convention). The face passes ∇ℓ = −``p.grad``, i.e. it reads the loss as
+
+.. math::
+    \mathrm{loss}(θ) = -ℓ(θ) = -\frac1N \Big(\sum_{i=1}^N \log p(y_i \mid θ) + \log p(θ)\Big)
+    \quad\text{(the mean negative log likelihood plus the prior's share)},
+
+and runs :math:`dz = -[D+Q]\nabla H\,dt + TΓ\,dt + \sqrt{2TD}\,dW` with :math:`H = \mathrm{loss} +` kinetic
+terms. Its stationary law is :math:`\propto \exp(-\mathrm{loss}/T)`: **T = 1/N samples the Bayesian
+posterior**, T = 0 is the preset's optimizer (``bayesflow.optim.adam.build`` at T = 0 *is*
+``torch.optim.Adam``, step for step). A loss summed over the data set takes ``num_data=N`` (the engine
+divides the gradient by N), with the same T = 1/N.
+
+**Param groups** carry ``lr``, ``temperature`` and every preset option (``momentum``, ``alpha``,
+``betas``, ...); each group is one engine transform with its own state and noise key. Changes to a
+group's options are picked up at the next ``step`` (``torch.optim.lr_scheduler`` writes
+``group["lr"]``; write ``group["temperature"]`` to schedule T): when only the engine's step size h
+and temperature change (SG-MCMC samplers, SGD and RMSprop without momentum) the transform is kept
+and two live values are updated; presets whose operators depend on lr (SGD with momentum, Adam,
+AdamW, RMSprop with momentum: h = √lr·…) rebuild their transform, keeping the state. There the
+momenta are rescaled so that the velocity per unit of lr, :math:`h M^{-1} m / \mathrm{lr}` — torch's
+momentum buffer at T = 0 — is unchanged: a scheduled face equals the scheduled torch.optim
+optimizer (for the samplers h = lr and nothing is rescaled).
+
+**Params with ``grad`` None** are skipped as torch skips them: they do not move, their momenta and
+preconditioner statistics stay as they are (no friction, no noise, no decay), and their state is
+created the first time they get a gradient. The group's step counter (the noise index, Adam's bias
+corrections) counts the group's steps, where torch counts each parameter's own: a parameter that
+has a gradient at every step, or never, is treated exactly as by torch.
+
+**Checkpoints.** ``state_dict()`` is torch's: per-parameter ``momenta`` and preconditioner
+statistics under ``state``, and per group an ``"engine"`` entry with the step count, the noise key
+(``rng``), the thermostat and the last log posterior. Noise is a function of (key, step) alone, so
+``load_state_dict`` → ``step`` continues the trajectory bitwise, random stream included. As with
+torch.optim, ``state_dict()`` holds references to the live tensors: save it (``torch.save``) or
+deep-copy it before stepping on.
+
+**One gradient per step.** Integrators that need ∇ℓ at a second point of the step (BAOAB and OBABO
+also need it at the end: first same as last) are refused at construction; use ``sgmcmc.sghmc``,
+``sgmcmc.baoa`` or drive those transforms with ``update(state, batch)`` and a ``log_posterior``.
+
+Example (SGHMC sampling a Bayesian linear regression inside an ordinary torch loop):
+    >>> import torch, bayesflow
+    >>> from bayesflow.integrations import as_optimizer
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(64, 3, generator=generator)
+    >>> y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(64, 1, generator=generator)
+    >>> model = torch.nn.Linear(3, 1)
+    >>> optimizer = as_optimizer(bayesflow.sgmcmc.sghmc.build, model.parameters(), lr=0.05, alpha=1.0,
+    ...                          temperature=1 / 64, seed=0)       # T = 1/N: the posterior
+    >>> for _ in range(300):
+    ...     optimizer.zero_grad()
+    ...     loss = 0.5 * ((model(x) - y) ** 2).mean() / 0.1**2   # −ℓ per datum (flat prior)
+    ...     loss.backward()
+    ...     optimizer.step()
+    >>> torch.allclose(model.weight, torch.tensor([[1.0, -2.0, 0.5]]), atol=0.1)
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from dataclasses import fields, replace
+
+import torch
+
+from bayesflow.engine import SDEConfig, SDEState
+from bayesflow.engine import build as engine_build
+from bayesflow.engine.noise import mix
+from bayesflow.engine.operators import Scalar
+from bayesflow.engine.preconditioners import Preconditioned
+
+__all__ = ["EngineOptimizer", "as_optimizer"]
+
+ENGINE = "engine"
+"""The param-group key holding the group's engine state (step, noise key, thermostat, ...)."""
+
+RESERVED = frozenset({"params", "name", "param_names", ENGINE, "initial_lr", "differentiable"})
+"""Group keys that are not preset options (torch's, the schedulers', and ours)."""
+
+_STRUCTURE = tuple(f.name for f in fields(SDEConfig) if f.name not in ("step_size", "temperature", "recipe"))
+_PROBE_SHAPES = (torch.Size([1]), torch.Size([2]), torch.Size([3]))
+
+
+def _never_called(params, batch):
+    raise RuntimeError("an optimizer face is driven by .grad (engine step); it never evaluates a log posterior")
+
+
+class _Live:
+    """A schedule the face rewrites: the step size or temperature of a group's current options."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, step: int) -> float:
+        value = self.value
+        return value(step) if callable(value) else value
+
+    def __repr__(self):
+        return f"Live({self.value!r})"
+
+
+def _same(a, b) -> bool:
+    """Option values compared without tensor truthiness (a tensor counts as changed unless identical)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def _same_structure(a: SDEConfig, b: SDEConfig) -> bool:
+    try:
+        return all(getattr(a, name) == getattr(b, name) for name in _STRUCTURE)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _momentum_scale(config: SDEConfig, lr):
+    """c = lr·s/h with s the mass's scale: the engine's momenta are -c × torch's momentum buffer."""
+    h = config.step_size
+    if "momenta" not in config.components or not _real(h) or not _real(lr) or h == 0:
+        return None
+    mass = config.mass
+    scale = mass.value if isinstance(mass, Scalar) else mass.scale if isinstance(mass, Preconditioned) else 1.0
+    return float(lr) * scale / h
+
+
+# ----- per-parameter pieces of the preconditioner state --------------------------------------------
+class _PerParam:
+    """A list with one tensor per parameter, stored under ``name`` in each parameter's state."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+
+class _Shared:
+    """A tensor of the whole group, stored under ``name`` in the group's engine state."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+
+def _template(tree, shapes, path: str):
+    if isinstance(tree, (list, tuple)) and len(tree) == len(shapes) and all(
+            isinstance(t, torch.Tensor) and t.shape == s for t, s in zip(tree, shapes)):
+        return _PerParam(path)
+    if isinstance(tree, (list, tuple)):
+        children = [_template(t, shapes, f"{path}.{i}") for i, t in enumerate(tree)]
+        return type(tree)(*children) if hasattr(tree, "_fields") else type(tree)(children)
+    return _Shared(path) if isinstance(tree, torch.Tensor) else tree
+
+
+def _assemble(node, states: list, shared: dict):
+    if isinstance(node, _PerParam):
+        return [s[node.name] for s in states]
+    if isinstance(node, _Shared):
+        return shared[node.name]
+    if isinstance(node, (list, tuple)):
+        children = [_assemble(child, states, shared) for child in node]
+        return type(node)(*children) if hasattr(node, "_fields") else type(node)(children)
+    return node
+
+
+def _store(node, tree, states: list, shared: dict) -> None:
+    if isinstance(node, _PerParam):
+        name = node.name
+        for s, t in zip(states, tree):
+            if s.get(name) is not t:
+                s[name] = t
+    elif isinstance(node, _Shared):
+        shared[node.name] = tree
+    elif isinstance(node, (list, tuple)):
+        for child, sub in zip(node, tree):
+            _store(child, sub, states, shared)
+
+
+# ----- one param group ---------------------------------------------------------------------------
+class _GroupEngine:
+    """The engine transform of one param group, rebuilt only when its options change the SDE's structure."""
+
+    def __init__(self, builder, names: tuple):
+        self.builder, self.names = builder, names
+        self.values = self.config = self.transform = self.engine = self.template = None
+        self.step_size = self.temperature = self.momentum_scale = None
+        self.components, self.rebuilds = (), 0
+
+    def configure(self, group: dict, index: int) -> None:
+        values = [group[name] for name in self.names]
+        if self.values is not None and all(map(_same, values, self.values)):
+            return
+        options = dict(zip(self.names, values))
+        transform = _preset(self.builder, options, index)
+        config = transform.config
+        if self.engine is not None and _same_structure(config, self.config):
+            self.step_size.value, self.temperature.value = config.step_size, config.temperature
+        else:  # the operators changed (or first use): a new transform whose h and T are live values
+            self.step_size, self.temperature = _Live(config.step_size), _Live(config.temperature)
+            self.engine = engine_build(_never_called, replace(config, step_size=self.step_size,
+                                                              temperature=self.temperature))
+            self.template = None
+            self.rebuilds += 1
+        self.config, self.transform, self.values = config, transform, values
+        self.components = config.components
+        self.momentum_scale = _momentum_scale(config, options.get("lr"))
+
+    def preconditioner_template(self, like: torch.Tensor):
+        """Which parts of the preconditioner state are per parameter (read off a three-leaf probe)."""
+        if self.template is None:
+            probe = [torch.zeros(s, dtype=like.dtype, device=like.device) for s in _PROBE_SHAPES]
+            state = engine_build(_never_called, self.config).init(probe, seed=0)
+            self.template = _template(state.preconditioner, _PROBE_SHAPES, "preconditioner")
+        return self.template
+
+
+def _preset(builder, options: dict, index: int):
+    """``builder(log_posterior, **options)``, checked to be a single-chain, one-gradient engine transform."""
+    name = getattr(builder, "__module__", "") + "." + getattr(builder, "__name__", repr(builder))
+    try:
+        transform = builder(_never_called, **options)
+    except TypeError as error:
+        raise TypeError(f"param group {index}: {name}: {error}") from error
+    except ValueError as error:
+        raise ValueError(f"param group {index}: {name}: {error}") from error
+    config = getattr(transform, "config", None)
+    if not isinstance(config, SDEConfig) or getattr(transform, "step", None) is None:
+        raise TypeError(f"builder must return an engine transform (e.g. bayesflow.sgmcmc.sghmc.build, "
+                        f"bayesflow.optim.adam.build); {name} returned {type(transform).__name__}")
+    if getattr(transform, "chains", None) is not None:
+        raise ValueError(f"{name} built {transform.chains} chains; an optimizer face advances one chain")
+    integrator = config.integrator
+    if not integrator.evaluates_at_start() or integrator.caches_gradient:
+        raise ValueError(f"{name} integrates with {integrator!r}, which needs ∇ℓ at a second point of each step; "
+                         "an optimizer receives one gradient per step (.grad). Use a one-gradient sampler "
+                         "(sgmcmc.sghmc, sgmcmc.baoa, sgmcmc.sgld, ...) or drive this transform with "
+                         "update(state, batch)")
+    for what, value in (("lr", config.step_size), ("temperature", config.temperature)):
+        if isinstance(value, torch.Tensor):
+            raise ValueError(f"param group {index}: {what} of one value per chain is not supported by an optimizer "
+                             "face (one chain); give a number")
+    return transform
+
+
+def _builder_defaults(builder) -> dict:
+    """The builder's keyword defaults (``momentum=0.0``, ...): every option appears in the groups."""
+    try:
+        parameters = list(inspect.signature(builder).parameters.values())[1:]  # after log_posterior
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters
+            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _log_posterior_value(loss, like: torch.Tensor):
+    if isinstance(loss, torch.Tensor) and loss.is_floating_point() and loss.numel() == 1:
+        return loss.detach().reshape(()).to(like.dtype).neg()
+    if _real(loss):
+        return torch.tensor(-float(loss), dtype=like.dtype, device=like.device)
+    return None
+
+
+class EngineOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that steps an engine transform per param group (see the module docstring).
+
+    Build it with :func:`as_optimizer`. ``param_groups[i]`` holds ``lr``, ``temperature`` and the preset's
+    options (read at every ``step``) and, once stepped, its ``"engine"`` state; ``state[p]`` holds p's
+    ``momenta`` and preconditioner statistics.
+    """
+
+    def __init__(self, builder, params, lr, temperature=None, *, seed: int | None = None, **preset_kwargs):
+        if not callable(builder):
+            raise TypeError(f"builder must be a preset's build function (e.g. bayesflow.sgmcmc.sghmc.build), "
+                            f"got {type(builder).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self._builder, self._seed, self._slots = builder, seed, []
+        defaults = {**_builder_defaults(builder), **preset_kwargs, "lr": lr}
+        if temperature is not None:
+            defaults["temperature"] = temperature
+        super().__init__(params, defaults)
+
+    # ----- groups ----------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, then the group's transform is built (its options checked)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict with 'params', got {type(param_group).__name__}")
+        index = len(self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_params(group["params"], index)
+            slot = _GroupEngine(self._builder, tuple(name for name in group if name not in RESERVED))
+            slot.configure(group, index)
+        except BaseException:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+        self._slots.append(slot)
+
+    # ----- the step --------------------------------------------------------------------------------
+    def step(self, closure=None):
+        """One engine step per param group with ∇ℓ = -``p.grad`` (torch's contract: ``closure``
+        re-evaluates the loss, which is returned; with a closure the state records -loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            for index, (group, slot) in enumerate(zip(self.param_groups, self._slots)):
+                self._step_group(index, group, slot, loss)
+        return loss
+
+    def _step_group(self, index: int, group: dict, slot: _GroupEngine, loss) -> None:
+        active = [p for p in group["params"] if p.grad is not None]
+        if not active:
+            return
+        slot.configure(group, index)
+        states = self.state
+        fresh = [p for p in active if p not in states]  # (a defaultdict: `in` does not create entries)
+        if fresh:
+            self._initialize(index, group, slot, fresh)
+        engine = _placed(group[ENGINE], active[0])
+        momenta = "momenta" in slot.components
+        if ("momenta" in engine["components"]) != momenta:
+            raise ValueError(f"param group {index}: its options changed the extended state from "
+                             f"{engine['components']} to {slot.components} mid-run (e.g. momentum set "
+                             "to 0); keep the state's components or build a new optimizer")
+        if momenta:
+            self._rescale_momenta(group, slot, engine)
+        per = [states[p] for p in active]
+        template = slot.preconditioner_template(active[0])
+        state = SDEState(
+            params=active, momenta=[s["momenta"] for s in per] if momenta else None, xi=engine["xi"],
+            log_posterior=engine["log_posterior"], step=engine["step"],
+            preconditioner=_assemble(template, per, engine), gradient=(), rng=engine["rng"],
+            rejected=engine["rejected"])
+        grads = list(torch._foreach_neg([p.grad for p in active]))  # the engine ascends ∇ℓ = -∇loss
+        value = None if loss is None else _log_posterior_value(loss, active[0])
+        new = slot.engine.step(state, grads, inplace=True, log_posterior=value)
+        if momenta and new.momenta is not state.momenta:
+            for s, m in zip(per, new.momenta):
+                s["momenta"] = m
+        _store(template, new.preconditioner, per, engine)
+        for name in ("xi", "log_posterior", "step", "rejected"):
+            engine[name] = getattr(new, name)
+
+    def _initialize(self, index: int, group: dict, slot: _GroupEngine, params: list) -> None:
+        """State for parameters stepped for the first time (the whole group's on its first step)."""
+        engine = group.get(ENGINE)
+        if engine is None:
+            seed = None if self._seed is None else self._seed + index
+        else:  # parameters that get their first gradient later: a fresh, reproducible momenta draw
+            seed = mix((int(engine["rng"]) ^ (int(engine["step"]) << 20)) & ((1 << 64) - 1)) >> 2
+        state = slot.transform.init(list(params), seed=seed)
+        per = [self.state[p] for p in params]
+        if state.momenta is not None:
+            for s, m in zip(per, state.momenta):
+                s["momenta"] = m
+        shared: dict = {}
+        _store(slot.preconditioner_template(params[0]), state.preconditioner, per, shared)
+        if engine is None:
+            rejected = state.rejected if state.rejected is not None else torch.zeros_like(state.step)
+            group[ENGINE] = {"step": state.step, "rng": state.rng, "rejected": rejected,
+                             "log_posterior": state.log_posterior, "xi": state.xi,
+                             "components": slot.components, "momentum_scale": slot.momentum_scale,
+                             **shared}
+
+    def _rescale_momenta(self, group: dict, slot: _GroupEngine, engine: dict) -> None:
+        """Keep h·M⁻¹m/lr (torch's momentum buffer) when lr, and with it h, changed (see the module docstring)."""
+        scale, saved = slot.momentum_scale, engine.get("momentum_scale")
+        if scale is None or saved is None or scale == saved:
+            if saved is None:
+                engine["momentum_scale"] = scale
+            return
+        momenta = [s["momenta"] for s in map(self.state.get, group["params"]) if s and "momenta" in s]
+        torch._foreach_mul_(momenta, scale / saved)
+        engine["momentum_scale"] = scale
+
+    # ----- bookkeeping -----------------------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update(_builder=self._builder, _seed=self._seed, _names=[slot.names for slot in self._slots])
+        return state
+
+    def __setstate__(self, state):
+        names = state.pop("_names", None)
+        super().__setstate__(state)
+        if names is not None:  # unpickled or deep-copied: the transforms are rebuilt from the groups
+            self._slots = [_GroupEngine(self._builder, tuple(n)) for n in names]
+            for index, (group, slot) in enumerate(zip(self.param_groups, self._slots)):
+                slot.configure(group, index)
+
+    def __repr__(self):
+        name = getattr(self._builder, "__module__", "") + "." + getattr(self._builder, "__name__", "")
+        lines = [f"{type(self).__name__}({name})"]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {key}: {group[key]}" for key in sorted(group) if key not in ("params", ENGINE)]
+        return "\n".join(lines)
+
+
+def _check_params(params: list, index: int) -> None:
+    dtypes, devices = set(), set()
+    for i, p in enumerate(params):
+        if not p.is_floating_point():
+            raise TypeError(f"param group {index}: parameter {i} has dtype {p.dtype}; parameters must be "
+                            "floating point")
+        dtypes.add(p.dtype)
+        devices.add(p.device)
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(f"param group {index} mixes dtypes {sorted(map(str, dtypes))} / devices "
+                         f"{sorted(map(str, devices))}; one engine transform steps one dtype on one device: "
+                         "put the parameters in separate param groups")
+
+
+def _placed(engine: dict, like: torch.Tensor) -> dict:
+    """The group's engine state where the engine expects it (a loaded or device-moved checkpoint)."""
+    for name in ("step", "rng", "rejected"):
+        if engine[name].device.type != "cpu":
+            engine[name] = engine[name].cpu()
+    for name in ("log_posterior", "xi"):
+        t = engine[name]
+        if t is not None and (t.device != like.device or t.dtype != like.dtype):
+            engine[name] = t.to(device=like.device, dtype=like.dtype)
+    return engine
+
+
+def as_optimizer(builder, params, lr, temperature=None, *, seed: int | None = None,
+                 **preset_kwargs) -> EngineOptimizer:
+    r"""A ``torch.optim.Optimizer`` that advances ``params`` with the engine transform ``builder`` makes.
+
+    One step of param group g is the preset's engine step with the caller's gradient,
+
+    .. math::
+        z_{t+1} = \Phi_{h_g, T_g}(z_t;\ \nabla ℓ = -\texttt{p.grad}), \qquad
+        \mathrm{loss} = -ℓ \ \text{(per datum)},
+
+    so T = 1/num_data samples the posterior and T = 0 is the preset's optimizer (equal to its
+    torch.optim namesake step for step). See :mod:`bayesflow.integrations.optimizer` for the
+    conventions: schedulers, skipped parameters, checkpoints.
+
+    Args:
+        builder: a preset's ``build(log_posterior, lr, ..., temperature=...)``: ``bayesflow.sgmcmc.X.build``
+            (sgld, sghmc, psgld, sgnht, baoa, adam_sghmc, csgld, csghmc, sglrw) or
+            ``bayesflow.optim.X.build`` (sgd, rmsprop, adam, adamw).
+        params: an iterable of tensors or of param-group dicts (torch's convention); each group may set
+            its own ``lr``, ``temperature`` and preset options. A group's tensors share one dtype and device.
+        lr: the preset's ``lr`` (its learning rate; the engine's h is a function of it).
+        temperature: T; None takes the preset's default (1.0 for samplers: give 1/num_data to sample the
+            posterior of a per-datum loss; 0.0 for the optimizers).
+        seed: the noise key of group i is derived from ``seed + i``; None draws it from torch's global
+            generator (under DDP give the same seed on every rank, or seed torch identically).
+        **preset_kwargs: the preset's other options (``momentum``, ``alpha``, ``betas``, ``weight_decay``,
+            ``num_data``, ``check_finite``, ...), defaults of every group.
+
+    Returns:
+        An :class:`EngineOptimizer` (``step(closure=None)``, ``zero_grad``, ``param_groups``,
+        ``state_dict``/``load_state_dict``, ``add_param_group``).
+
+    Raises:
+        TypeError: ``builder`` is not a preset builder; an unknown option; non-tensor or non-floating
+            parameters.
+        ValueError: an invalid option value (negative lr, ...), an integrator that needs two gradients
+            per step (BAOAB, OBABO), per-chain values, a group mixing dtypes or devices.
+
+    Example (at T = 0 the face is torch.optim.SGD with momentum, step for step):
+        >>> import copy, torch, bayesflow
+        >>> from bayesflow.integrations import as_optimizer
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> ours = torch.nn.Linear(4, 2).double()
+        >>> theirs = copy.deepcopy(ours)
+        >>> x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+        >>> face = as_optimizer(bayesflow.optim.sgd.build, ours.parameters(), lr=0.1, momentum=0.9)
+        >>> reference = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+        >>> scheduler = torch.optim.lr_scheduler.StepLR(face, step_size=5, gamma=0.5)
+        >>> reference_scheduler = torch.optim.lr_scheduler.StepLR(reference, step_size=5, gamma=0.5)
+        >>> for _ in range(20):
+        ...     for model, optimizer in ((ours, face), (theirs, reference)):
+        ...         optimizer.zero_grad()
+        ...         torch.nn.functional.mse_loss(model(x), y).backward()
+        ...         optimizer.step()
+        ...     scheduler.step(); reference_scheduler.step()
+        >>> torch.allclose(ours.weight, theirs.weight, rtol=1e-12, atol=0)
+        True
+    """
+    return EngineOptimizer(builder, params, lr, temperature, seed=seed, **preset_kwargs)
