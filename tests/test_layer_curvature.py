@@ -205,7 +205,7 @@ def test_bad_inputs_raise_clear_errors():
     for build in builders:
         with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
             build(lambda x: x, loglik)
-        with pytest.raises(ValueError, match=r"no torch\.nn\.Linear layer"):
+        with pytest.raises(ValueError, match=r"no torch\.nn\.Linear or torch\.nn\.Conv2d layer"):
             build(torch.nn.Sequential(torch.nn.Tanh()), loglik)
         with pytest.raises(TypeError, match="outer_log_likelihood must be a function"):
             build(model, None)
@@ -252,3 +252,137 @@ def test_input_fn_and_a_dict_batch():
     torch.testing.assert_close(output, model(x).detach())
     with pytest.raises(ValueError, match="mismatched batch"):
         ours.update(state, {"x": x, "y": y[:2]})
+
+
+# ------------------------------------------------------------------------------------------------
+# Conv2d layers: the patch route against the same torch.func routes
+
+
+class SmallCNN(torch.nn.Module):
+    """Conv2d (stride 2, padding 1) + ReLU + Conv2d (non-square kernel, dilation, "same" circular padding)
+    + ReLU + Flatten + Linear; ``heads=2`` stacks two Linear heads as TwoHeads does (indefinite H_ℓ)."""
+
+    def __init__(self, bias=True, outputs=4, heads=1):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=bias)
+        self.conv2 = torch.nn.Conv2d(3, 2, (2, 3), padding="same", dilation=(1, 2), padding_mode="circular",
+                                     bias=bias)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(2 * 3 * 3, outputs, bias=bias) for _ in range(heads))
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(1)
+        out = [head(h) for head in self.heads]
+        return out[0] if len(out) == 1 else torch.stack(out, dim=1)
+
+
+def _cnn_case(name, seed=0, n=6):
+    torch.manual_seed(seed)
+    x = torch.randn(n, 2, 6, 6, dtype=DTYPE)
+    if name == "cross_entropy":
+        return SmallCNN().to(DTYPE), _cross_entropy, (x, torch.randint(0, 4, (n,)))
+    if name == "gaussian_no_bias":
+        return SmallCNN(bias=False, outputs=2).to(DTYPE), _gaussian, (x, torch.randn(n, 2, dtype=DTYPE))
+    return SmallCNN(outputs=1, heads=2).to(DTYPE), _squeezed_heteroscedastic, (x, torch.randn(n, dtype=DTYPE))
+
+
+def _squeezed_heteroscedastic(z, batch):   # z (n, 2, 1): mean and log variance heads
+    return _heteroscedastic(z.squeeze(-1), batch)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_diagonals_equal_the_torch_func_routes(case):
+    model, loglik, batch = _cnn_case(case)
+    params = _params(model)
+    fisher = diag_fisher.build_for_module(model, loglik, init_prec_diag=0.5)
+    ref_fisher = diag_fisher.build(_log_posterior(model, loglik), init_prec_diag=0.5)
+    ggn_ = diag_ggn.build_for_module(model, loglik)
+    ref_ggn = diag_ggn.build(_forward(model), loglik)
+    states = [t.init(_params(model)) for t in (fisher, ref_fisher, ggn_, ref_ggn)]
+    for part in _split(batch):
+        states = [t.update(s, part, inplace=k == 0)[0] for k, (t, s) in
+                  enumerate(zip((fisher, ref_fisher, ggn_, ref_ggn), states))]
+    _assert_trees_close(states[0].prec_diag, states[1].prec_diag)
+    _assert_trees_close(states[2].prec_diag, states[3].prec_diag)
+    assert states[0].prec_diag["conv1.weight"].shape == params["conv1.weight"].shape == (3, 2, 3, 3)
+    # the weight is shared over positions: squares per position (positions taken as data, the Linear
+    # formula on the patches) would be another diagonal, and the tolerance tells them apart
+    result = layer_diagonal(model, params, batch, loglik, with_gradient=True)
+    patches = torch.nn.functional.unfold(batch[0], 3, padding=1, stride=2)   # conv1's (n, 18, 9)
+    s = torch.nn.functional.conv2d(batch[0], params["conv1.weight"], params.get("conv1.bias"), 2, 1)
+    s = s.detach().requires_grad_(True)
+    rest = {k: v for k, v in params.items() if not k.startswith("conv1.")}
+
+    def from_conv1(s_):   # the model from conv1's output on
+        h = torch.relu(functional_call(model.conv2, {k[6:]: v for k, v in rest.items() if k.startswith("conv2.")},
+                                       (torch.relu(s_),))).flatten(1)
+        heads = [functional_call(head, {k.split(".", 2)[2]: v for k, v in rest.items()
+                                        if k.startswith(f"heads.{i}.")}, (h,)) for i, head in enumerate(model.heads)]
+        return heads[0] if len(heads) == 1 else torch.stack(heads, dim=1)
+
+    (g,) = torch.autograd.grad(loglik(from_conv1(s), batch), s)
+    g = g.flatten(2)   # (n, 3, 9)
+    per_position = torch.einsum("nol,ndl->od", g.square(), patches.square()).reshape(3, 2, 3, 3)
+    per_sample = torch.einsum("nol,ndl->nod", g, patches).square().sum(0).reshape(3, 2, 3, 3)
+    torch.testing.assert_close(result.diagonal["conv1.weight"], per_sample, **TOL)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(result.diagonal["conv1.weight"], per_position, **TOL)
+
+
+@pytest.mark.parametrize("case", ["cross_entropy", "two_heads"])
+def test_conv_ekf_equals_the_jacobian_route(case):
+    model, loglik, batch = _cnn_case(case, seed=2)
+    kwargs = {"lr": 2.0, "transition_sd": 0.1, "init_sds": 0.5}
+    ours = ekf_diag_fisher.build_for_module(model, loglik, **kwargs)
+    ref = ekf_diag_fisher.build(_log_posterior(model, loglik), **kwargs)
+    state, ref_state = ours.init(_params(model)), ref.init(_params(model))
+    for part in _split(batch):
+        state, _ = ours.update(state, part)
+        ref_state, _ = ref.update(ref_state, part)
+    _assert_trees_close(state.params, ref_state.params)
+    _assert_trees_close(state.sd_diag, ref_state.sd_diag)
+
+
+def test_conv_diagonal_chunks_and_patches(monkeypatch):
+    """Any chunking of the data gives the same diagonal; the patches reproduce each padding as Conv2d pads."""
+    from bayesflow.utils import conv_curvature
+
+    model, loglik, batch = _cnn_case("cross_entropy", seed=3)
+    whole = layer_diagonal(model, _params(model), batch, loglik, "ggn").diagonal
+    monkeypatch.setattr(conv_curvature, "_CHUNK_ELEMENTS", 100)   # one datum at a time
+    _assert_trees_close(layer_diagonal(model, _params(model), batch, loglik, "ggn").diagonal, whole)
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 7, 6, dtype=DTYPE)
+    settings = [{"padding": 0}, {"padding": (2, 1), "stride": (2, 3)}, {"padding": "same", "dilation": 2},
+                {"padding": "valid", "stride": 2}, {"padding": 1, "padding_mode": "reflect"},
+                {"padding": (1, 2), "padding_mode": "replicate", "dilation": (2, 1)},
+                {"padding": "same", "padding_mode": "circular"}]
+    for kernel in [(3, 3), (2, 4)]:
+        for setting in settings:
+            layer = torch.nn.Conv2d(3, 4, kernel, bias=False, **setting).to(DTYPE)
+            patches = conv_curvature.conv_patches(layer, x)
+            out = layer(x)
+            torch.testing.assert_close((layer.weight.reshape(4, -1) @ patches).reshape(out.shape), out, **TOL)
+
+
+def test_conv_errors_and_uncovered_layers():
+    torch.manual_seed(5)
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    grouped = grouped.to(DTYPE)
+    batch = (torch.randn(3, 2, 4, 4, dtype=DTYPE), torch.randint(0, 2, (3,)))
+    transform = diag_ggn.build_for_module(grouped, _cross_entropy)
+    with pytest.raises(ValueError, match=r"the Conv2d layer '0' has groups=2; .* groups=1 only"):
+        transform.init(_params(grouped))
+    # left out of params, the grouped convolution is held at its value; the Linear head is covered
+    head = {k: v for k, v in _params(grouped).items() if k.startswith("2.")}
+    state, _ = transform.update(transform.init(head), batch)
+    ref_state, _ = diag_ggn.build(_forward(grouped), _cross_entropy).update(diag_ggn.init(head), batch)
+    _assert_trees_close(state.prec_diag, ref_state.prec_diag)
+    conv1d = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2)).to(DTYPE)
+    with pytest.raises(ValueError, match=r"params\['0.weight'\] is not the weight or bias of a torch.nn.Linear or "
+                                         r"torch.nn.Conv2d layer"):
+        diag_fisher.build_for_module(conv1d, _cross_entropy).init(_params(conv1d))
+    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 1, 3), torch.nn.Flatten(0), torch.nn.Linear(4, 2)).to(DTYPE)
+    with pytest.raises(ValueError, match=r"Conv2d layer '0' got an input of shape \(2, 4, 4\); .*"
+                                         r"\(batch, channels, height, width\)"):   # unbatched
+        diag_fisher.build_for_module(conv, _cross_entropy).update(
+            diag_fisher.init(_params(conv)), (torch.randn(2, 4, 4, dtype=DTYPE), torch.zeros(1, dtype=torch.long)))

@@ -119,7 +119,7 @@ def test_groups_with_different_temperatures_and_psgld():
 
 
 def test_bad_group_configurations():
-    with pytest.raises(ValueError, match="no temperature pattern matches the parameter 'body.weight'"):
+    with pytest.raises(ValueError, match=r"no temperature pattern matches the parameter 'body\.weight'"):
         sgld.build(_separable, lr=0.1, temperature={"head.*": 1.0}).init(_params())
     with pytest.raises(ValueError, match=r"temperature\['head.\*'\] must be a finite non-negative"):
         sgld.build(_separable, lr=0.1, temperature={"head.*": -1.0, "*": 0.0})

@@ -1,4 +1,5 @@
-r"""The diagonal extended Kalman filter of an ``nn.Module``'s Linear layers, its Fisher computed per layer.
+r"""The diagonal extended Kalman filter of an ``nn.Module``'s Linear and Conv2d layers, its Fisher computed
+per layer.
 
 The filter of :mod:`bayesflow.ekf.diag_fisher` (same state, predict and update steps),
 
@@ -8,10 +9,11 @@ The filter of :mod:`bayesflow.ekf.diag_fisher` (same state, predict and update s
     \mu' = \mu + ε\, \sigma'^2 \odot \tfrac1n \textstyle\sum_i g_i,
 
 with :math:`g_i = \nabla_\theta \log p(y_i \mid x_i, \theta)|_\mu` for the weights and biases of the
-model's ``torch.nn.Linear`` layers. The per-sample squares come from one forward and one backward pass
-(:mod:`bayesflow.utils.layer_curvature`: :math:`\sum_i (g_i a_i^\top)^{\odot 2} = (g^{\odot 2})^\top
-a^{\odot 2}`) instead of a per-sample Jacobian. Build through
-:func:`bayesflow.ekf.diag_fisher.build_for_module`.
+model's ``torch.nn.Linear`` and ``torch.nn.Conv2d`` (``groups=1``) layers. The per-sample squares come
+from one forward and one backward pass (:mod:`bayesflow.utils.layer_curvature`: :math:`\sum_i (g_i
+a_i^\top)^{\odot 2} = (g^{\odot 2})^\top a^{\odot 2}` for a Linear weight, :math:`\sum_i (\sum_l
+g_{i,l} a_{i,l}^\top)^{\odot 2}` over the patches of a Conv2d weight) instead of a per-sample
+Jacobian. Build through :func:`bayesflow.ekf.diag_fisher.build_for_module`.
 
 Example:
     >>> import torch
@@ -39,7 +41,8 @@ from bayesflow.ekf.diag_fisher import init as init_diag
 from bayesflow.tree import flatten
 from bayesflow.tree_utils import tree_insert_
 from bayesflow.types import Schedule, TensorTree, Transform
-from bayesflow.utils.layer_curvature import layer_diagonal, linear_layers, linear_params
+from bayesflow.utils.layer_capture import covered_layers, curvature_layers
+from bayesflow.utils.layer_curvature import layer_diagonal
 
 __all__ = ["build_for_module", "init", "update"]
 
@@ -49,15 +52,16 @@ OuterLogLikelihood = Callable[[torch.Tensor, Any], torch.Tensor]
 def build_for_module(model: torch.nn.Module, outer_log_likelihood: OuterLogLikelihood, lr: float | Schedule,
                      transition_sd: float = 0.0, init_sds: TensorTree | float = 1.0,
                      input_fn: Callable[[Any], Any] | None = None) -> Transform:
-    r"""The diagonal EKF transform of a module's Linear layers (the update of :mod:`bayesflow.ekf.diag_fisher`).
+    r"""The diagonal EKF transform of a module's Linear/Conv2d layers (the update of
+    :mod:`bayesflow.ekf.diag_fisher`).
 
     ``update(state, batch, inplace=False)`` returns ``(state, output)``, output the model's (detached)
     output on the batch; ``state.log_likelihood`` is the batch's mean per-sample log likelihood at the
     previous mean, as in :func:`bayesflow.ekf.diag_fisher.update`.
 
     Args:
-        model: a ``torch.nn.Module`` with ``torch.nn.Linear`` layers (each called once per forward, on
-            ``(batch, features)`` inputs).
+        model: a ``torch.nn.Module`` with ``torch.nn.Linear`` / ``torch.nn.Conv2d`` (``groups=1``) layers,
+            each called once per forward, on ``(batch, features)`` / ``(batch, channels, height, width)`` inputs.
         outer_log_likelihood: ``outer_log_likelihood(output, batch)``, the log likelihood summed over
             the batch (a scalar), rows independent.
         lr: the inverse temperature ε of each update (a number ≥ 0 or a schedule ``step -> ε``).
@@ -66,13 +70,13 @@ def build_for_module(model: torch.nn.Module, outer_log_likelihood: OuterLogLikel
         input_fn: ``input_fn(batch)``, the model's input; ``batch[0]`` when None.
 
     Returns:
-        A :class:`~bayesflow.types.Transform`; ``init(params)`` takes a dict of Linear weights and biases
-        by ``named_parameters`` key and gives an :class:`~bayesflow.ekf.diag_fisher.EKFDiagState`.
+        A :class:`~bayesflow.types.Transform`; ``init(params)`` takes a dict of Linear/Conv2d weights and
+        biases by ``named_parameters`` key and gives an :class:`~bayesflow.ekf.diag_fisher.EKFDiagState`.
 
     Raises:
-        TypeError / ValueError: at build, not a Module, no Linear layer, a bad ``lr`` or ``transition_sd``;
-            at init, a parameter outside a Linear layer; at update, a non-scalar log likelihood, a batch
-            row mismatch, a layer called twice.
+        TypeError / ValueError: at build, not a Module, no Linear/Conv2d layer, a bad ``lr`` or
+            ``transition_sd``; at init, a parameter outside a covered layer or of a grouped Conv2d; at
+            update, a non-scalar log likelihood, a batch row mismatch, a layer called twice.
 
     Example:
         >>> import torch
@@ -82,7 +86,7 @@ def build_for_module(model: torch.nn.Module, outer_log_likelihood: OuterLogLikel
             ...
         ValueError: lr must be a finite number ≥ 0 (the inverse temperature of each update), got -1.0
     """
-    linear_layers(model)
+    curvature_layers(model)
     if not callable(outer_log_likelihood):
         raise TypeError(f"outer_log_likelihood must be a function, got {type(outer_log_likelihood).__name__}")
     check_lr(lr)
@@ -99,13 +103,14 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, init_sds: Tens
     """The initial state :math:`\\mathcal N(\\text{params}, \\operatorname{diag}(\\text{init\\_sds}^2))`.
 
     Args:
-        params: a dict of the model's Linear weights and biases by ``named_parameters`` key (kept as
+        params: a dict of the model's Linear/Conv2d weights and biases by ``named_parameters`` key (kept as
             given, so that ``inplace`` updates change these tensors).
         model: the module.
         init_sds: as in :func:`bayesflow.ekf.diag_fisher.init`.
 
     Raises:
-        TypeError / ValueError: a key that is no Linear weight or bias of the model, a wrong shape, bad sds.
+        TypeError / ValueError: a key that is no Linear/Conv2d weight or bias of the model, a wrong shape,
+            a grouped Conv2d, bad sds.
 
     Example:
         >>> import torch
@@ -113,7 +118,7 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, init_sds: Tens
         >>> module_diag.init({"bias": torch.zeros(1)}, torch.nn.Linear(2, 1), init_sds=0.5).sd_diag
         {'bias': tensor([0.5000])}
     """
-    linear_params(model, params)
+    covered_layers(model, params)
     return init_diag(params, init_sds)
 
 

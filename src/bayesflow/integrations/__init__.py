@@ -5,6 +5,9 @@
   Lightning, the Hugging Face Trainer and ``torch.optim.lr_scheduler`` work unchanged).
 * :mod:`bayesflow.integrations.lightning`: a Lightning callback that collects posterior samples and
   running moments of the parameters (needs ``lightning``; imported on first use).
+* :mod:`bayesflow.integrations.pyro`: a pyro model as a per-datum log posterior in unconstrained space;
+  :mod:`bayesflow.integrations.transformers`: Hugging Face causal LMs and peft LoRA adapters as log
+  posteriors (both import their package only when called).
 
 The integration packages (lightning, transformers, peft, pyro) are optional extras
 (``pip install bayesflow[integrations]``), never runtime dependencies.
@@ -27,6 +30,8 @@ from bayesflow.integrations.optimizer import EngineOptimizer, as_optimizer
 __all__ = ["EngineOptimizer", "as_optimizer"]  # (SampleCollector and lightning load lazily: not star-imported)
 
 _LAZY = {"lightning": ("bayesflow.integrations.lightning", None),
+         "pyro": ("bayesflow.integrations.pyro", None),
+         "transformers": ("bayesflow.integrations.transformers", None),
          "SampleCollector": ("bayesflow.integrations.lightning", "SampleCollector")}
 
 

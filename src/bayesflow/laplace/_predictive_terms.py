@@ -51,7 +51,7 @@ def _kfac_covariance(state: KFACLaplaceState, layers: dict[str, tuple[torch.Tens
     cov = mean.new_zeros(size, out, out)
     for name, (prec, u_a, u_g) in layers.items():
         _, bias = _layer_params(state, name)
-        j = jac[_key(name, "weight")]  # (B, out, o, i)
+        j = jac[_key(name, "weight")].flatten(3)  # (B, out, o, i): a conv weight's (C_in, kh, kw) flattened
         if bias is not None:
             j = torch.cat([j, jac[_key(name, "bias")].unsqueeze(-1)], dim=-1)  # J̃ over [W, b]
         rotated = u_g.mT @ j.to(prec.dtype) @ u_a * prec.rsqrt()  # U_Gᵀ J̃ U_A (N γ αᵀ + λ)^{-1/2}

@@ -1,4 +1,4 @@
-r"""Kronecker-factored (KFAC) Laplace approximation for the ``nn.Linear`` layers of an ``nn.Module``.
+r"""Kronecker-factored (KFAC) Laplace approximation for the ``nn.Linear`` and ``nn.Conv2d`` layers of a module.
 
 For a Linear layer :math:`s = W a + b` write :math:`\tilde W = [W, b]` (``(out, in + 1)``; no bias
 column without a bias) and :math:`\tilde a = [a; 1]`. The gradient of datum :math:`n`'s negative log
@@ -33,19 +33,38 @@ Two choices of the :math:`g_{n,c}` (``fisher_type``):
   (``dz·n`` rows), shrinks to ``S·n`` rows. The draws come from the state's noise key and step.
 * ``"empirical"``: one :math:`g_n` per datum from the true labels (the empirical Fisher).
 
+**Conv2d** (``groups=1``; any kernel, stride, padding, dilation, padding mode): KFC (Grosse & Martens
+2016) in its "expand" form (curvlinops' ``KFACType.EXPAND``). The layer is a Linear layer
+:math:`s_{n,l} = W a_{n,l} + b` on the patches :math:`a_{n,l}` (``unfold``, :math:`D = C_\text{in} k_h k_w`)
+at its :math:`L = H_\text{out} W_\text{out}` output positions, :math:`W` the weight flattened as PyTorch
+stores it, ``(C_out, D)``. Its per-datum curvature :math:`\sum_{l,l'} \tilde a_{n,l} \tilde a_{n,l'}^\top
+\otimes g_{n,l} g_{n,l'}^\top` is approximated by dropping the cross-position terms and factorising the
+rest, positions taken as extra data:
+
+.. math::
+    A = \frac1N \sum_n \frac1L \sum_l \tilde a_{n,l} \tilde a_{n,l}^\top, \qquad
+    G = \frac1N \sum_n \sum_l \sum_c g_{n,l,c}\, g_{n,l,c}^\top, \qquad
+    N A \otimes G = \tfrac1{NL} \textstyle\sum_{n,l} \tilde a \tilde a^\top \otimes \sum_{n,l,c} g g^\top
+
+(:math:`A` averages over positions, so its bias corner stays 1; :math:`G` sums over them). The product
+is curvlinops' ``KFACType.EXPAND`` matrix, and for :math:`L = 1` (a kernel covering the whole padded
+input, e.g. a 1x1 convolution of a 1x1 image) it is the Linear layer's KFAC term by term.
+
 **Exactness.** For one datum the Kronecker product is exact: ``"ggn"`` gives the exact GGN
 :math:`J^\top H_\ell J` of a one-layer model (e.g. one Linear layer with softmax cross-entropy) and
 ``"empirical"`` the exact empirical Fisher :math:`\nabla\ell\,\nabla\ell^\top` of any model's Linear
-block. For linear regression with a Gaussian likelihood of fixed variance (:math:`H_\ell` the same for
-every datum) ``"ggn"`` is exact *in total* for any number of data: :math:`N A \otimes G =
-\sum_n \tilde a_n \tilde a_n^\top \otimes H_\ell`.
+block (of a Conv2d block too when its :math:`L = 1`; with :math:`L > 1` the dropped cross-position
+terms make Conv2d blocks approximate even for one datum). For linear regression with a Gaussian
+likelihood of fixed variance (:math:`H_\ell` the same for every datum) ``"ggn"`` is exact *in total*
+for any number of data: :math:`N A \otimes G = \sum_n \tilde a_n \tilde a_n^\top \otimes H_\ell`.
 
-Accumulation uses forward hooks on the Linear modules and one backward pass (``"empirical"``) or one
-batched backward pass (``"ggn"``) through the captured layer outputs: no per-sample Jacobians (the
-machinery of :mod:`bayesflow.utils.layer_curvature`, shared with the diagonal module routes). It
-assumes that the log likelihood is a sum over data (rows) that do not interact (no batch norm) and that
-each Linear layer is called once per forward, on ``(batch, features)`` inputs. Parameters outside the
-Linear layers are held at their MAP values (they are returned unchanged by :func:`sample`).
+Accumulation uses forward hooks on the Linear and Conv2d modules and one backward pass
+(``"empirical"``) or one batched backward pass (``"ggn"``) through the captured layer outputs: no
+per-sample Jacobians (the machinery of :mod:`bayesflow.utils.layer_curvature`, shared with the diagonal
+module routes). It assumes that the log likelihood is a sum over data (rows) that do not interact (no
+batch norm) and that each covered layer is called once per forward, on ``(batch, features)`` (Linear) or
+``(batch, channels, height, width)`` (Conv2d) inputs. Parameters outside these layers are held at their
+MAP values (they are returned unchanged by :func:`sample`); a grouped Conv2d (``groups > 1``) is refused.
 
 Example:
     >>> import torch
@@ -62,6 +81,14 @@ Example:
     >>> draws = kfac.sample(state, (100,), generator=torch.Generator().manual_seed(0))
     >>> draws["2.weight"].shape, kfac.precision_dense(state).shape   # 16 + 10 Linear parameters
     (torch.Size([100, 2, 4]), torch.Size([26, 26]))
+    >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                           torch.nn.Linear(2 * 4 * 4, 2))
+    >>> transform = kfac.build(cnn, loglik, prior_prec=1.0)
+    >>> state, _ = transform.update(transform.init(dict(cnn.named_parameters())), (torch.randn(8, 1, 4, 4), y))
+    >>> state.A["0"].shape, state.G["0"].shape   # C_in·3·3 + 1 (bias), C_out
+    (torch.Size([10, 10]), torch.Size([2, 2]))
+    >>> kfac.sample(state, (100,))["0.weight"].shape
+    torch.Size([100, 2, 1, 3, 3])
 """
 
 from __future__ import annotations
@@ -78,15 +105,15 @@ from bayesflow.engine.noise import STEP, NoiseStream, derive
 from bayesflow.laplace._common import check_callable, scalar_value
 from bayesflow.laplace.kfac_posterior import KFACLaplaceState, _key, precision_dense, sample
 from bayesflow.types import Transform
-from bayesflow.utils.layer_curvature import (
-    backward_columns,
+from bayesflow.utils.conv_curvature import check_conv_layer, input_moment, output_moment
+from bayesflow.utils.layer_capture import (
     check_batch_rows,
+    curvature_layers,
     default_input,
     forward_capture,
-    hessian_root,
-    linear_layers,
-    output_hessian,
+    layer_input,
 )
+from bayesflow.utils.layer_curvature import backward_columns, hessian_root, output_hessian
 
 __all__ = ["FISHER_TYPES", "KFACLaplaceState", "build", "init", "precision_dense", "sample", "update"]
 
@@ -94,8 +121,16 @@ FISHER_TYPES = ("ggn", "mc", "empirical")
 """The choices of ``fisher_type``: the exact-expectation GGN/Fisher, its Monte-Carlo estimate, the empirical Fisher."""
 
 
-def _linear_layers(model: Any) -> dict[str, torch.nn.Linear]:
-    return linear_layers(model, "KFAC")
+def _layers(model: Any) -> dict[str, torch.nn.Linear | torch.nn.Conv2d]:
+    layers = curvature_layers(model, "KFAC")
+    for name, layer in layers.items():
+        if isinstance(layer, torch.nn.Conv2d):
+            check_conv_layer(name, layer, "KFAC")
+    return layers
+
+
+def _kind(layer: torch.nn.Module) -> str:
+    return "Conv2d" if isinstance(layer, torch.nn.Conv2d) else "Linear"
 
 
 def _check_prior(prior_prec: Any) -> float:
@@ -114,7 +149,8 @@ def build(model: torch.nn.Module, outer_log_likelihood: Callable[[torch.Tensor, 
     r"""The KFAC Laplace transform: ``init(params)`` and ``update(state, batch, inplace)``.
 
     Args:
-        model: a ``torch.nn.Module`` with at least one ``torch.nn.Linear`` submodule (or a Linear itself).
+        model: a ``torch.nn.Module`` with at least one ``torch.nn.Linear`` or ``torch.nn.Conv2d`` (``groups=1``)
+            submodule (or such a layer itself).
         outer_log_likelihood: ``outer_log_likelihood(output, batch) -> value``, the log likelihood of the
             model's output summed over the batch (a scalar).
         prior_prec: :math:`\lambda \ge 0`, the isotropic prior precision.
@@ -128,7 +164,8 @@ def build(model: torch.nn.Module, outer_log_likelihood: Callable[[torch.Tensor, 
         (``init(params, seed=None)`` seeds the noise key of ``"mc"``).
 
     Raises:
-        TypeError / ValueError: a model with no Linear layer, a negative prior, an unknown fisher_type.
+        TypeError / ValueError: a model with no Linear/Conv2d layer, a grouped Conv2d, a negative prior, an
+            unknown fisher_type.
 
     Example:
         >>> import torch
@@ -136,9 +173,9 @@ def build(model: torch.nn.Module, outer_log_likelihood: Callable[[torch.Tensor, 
         >>> kfac.build(torch.nn.Tanh(), lambda z, b: z.sum())
         Traceback (most recent call last):
             ...
-        ValueError: model (Tanh) has no torch.nn.Linear layer (KFAC here covers Linear layers only)
+        ValueError: model (Tanh) has no torch.nn.Linear or torch.nn.Conv2d layer (KFAC here covers Linear and ...
     """
-    _linear_layers(model)
+    _layers(model)
     check_callable("outer_log_likelihood", outer_log_likelihood)
     prior_prec = _check_prior(prior_prec)
     if fisher_type not in FISHER_TYPES:
@@ -174,15 +211,16 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, prior_prec: fl
     r"""The initial state: ``params`` (kept, not copied), zero factors, ``num_data`` and ``step`` 0.
 
     Args:
-        params: the MAP, a dict by name holding (at least) every Linear layer's ``weight`` and ``bias``
-            (``dict(model.named_parameters())``).
-        model: the module whose Linear layers are approximated.
+        params: the MAP, a dict by name holding (at least) every Linear/Conv2d layer's ``weight`` and
+            ``bias`` (``dict(model.named_parameters())``).
+        model: the module whose Linear and Conv2d layers are approximated.
         prior_prec: :math:`\lambda \ge 0`.
         seed: the noise key's seed for ``fisher_type="mc"`` (an int or a ``torch.Generator``; None draws it
             from torch's global generator).
 
     Raises:
-        TypeError / ValueError: no Linear layer, a missing or wrongly shaped Linear parameter.
+        TypeError / ValueError: no Linear/Conv2d layer, a grouped Conv2d, a missing or wrongly shaped
+            parameter of a covered layer.
 
     Example:
         >>> import torch
@@ -192,7 +230,7 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, prior_prec: fl
             ...
         ValueError: params['weight'] has shape (3, 3), but the Linear layer '' needs (3, 2)
     """
-    layers = _linear_layers(model)
+    layers = _layers(model)
     prior = _check_prior(prior_prec)
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of tensors by name (dict(model.named_parameters())), "
@@ -204,17 +242,17 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, prior_prec: fl
                 continue
             key = _key(name, leaf)
             if key not in params:
-                raise ValueError(f"params has no {key!r}, a parameter of the Linear layer {name!r}")
+                raise ValueError(f"params has no {key!r}, a parameter of the {_kind(layer)} layer {name!r}")
             given = params[key]
             if not isinstance(given, torch.Tensor) or not given.is_floating_point():
                 raise TypeError(f"params[{key!r}] must be a floating-point tensor")
             if given.shape != value.shape:
-                raise ValueError(f"params[{key!r}] has shape {tuple(given.shape)}, but the Linear layer "
+                raise ValueError(f"params[{key!r}] has shape {tuple(given.shape)}, but the {_kind(layer)} layer "
                                  f"{name!r} needs {tuple(value.shape)}")
         weight = params[_key(name, "weight")]
-        width = layer.in_features + (layer.bias is not None)
+        width = weight[0].numel() + (layer.bias is not None)   # in, or C_in·kh·kw, [+ 1]
         A[name] = torch.zeros(width, width, dtype=weight.dtype, device=weight.device)
-        G[name] = torch.zeros(layer.out_features, layer.out_features, dtype=weight.dtype, device=weight.device)
+        G[name] = torch.zeros(weight.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device)
     first = next(iter(A.values()))
     zero = torch.zeros((), dtype=torch.int64)
     rng = NoiseStream(torch.device("cpu"), None).initial_state(seed)
@@ -229,8 +267,9 @@ def update(state: KFACLaplaceState, batch: Any, model: torch.nn.Module,
     r"""Folds a batch into the running means :math:`A` and :math:`G` (at ``params``) and ``num_data``.
 
     With :math:`n` data seen and a batch of :math:`m` rows, :math:`A \leftarrow A + (S_A - m A)/(n + m)`,
-    :math:`S_A = \sum_{\text{batch}} \tilde a \tilde a^\top` (likewise :math:`G`), so any split of the data
-    into batches gives the factors of one full-data pass.
+    :math:`S_A = \sum_{\text{batch}} \tilde a \tilde a^\top` (likewise :math:`G`; for a Conv2d layer the
+    sums of the module docstring over positions), so any split of the data into batches gives the factors
+    of one full-data pass.
 
     Args:
         state: the current state (its ``params`` are where the curvature is taken; they do not move).
@@ -243,8 +282,8 @@ def update(state: KFACLaplaceState, batch: Any, model: torch.nn.Module,
         ``(state, output)``, output the model's output on the batch (detached).
 
     Raises:
-        TypeError / ValueError: a non-scalar log likelihood, a mismatched batch, a Linear layer called
-            more than once or on inputs that are not ``(batch, features)``.
+        TypeError / ValueError: a non-scalar log likelihood, a mismatched batch, a layer called more than
+            once or on inputs that are not ``(batch, features)`` (Linear) / ``(batch, C, H, W)`` (Conv2d).
 
     Example:
         >>> import torch
@@ -259,10 +298,11 @@ def update(state: KFACLaplaceState, batch: Any, model: torch.nn.Module,
     """
     if fisher_type not in FISHER_TYPES:
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
-    layers = _linear_layers(model)
+    layers = _layers(model)
     missing = sorted(set(layers) ^ set(state.A))
     if missing:
-        raise ValueError(f"the state's layers {sorted(state.A)} are not the model's Linear layers {sorted(layers)}")
+        raise ValueError(f"the state's layers {sorted(state.A)} are not the model's Linear and Conv2d layers "
+                         f"{sorted(layers)}")
     inputs = (input_fn or default_input)(batch)
     output, captured = forward_capture(model, state.params, inputs, layers, "KFAC")
     n = next(iter(captured.values()))[0].shape[0]
@@ -282,12 +322,18 @@ def update(state: KFACLaplaceState, batch: Any, model: torch.nn.Module,
     total = state.num_data + m
     new_A, new_G = {}, {}
     for (name, layer), grad in zip(layers.items(), grads):
-        a = captured[name][0].detach().to(state.A[name].dtype)
-        if layer.bias is not None:
-            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-        sum_a = a.mT @ a
+        a = layer_input(layer, captured[name][0].detach().to(state.A[name].dtype))   # (n, in) / (n, D, L)
+        conv = isinstance(layer, torch.nn.Conv2d)
+        if conv:   # Σ_n (1/L) Σ_l ã ãᵀ: L = 1 is the Linear layer's Σ_n ã ãᵀ
+            sum_a = input_moment(a, layer.bias is not None)
+        else:
+            if layer.bias is not None:
+                a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+            sum_a = a.mT @ a
         if grad is None:   # the layer does not reach the output
             sum_g = torch.zeros_like(state.G[name])
+        elif conv:   # Σ over columns, data and positions of g gᵀ
+            sum_g = output_moment(grad.detach().to(state.G[name].dtype).flatten(-2))
         else:
             g = grad.detach().to(state.G[name].dtype).reshape(-1, grad.shape[-1])
             sum_g = g.mT @ g

@@ -1,9 +1,11 @@
 r"""The posterior of a KFAC Laplace state: its record, the dense precision and matrix-normal draws.
 
-Per Linear layer, with column-stacking vec of ``[W, b]``, the precision is
+Per Linear or Conv2d layer, with column-stacking vec of ``[W, b]`` (a Conv2d weight flattened as
+``weight.reshape(C_out, -1)``, ``(C_out, C_in·kh·kw)``), the precision is
 :math:`P = N (A \otimes G) + \lambda I` (:mod:`bayesflow.laplace.kfac` accumulates A and G). Draws use
 the eigendecompositions :math:`A = U_A \mathrm{diag}(α) U_A^\top`, :math:`G = U_G \mathrm{diag}(γ)
-U_G^\top`: :math:`μ + U_G (Z ⊙ (N γ α^\top + λ)^{-1/2}) U_A^\top` — no d×d matrix is formed.
+U_G^\top`: :math:`μ + U_G (Z ⊙ (N γ α^\top + λ)^{-1/2}) U_A^\top` — no d×d matrix is formed (a
+Conv2d draw is reshaped back to the 4-D weight).
 
 Example:
     >>> import torch
@@ -41,13 +43,14 @@ class _KFACFields(NamedTuple):
 
 @record
 class KFACLaplaceState(_KFACFields):
-    r"""A KFAC Laplace state: per Linear layer :math:`P = N (A \otimes G) + \lambda I` around ``params``.
+    r"""A KFAC Laplace state: per Linear/Conv2d layer :math:`P = N (A \otimes G) + \lambda I` around ``params``.
 
     Attributes:
         params: :math:`\mu`, a dict of the model's parameters by name (``model.named_parameters()``).
-        A: by Linear layer name (``model.named_modules()``), :math:`A = E[\tilde a \tilde a^\top]`,
-            ``(in + 1, in + 1)`` with a bias (the last row/column is the bias' ones), ``(in, in)`` without.
-        G: by Linear layer name, :math:`G = E[g g^\top]`, ``(out, out)``.
+        A: by layer name (``model.named_modules()``), :math:`A = E[\tilde a \tilde a^\top]`,
+            ``(in + 1, in + 1)`` with a bias (the last row/column is the bias' ones), ``(in, in)`` without;
+            ``in`` is ``C_in·kh·kw`` for a Conv2d layer (:math:`A` then averages over output positions).
+        G: by layer name, :math:`G = E[g g^\top]`, ``(out, out)`` (``C_out``; a Conv2d's summed over positions).
         prior_prec: :math:`\lambda`, a 0-d tensor.
         num_data: :math:`N`, the number of data accumulated (an int64 0-d tensor).
         step: the number of batches accumulated (an int64 0-d tensor).
@@ -70,9 +73,13 @@ def _key(layer: str, leaf: str) -> str:
     return f"{layer}.{leaf}" if layer else leaf
 
 
+def _kind(weight: torch.Tensor) -> str:
+    return "Conv2d" if weight.ndim == 4 else "Linear"
+
+
 def _layer_params(state: KFACLaplaceState, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     weight = state.params[_key(name, "weight")]
-    has_bias = state.A[name].shape[0] == weight.shape[1] + 1
+    has_bias = state.A[name].shape[0] == weight[0].numel() + 1   # in (Linear) or C_in·kh·kw (Conv2d), + 1
     return weight, state.params[_key(name, "bias")] if has_bias else None
 
 
@@ -83,11 +90,12 @@ def _linear_keys(state: KFACLaplaceState) -> set[str]:
 
 
 def precision_dense(state: KFACLaplaceState) -> torch.Tensor:
-    r"""The ``(d, d)`` precision :math:`P` of the Linear layers' parameters, Kronecker products materialised.
+    r"""The ``(d, d)`` precision :math:`P` of the covered layers' parameters, Kronecker products materialised.
 
-    ``d`` counts the Linear layers' weights and biases, ravelled in bayesflow's tree order of the dict
-    ``{name: state.params[name]}`` restricted to them (sorted names: when every parameter belongs to a
-    Linear layer this is the layout of :mod:`bayesflow.laplace.dense_ggn` on ``state.params``). Blocks of
+    ``d`` counts the Linear/Conv2d layers' weights and biases, ravelled in bayesflow's tree order of the
+    dict ``{name: state.params[name]}`` restricted to them (sorted names, each tensor row-major: when every
+    parameter belongs to a covered layer this is the layout of :mod:`bayesflow.laplace.dense_ggn` on
+    ``state.params``). Blocks of
     different layers are zero. For tests and small models only (memory :math:`O(d^2)`).
 
     Example:
@@ -114,7 +122,7 @@ def precision_dense(state: KFACLaplaceState) -> torch.Tensor:
     prec = torch.eye(d, dtype=dtype, device=device) * state.prior_prec.to(dtype)
     for name in state.A:
         weight, bias = _layer_params(state, name)
-        out, inp = weight.shape
+        out, inp = weight.shape[0], weight[0].numel()   # a Conv2d weight's row-major order is (C_out, C_in·kh·kw)
         width = state.A[name].shape[0]
         # row-major index o * width + i of W̃ = [W, b] -> position in the ravelled parameters
         rows = torch.arange(out, device=device).unsqueeze(1)
@@ -130,13 +138,14 @@ def precision_dense(state: KFACLaplaceState) -> torch.Tensor:
 
 def sample(state: KFACLaplaceState, sample_shape: torch.Size = ONE_DRAW,
            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    r"""Draws per Linear layer :math:`\tilde W = \tilde\mu + U_G\,(Z \odot S)\,U_A^\top` (matrix normal).
+    r"""Draws per layer :math:`\tilde W = \tilde\mu + U_G\,(Z \odot S)\,U_A^\top` (matrix normal).
 
     With :math:`A = U_A\,\mathrm{diag}(\alpha)\,U_A^\top`, :math:`G = U_G\,\mathrm{diag}(\gamma)\,U_G^\top`,
     :math:`P = (U_A \otimes U_G)\,\mathrm{diag}(N \alpha \otimes \gamma + \lambda)\,(U_A \otimes U_G)^\top`,
     so :math:`S_{oi} = (N \gamma_o \alpha_i + \lambda)^{-1/2}` and :math:`Z` standard normal give
-    covariance :math:`P^{-1}`: two small eigendecompositions per layer, no ``(d, d)`` matrix. Other
-    parameters stay at ``params`` (expanded to ``sample_shape``).
+    covariance :math:`P^{-1}`: two small eigendecompositions per layer, no ``(d, d)`` matrix. A Conv2d
+    layer's ``(C_out, C_in·kh·kw)`` draw is reshaped to its 4-D weight. Other parameters stay at ``params``
+    (expanded to ``sample_shape``).
 
     Args:
         state: a :class:`KFACLaplaceState`.
@@ -168,14 +177,16 @@ def sample(state: KFACLaplaceState, sample_shape: torch.Size = ONE_DRAW,
         n = state.num_data.to(alpha.dtype)
         prec = n * gamma.clamp(min=0).unsqueeze(1) * alpha.clamp(min=0).unsqueeze(0) + state.prior_prec
         if not bool((prec > 0).all()) or not bool(torch.isfinite(prec).all()):
-            raise ValueError(f"the precision of the Linear layer {name!r} is not positive definite (no data and "
-                             "prior_prec 0, or a zero factor); give prior_prec > 0 to sample")
+            raise ValueError(f"the precision of the {_kind(weight)} layer {name!r} is not positive definite (no "
+                             "data and prior_prec 0, or a zero factor); give prior_prec > 0 to sample")
         z = _standard_normal(count, prec.numel(), prec.dtype, prec.device, generator).reshape(count, *prec.shape)
         delta = u_g @ (z * prec.rsqrt()) @ u_a.mT   # (count, out, width)
-        mean = weight.detach() if bias is None else torch.cat([weight.detach(), bias.detach().unsqueeze(1)], 1)
+        mean = weight.detach().reshape(weight.shape[0], -1)   # (out, in) or (C_out, C_in·kh·kw)
+        inp = mean.shape[1]
+        if bias is not None:
+            mean = torch.cat([mean, bias.detach().unsqueeze(1)], 1)
         full = (mean.to(delta.dtype) + delta).reshape(*sample_shape, *mean.shape)
-        inp = weight.shape[1]
-        draws[_key(name, "weight")] = full[..., :inp].to(weight.dtype)
+        draws[_key(name, "weight")] = full[..., :inp].reshape(*sample_shape, *weight.shape).to(weight.dtype)
         if bias is not None:
             draws[_key(name, "bias")] = full[..., inp].to(bias.dtype)
     for key, value in state.params.items():

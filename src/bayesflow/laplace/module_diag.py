@@ -1,23 +1,27 @@
-r"""Diagonal Laplace approximations of an ``nn.Module``'s Linear layers, computed per layer (no per-sample Jacobians).
+r"""Diagonal Laplace approximations of an ``nn.Module``'s Linear and Conv2d layers, computed per layer (no
+per-sample Jacobians).
 
 The same states and precisions as :mod:`bayesflow.laplace.diag_fisher` (on the per-sample log
-likelihood) and :mod:`bayesflow.laplace.diag_ggn`, for ``torch.nn.Linear`` weights and biases: with
-:math:`s_n = W a_n + b`, :math:`g_n = \partial \log p(y_n \mid x_n, \theta) / \partial s_n` and the
-GGN's :math:`q_n` (:mod:`bayesflow.utils.layer_curvature`), a batch adds
+likelihood) and :mod:`bayesflow.laplace.diag_ggn`, for ``torch.nn.Linear`` and ``torch.nn.Conv2d``
+(``groups=1``) weights and biases: with :math:`s_n = W a_n + b`, :math:`g_n = \partial \log p(y_n \mid
+x_n, \theta) / \partial s_n` and the GGN's :math:`q_n` (:mod:`bayesflow.utils.layer_curvature`), a batch adds
 
 .. math::
     \text{empirical Fisher:}\quad & \Delta p_W = (g^{\odot 2})^\top a^{\odot 2}
         = \textstyle\sum_n (\nabla_W \log p_n)^{\odot 2}, \\
     \text{GGN:}\quad & \Delta p_W = q^\top a^{\odot 2} = \mathrm{diag}\big(\textstyle\sum_n J_n^\top H_n J_n\big)_W,
 
-and :math:`\sum_n g_n^{\odot 2}` / :math:`\sum_n q_n` to the bias. The cost is one forward and one
+and :math:`\sum_n g_n^{\odot 2}` / :math:`\sum_n q_n` to the bias. A Conv2d weight is shared over the
+output positions :math:`l`, so its per-sample gradient :math:`\sum_l g_{n,l} a_{n,l}^\top` (patches
+:math:`a_{n,l}`) is formed from the captured signals by an ``einsum`` and squared
+(:mod:`bayesflow.utils.conv_curvature`): still exact, no per-sample autograd. The cost is one forward and one
 backward pass (a backward batched over the output's size for the GGN), as a training step, instead of
 one backward pass per datum. Build through :func:`bayesflow.laplace.diag_fisher.build_for_module` and
 :func:`bayesflow.laplace.diag_ggn.build_for_module`.
 
-``params`` (``init``) must be a dict of Linear weights and biases by ``model.named_parameters()`` key;
-parameters of other layers (``LayerNorm``, ``Conv2d``, ...) are not covered: leave them out (they are
-held at the module's values) or use the torch.func routes, which take any log posterior.
+``params`` (``init``) must be a dict of Linear/Conv2d weights and biases by ``model.named_parameters()``
+key; parameters of other layers (``LayerNorm``, ``Conv1d``, grouped ``Conv2d``, ...) are not covered: leave
+them out (they are held at the module's values) or use the torch.func routes, which take any log posterior.
 
 Example:
     >>> import torch
@@ -41,7 +45,8 @@ import torch
 
 from bayesflow.laplace._common import DiagLaplaceState, add_diag, check_callable, check_scalar_precision, init_diag
 from bayesflow.types import TensorTree, Transform
-from bayesflow.utils.layer_curvature import CURVATURES, layer_diagonal, linear_layers, linear_params
+from bayesflow.utils.layer_capture import covered_layers, curvature_layers
+from bayesflow.utils.layer_curvature import CURVATURES, layer_diagonal
 
 __all__ = ["build", "build_fisher_for_module", "build_ggn_for_module", "init", "update"]
 
@@ -53,7 +58,7 @@ def build(model: torch.nn.Module, outer_log_likelihood: OuterLogLikelihood, curv
     r"""The per-layer diagonal Laplace transform: ``init(params)`` and ``update(state, batch, inplace)``.
 
     Args:
-        model: a ``torch.nn.Module`` with ``torch.nn.Linear`` layers.
+        model: a ``torch.nn.Module`` with ``torch.nn.Linear`` / ``torch.nn.Conv2d`` layers.
         outer_log_likelihood: ``outer_log_likelihood(output, batch)``, the log likelihood of the model's
             output summed over the batch (a scalar).
         curvature: ``"empirical"`` (the per-sample empirical Fisher) or ``"ggn"``.
@@ -64,7 +69,7 @@ def build(model: torch.nn.Module, outer_log_likelihood: OuterLogLikelihood, curv
         A :class:`~bayesflow.types.Transform` of :func:`init` and :func:`update` with these arguments.
 
     Raises:
-        TypeError / ValueError: not a Module, no Linear layer, an unknown curvature, a negative precision.
+        TypeError / ValueError: not a Module, no Linear/Conv2d layer, an unknown curvature, a negative precision.
 
     Example:
         >>> import torch
@@ -74,7 +79,7 @@ def build(model: torch.nn.Module, outer_log_likelihood: OuterLogLikelihood, curv
             ...
         ValueError: curvature must be one of ('empirical', 'ggn'), got 'hessian'
     """
-    linear_layers(model)
+    curvature_layers(model)
     check_callable("outer_log_likelihood", outer_log_likelihood)
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -89,7 +94,7 @@ def build(model: torch.nn.Module, outer_log_likelihood: OuterLogLikelihood, curv
 def build_fisher_for_module(model: torch.nn.Module, outer_log_likelihood: OuterLogLikelihood,
                             init_prec_diag: TensorTree | float = 0.0,
                             input_fn: Callable[[Any], Any] | None = None) -> Transform:
-    r"""The diagonal empirical-Fisher Laplace transform of a module's Linear layers, computed per layer.
+    r"""The diagonal empirical-Fisher Laplace transform of a module's Linear/Conv2d layers, computed per layer.
 
     ``update`` adds :math:`\sum_n (\nabla_\theta \log p(y_n \mid x_n, \theta))^2` at ``params``, the
     precision of :func:`bayesflow.laplace.diag_fisher.build` on the per-sample log likelihood
@@ -97,21 +102,21 @@ def build_fisher_for_module(model: torch.nn.Module, outer_log_likelihood: OuterL
     ``(state, output)``, output the model's (detached) output on the batch.
 
     Args:
-        model: a ``torch.nn.Module`` with ``torch.nn.Linear`` layers (each called once per forward, on
-            ``(batch, features)`` inputs).
+        model: a ``torch.nn.Module`` with ``torch.nn.Linear`` / ``torch.nn.Conv2d`` (``groups=1``) layers,
+            each called once per forward, on ``(batch, features)`` / ``(batch, channels, height, width)`` inputs.
         outer_log_likelihood: ``outer_log_likelihood(output, batch)``, the log likelihood summed over
             the batch (a scalar), rows independent.
         init_prec_diag: :math:`p_0`, a non-negative number or a tree shaped like (broadcasting to) params.
         input_fn: ``input_fn(batch)``, the model's input; ``batch[0]`` when None.
 
     Returns:
-        A :class:`~bayesflow.types.Transform`; ``init(params)`` takes a dict of Linear weights and biases
-        (``dict(model.named_parameters())`` when every parameter is in a Linear layer) and gives a
+        A :class:`~bayesflow.types.Transform`; ``init(params)`` takes a dict of Linear/Conv2d weights and
+        biases (``dict(model.named_parameters())`` when every parameter is in such a layer) and gives a
         :class:`~bayesflow.laplace._common.DiagLaplaceState`.
 
     Raises:
-        TypeError / ValueError: at build, not a Module or no Linear layer; at init, a parameter outside a
-            Linear layer; at update, a non-scalar log likelihood, a batch row mismatch, a layer called twice.
+        TypeError / ValueError: at build, not a Module or no Linear/Conv2d layer; at init, a parameter
+            outside a covered layer; at update, a non-scalar log likelihood, a batch row mismatch, a layer called twice.
 
     Example:
         >>> import torch
@@ -130,7 +135,7 @@ def build_fisher_for_module(model: torch.nn.Module, outer_log_likelihood: OuterL
 def build_ggn_for_module(model: torch.nn.Module, outer_log_likelihood: OuterLogLikelihood,
                          init_prec_diag: TensorTree | float = 0.0,
                          input_fn: Callable[[Any], Any] | None = None) -> Transform:
-    r"""The diagonal GGN Laplace transform of a module's Linear layers, computed exactly per layer.
+    r"""The diagonal GGN Laplace transform of a module's Linear/Conv2d layers, computed exactly per layer.
 
     ``update`` adds :math:`\mathrm{diag}(\sum_n J_n^\top H_n J_n)` at ``params`` (:math:`J_n` the
     Jacobian of datum :math:`n`'s output, :math:`H_n` the Hessian of :math:`-\log p(y_n \mid z_n)` in it,
@@ -166,13 +171,13 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module,
     """The initial state: ``params`` (kept, not copied), ``prec_diag`` :math:`p_0` and ``step`` 0.
 
     Args:
-        params: a dict of the model's Linear weights and biases by ``named_parameters`` key.
+        params: a dict of the model's Linear/Conv2d weights and biases by ``named_parameters`` key.
         model: the module.
         init_prec_diag: as in :func:`bayesflow.laplace.diag_fisher.init`.
 
     Raises:
-        TypeError / ValueError: a key that is no Linear weight or bias of the model, a wrong shape, a bad
-            precision.
+        TypeError / ValueError: a key that is no Linear/Conv2d weight or bias of the model, a wrong shape, a
+            grouped Conv2d, a bad precision.
 
     Example:
         >>> import torch
@@ -180,7 +185,7 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module,
         >>> module_diag.init({"weight": torch.zeros(1, 2)}, torch.nn.Linear(2, 1), 2.0).prec_diag
         {'weight': tensor([[2., 2.]])}
     """
-    linear_params(model, params)
+    covered_layers(model, params)
     return init_diag(params, init_prec_diag)
 
 

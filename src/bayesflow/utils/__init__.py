@@ -14,9 +14,10 @@ implementations are bayesflow's.
 - :mod:`~bayesflow.utils.linearized`: :func:`linearized_forward_diag` and (beyond posteriors)
   :func:`linearized_forward_dense`;
 - :mod:`~bayesflow.utils.moments`: :func:`cumulative_mean_and_cov`;
-- :mod:`~bayesflow.utils.layer_curvature`: exact per-layer diagonal Fisher/GGN of ``nn.Linear`` layers
-  (forward hooks and one batched backward pass, no per-sample gradients), shared with KFAC (a module
-  of its own, outside posteriors' names).
+- :mod:`~bayesflow.utils.layer_curvature`: exact per-layer diagonal Fisher/GGN of ``nn.Linear`` and
+  ``nn.Conv2d`` (groups=1) layers, shared with KFAC; :mod:`~bayesflow.utils.layer_capture`: finding and
+  hooking those layers; :mod:`~bayesflow.utils.conv_curvature`: Conv2d patches, exact per-sample-square
+  diagonals and KFC ("expand") moments (modules of their own, outside posteriors' names).
 
 Example:
     >>> import torch
