@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 
 import pytest
+
+OPTIONAL = {"bayesflow.integrations.lightning": "lightning", "bayesflow.integrations.pyro": "pyro",
+            "bayesflow.integrations.transformers": "transformers"}
+"""Modules whose examples need an optional package (the ``integrations`` extra, installed in CI)."""
 
 MODULES = ("bayesflow", "bayesflow.engine", "bayesflow.sgmcmc", "bayesflow.optim", "bayesflow.ensemble")
 """Packages whose public names are collected first (then every module's ``__all__``)."""
@@ -55,6 +60,9 @@ def test_the_public_api_is_documented_with_examples():
 
 @pytest.mark.parametrize(("name", "obj"), DOCSTRINGS, ids=[name for name, _ in DOCSTRINGS])
 def test_docstring_example_runs(name, obj, tmp_path, monkeypatch):
+    package = next((pkg for module, pkg in OPTIONAL.items() if name.startswith(module)), None)
+    if package is not None and importlib.util.find_spec(package) is None:
+        pytest.skip(f"{name} needs {package} (pip install -e '.[integrations]')")
     monkeypatch.chdir(tmp_path)  # examples that save a checkpoint write here
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     report = []
