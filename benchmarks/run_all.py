@@ -12,7 +12,9 @@ README.md, and always to ``benchmarks/results/README_table.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import re
 import sys
 import time
@@ -68,6 +70,17 @@ def update_readme(table: str, readme: Path = README, fallback: Path | None = Non
     return readme
 
 
+def _saved(name: str, directory: Path) -> tuple[str, list[Row]]:
+    """A section from a benchmark's saved JSON, its title saying when and where it was measured."""
+    payload = json.loads((directory / f"{name}.json").read_text())
+    fields = {f.name for f in dataclasses.fields(Row)}
+    rows = [Row(**{k: v for k, v in row.items() if k in fields}) for row in payload["rows"]]
+    machine = payload.get("machine", {})
+    title = (f"{BENCHMARKS[name][1]} (saved results, measured {machine.get('date', '?')} on "
+             f"{machine.get('cpu', '?')})")
+    return title, rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke run)")
@@ -76,14 +89,25 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     parser.add_argument("--readme", type=Path, default=README, help="README to rewrite between the markers")
     parser.add_argument("--no-readme", action="store_true", help="do not touch the README")
+    parser.add_argument("--reuse", default="", help="comma-separated benchmarks whose saved results "
+                        "(results/<name>.json) go into the table as they are, each labelled with its own "
+                        "measurement date and machine, instead of being run again")
     args = parser.parse_args(argv)
 
     names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = set(names) - set(BENCHMARKS)
+    reused = [n.strip() for n in args.reuse.split(",") if n.strip()]
+    names = [n for n in names if n not in reused]
+    unknown = (set(names) | set(reused)) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmarks {sorted(unknown)}; choose from {list(BENCHMARKS)}")
     sections = []
-    for name in names:
+    out_dir = args.out if args.out is not None else RESULTS
+    for name in BENCHMARKS:
+        if name in reused:
+            sections.append(_saved(name, out_dir))
+            continue
+        if name not in names:
+            continue
         module_name, title = BENCHMARKS[name]
         start = time.perf_counter()
         print(f"== {name}: {title}", flush=True)
@@ -93,9 +117,8 @@ def main(argv=None) -> int:
         sections.append((title, rows))
     table = render(sections, machine_info(), quick=args.quick)
     print(table)
-    out_dir = args.out if args.out is not None else RESULTS
     suffix = "_quick" if args.quick else ""
-    if args.quick or args.no_readme or names != list(BENCHMARKS):
+    if args.quick or args.no_readme or set(names) | set(reused) != set(BENCHMARKS):
         path = out_dir / f"README_table{suffix}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table + "\n")
