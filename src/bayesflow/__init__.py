@@ -12,6 +12,7 @@ top-level names too.
 
 from bayesflow import (
     continual,
+    distributed,
     ekf,
     engine,
     ensemble,
@@ -82,6 +83,7 @@ __all__ = [
     "continual",
     "cumulative_mean_and_cov",
     "diag_ggn",
+    "distributed",
     "diag_normal_log_prob",
     "diag_normal_sample",
     "ekf",
