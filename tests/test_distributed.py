@@ -185,7 +185,39 @@ def _data_parallel_job(rank: int, size: int):
     out["chains"] = gather_chains(state.params, K)
     out["state_step"] = gather_chains(state, K).step
     out["diagnostics"] = chain_diagnostics(trace, K)
+    out["ddp_face"] = _ddp_face_run(shard, rank, size)
     return out
+
+
+class _Regression(torch.nn.Module):
+    """log_posterior's model as a module: DDP reduces its .grad, the optimizer face reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(initial_params()["w"])
+        self.b = torch.nn.Parameter(initial_params()["b"])
+
+    def forward(self, x):
+        return x @ self.w + self.b
+
+
+def _ddp_face_run(split, rank: int, size: int):
+    """SGHMC through as_optimizer on a DistributedDataParallel model (DDP averages .grad over ranks);
+    with ``split`` the identity and one rank, the single-process reference on the full batch."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bayesflow.integrations import as_optimizer
+
+    model = _Regression()
+    wrapped = DistributedDataParallel(model) if size > 1 else model
+    face = as_optimizer(sghmc.build, wrapped.parameters(), lr=1e-2, alpha=1.0, temperature=0.05, seed=3)
+    for step in range(STEPS):
+        x, y = split(batch_of(step), rank, size)
+        face.zero_grad()
+        loss = 0.5 * ((wrapped(x) - y) ** 2).sum(-1).mean()   # −ℓ per datum (flat prior)
+        loss.backward()
+        face.step()
+    return {"w": model.w.detach().clone(), "b": model.b.detach().clone()}
 
 
 def _failure_job(rank: int, size: int):
@@ -301,6 +333,16 @@ def test_a_failing_rank_surfaces_as_an_error_without_a_hang(two_ranks):
 
 
 # ------------------------------------------------------------------------ one process, no group
+
+
+def test_ddp_with_the_optimizer_face_equals_the_full_batch_run(two_ranks):
+    """DDP's averaged .grad through as_optimizer: both ranks identical, equal to one process on all rows."""
+    reference = _ddp_face_run(lambda batch, rank, size: batch, 0, 1)
+    for key in ("w", "b"):
+        assert torch.equal(two_ranks[0]["ddp_face"][key], two_ranks[1]["ddp_face"][key])
+        torch.testing.assert_close(two_ranks[0]["ddp_face"][key], reference[key], rtol=1e-12, atol=1e-13)
+    one_shard = _ddp_face_run(shard, 0, 1)   # a rank on its own shard only: another trajectory
+    assert not torch.allclose(two_ranks[0]["ddp_face"]["w"], one_shard["w"], rtol=1e-9, atol=1e-10)
 
 
 def test_without_a_process_group_the_world_is_one_process():
