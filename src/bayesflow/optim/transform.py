@@ -122,13 +122,23 @@ def _update(transform, updates: Any, state: SDEState, params: Any, inplace: bool
     theta, theta_spec = flatten(state.params)
     if len(given) != len(theta):
         raise ValueError(f"updates has {len(given)} leaves, the optimizer state has {len(theta)}")
-    loss_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)]
-    grads = unflatten(theta_spec, torch._foreach_neg(loss_grads))  # the engine takes the ascent ∇ℓ = -∇loss
     if params is not None:
         current, _ = flatten(params)
         if len(current) != len(theta):
             raise ValueError(f"params has {len(current)} leaves, the optimizer state has {len(theta)}")
         current = [p.detach() for p in current]
+    if inplace and params is not None and _reusable(given, current, theta):
+        # θ_t is the caller's params (copied into the engine's θ below), so the updates tensors can
+        # hold the ascent gradient during the step and the increment after it: no new buffer
+        torch._foreach_copy_(theta, current)
+        out = [torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)]
+        torch._foreach_neg_(out)  # the engine takes the ascent ∇ℓ = -∇loss
+        state = transform.step(state, unflatten(theta_spec, out), inplace=True)
+        torch._foreach_copy_(out, flatten(state.params)[0])
+        torch._foreach_sub_(out, current)  # θ_{t+1} - θ_t (bitwise -(θ_t - θ_{t+1}), as below)
+        return optree.tree_unflatten(spec, out), state
+    loss_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)]
+    grads = unflatten(theta_spec, torch._foreach_neg(loss_grads))  # the engine takes the ascent ∇ℓ = -∇loss
     if inplace:
         if params is not None:
             torch._foreach_copy_(theta, current)
@@ -144,3 +154,21 @@ def _update(transform, updates: Any, state: SDEState, params: Any, inplace: bool
         state = transform.step(state, grads, inplace=False)
         out = torch._foreach_sub(flatten(state.params)[0], theta)
     return optree.tree_unflatten(spec, out), state
+
+
+def _reusable(given: list, current: list, theta: list) -> bool:
+    """Whether the in-place update may hold the gradient in the caller's ``updates`` tensors and take
+    θ_t from ``params``: every update a distinct contiguous tensor of its parameter's dtype (an
+    update given twice, as autograd returns for ``(p + p).sum()``, would be negated twice), and no
+    parameter sharing memory with the engine's own θ (it would change with the step)."""
+    pointers = set()
+    for g, p, t in zip(given, current, theta):
+        if g is not None:
+            if (not isinstance(g, torch.Tensor) or g.dtype != t.dtype or g.shape != t.shape
+                    or not g.is_contiguous() or g.data_ptr() in pointers):
+                return False
+            pointers.add(g.data_ptr())
+        if p.dtype != t.dtype or p.shape != t.shape:
+            return False
+    engine = {t.untyped_storage().data_ptr() for t in theta}
+    return not any(p.untyped_storage().data_ptr() in engine for p in current)

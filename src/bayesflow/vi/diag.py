@@ -197,7 +197,11 @@ def update(
     r"""One optimizer step on the NELBO estimate (gradient estimators in the module docstring).
 
     For one draw the gradients take one autograd backward of ``log_posterior`` at θ = μ + σ ⊙ ε and a
-    few ``torch._foreach`` passes; S > 1 draws are vmapped.
+    few ``torch._foreach`` passes; S > 1 draws are vmapped. Memory beyond the state: θ and σ are freed
+    before the optimizer runs, and for one draw :math:`g_s` is written over the noise (this thread's
+    reusable buffer), so the optimizer is handed g_μ as the only new parameter-sized tensor. The
+    gradient trees are valid during ``optimizer.update`` only (as torchopt's in-place updates assume):
+    an optimizer must not keep references to them.
 
     Args:
         state: the current :class:`VIDiagState`.
@@ -232,20 +236,23 @@ def update(
         flat_eps, eps = standard_normal(mean, sample_shape, generator, reuse=True)
         theta = torch._foreach_addcmul(mean, eps, sd)                     # θ = μ + σ ⊙ ε
         grads, log_p, aux = log_posterior_and_gradient(log_posterior, spec, theta, batch, n_samples)
+        del theta  # dead after the backward: its memory is free again before the optimizer allocates
+        value = nelbo_value(log_p, temperature, torch.stack([s.sum() for s in log_sd]).sum(), flat_eps, n_samples)
         if stl:
             torch._foreach_addcdiv_(grads, eps, sd, value=temperature)    # g + T ε/σ
         torch._foreach_neg_(grads)                                        # per-draw g_μ
-        if n_samples == 1:  # g_s = g_μ ⊙ σ ⊙ ε, written over σ (no new buffer)
-            torch._foreach_mul_(sd, eps)
-            torch._foreach_mul_(sd, grads)
-            grad_log_sd = sd
-        else:
-            grad_log_sd = torch._foreach_mul(torch._foreach_mul(eps, sd), grads)
+        # g_s = g_μ ⊙ σ ⊙ ε (per draw) written over the noise, this thread's scratch, which nothing reads
+        # after this: σ is freed before the optimizer allocates, and of the two parameter-sized
+        # gradients the optimizer gets only g_μ is new memory
+        torch._foreach_mul_(eps, sd)
+        del sd
+        torch._foreach_mul_(eps, grads)
+        grad_log_sd = eps
+        if n_samples > 1:
             grads = [g.mean(0) for g in grads]
             grad_log_sd = [g.mean(0) for g in grad_log_sd]
         if not stl:
             torch._foreach_sub_(grad_log_sd, temperature)
-        value = nelbo_value(log_p, temperature, torch.stack([s.sum() for s in log_sd]).sum(), flat_eps, n_samples)
         (new_mean, new_log_sd), opt_state = optimizer_step(
             optimizer, [unflatten(spec, grads), unflatten(spec, grad_log_sd)], state.opt_state,
             [state.params, state.log_sd_diag], inplace)
