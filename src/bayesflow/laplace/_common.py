@@ -36,6 +36,7 @@ import torch
 from bayesflow.records import record
 from bayesflow.tree import flat_layout, flatten, ravel, unraveller  # noqa: F401  (re-exported to the methods)
 from bayesflow.types import TensorTree
+from bayesflow.utils.linalg import check_psd
 
 __all__ = ["DenseLaplaceState", "DiagLaplaceState"]
 
@@ -247,19 +248,6 @@ def init_dense(params: TensorTree, init_prec: torch.Tensor | float) -> DenseLapl
     prec = init_prec.detach().to(dtype=dtype, device=device).clone()
     check_psd("init_prec", prec)
     return DenseLaplaceState(params, prec)
-
-
-def check_psd(name: str, matrix: torch.Tensor) -> None:
-    """ValueError unless ``matrix`` is finite, symmetric and positive semi-definite (to round-off)."""
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError(f"{name} must be finite")
-    tolerance = 100 * matrix.shape[0] * torch.finfo(matrix.dtype).eps * max(float(matrix.abs().max()), 1e-300)
-    asymmetry = float((matrix - matrix.mT).abs().max())
-    if asymmetry > tolerance:
-        raise ValueError(f"{name} must be symmetric, but |P - Pᵀ| reaches {asymmetry:.3g}")
-    smallest = float(torch.linalg.eigvalsh(matrix)[0])
-    if smallest < -tolerance:
-        raise ValueError(f"{name} must be positive semi-definite, but has the eigenvalue {smallest:.6g}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,6 +29,23 @@ from bayesflow.types import TensorTree
 __all__ = ["L_from_flat", "L_to_flat", "cg"]
 
 
+def check_psd(name: str, matrix: torch.Tensor, symbol: str = "P") -> None:
+    """ValueError unless ``matrix`` is finite, symmetric and positive semi-definite (to round-off).
+
+    The one check of the dense precisions (Laplace) and covariances (linearised predictives); not in
+    ``__all__`` (posteriors' names only).
+    """
+    if not matrix.is_floating_point() or not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"{name} must hold finite floating-point numbers")
+    tolerance = 100 * matrix.shape[0] * torch.finfo(matrix.dtype).eps * max(float(matrix.abs().max()), 1e-300)
+    asymmetry = float((matrix - matrix.mT).abs().max())
+    if asymmetry > tolerance:
+        raise ValueError(f"{name} must be symmetric, but |{symbol} - {symbol}ᵀ| reaches {asymmetry:.3g}")
+    smallest = float(torch.linalg.eigvalsh(matrix)[0])
+    if smallest < -tolerance:
+        raise ValueError(f"{name} must be positive semi-definite, but has the eigenvalue {smallest:.6g}")
+
+
 def _identity(x: TensorTree) -> TensorTree:
     return x
 

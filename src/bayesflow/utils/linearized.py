@@ -44,6 +44,7 @@ from torch.func import jacrev, vmap
 from bayesflow.tree import flat_layout, flatten, tree_map
 from bayesflow.types import ForwardFn, TensorTree
 from bayesflow.utils.functional import CatchAuxError
+from bayesflow.utils.linalg import check_psd
 
 __all__ = ["linearized_forward_dense", "linearized_forward_diag"]
 
@@ -191,15 +192,7 @@ def checked_covariance(name: str, cov: Any, d: int) -> torch.Tensor:
         raise ValueError(f"{name} expects cov of shape ({d}, {d}) (params has {d} entries), "
                          f"got shape {tuple(cov.shape)}")
     cov = cov.detach()
-    if not cov.is_floating_point() or not bool(torch.isfinite(cov).all()):
-        raise ValueError(f"{name} expects cov to hold finite floating-point numbers")
-    tolerance = 100 * d * torch.finfo(cov.dtype).eps * max(float(cov.abs().max()), 1e-300)
-    asymmetry = float((cov - cov.mT).abs().max())
-    if asymmetry > tolerance:
-        raise ValueError(f"{name} expects a symmetric cov, but |Σ - Σᵀ| reaches {asymmetry:.3g}")
-    smallest = float(torch.linalg.eigvalsh(cov)[0])
-    if smallest < -tolerance:
-        raise ValueError(f"{name} expects a positive semi-definite cov, but it has the eigenvalue {smallest:.6g}")
+    check_psd(f"{name}'s cov", cov, symbol="Σ")
     return cov
 
 
