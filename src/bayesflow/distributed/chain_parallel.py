@@ -31,9 +31,8 @@ import numbers
 
 import optree
 import torch
-import torch.distributed as dist
 
-from bayesflow.distributed.reduce import CollectiveFailed, world
+from bayesflow.distributed.reduce import all_gather, world
 from bayesflow.ensemble.chains import lift
 from bayesflow.ensemble.diagnostics import ess, rhat
 from bayesflow.types import TensorTree, Transform
@@ -188,7 +187,7 @@ def gather_chains(tree: TensorTree, num_chains: int, group=None) -> TensorTree:
         torch.Size([4, 2])
     """
     block = chain_block(num_chains, group)
-    rank, size = world(group)
+    _, size = world(group)
     blocks = [_bounds(num_chains, r, size) for r in range(size)]
     longest = max(map(len, blocks))
 
@@ -200,16 +199,9 @@ def gather_chains(tree: TensorTree, num_chains: int, group=None) -> TensorTree:
                              f"{tuple(leaf.shape)}")
         if size == 1:
             return leaf
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else (
-            torch.device("cpu"))
-        padded = leaf.new_zeros((longest, *leaf.shape[1:]), device=device)
+        padded = leaf.new_zeros((longest, *leaf.shape[1:]))
         padded[:len(block)] = leaf
-        parts = [torch.empty_like(padded) for _ in range(size)]
-        try:
-            dist.all_gather(parts, padded, group=group)
-        except Exception as error:
-            raise CollectiveFailed(f"rank {rank}: gathering the chains failed; another rank has most likely "
-                                   f"raised, exited or timed out ({type(error).__name__}: {error})") from error
+        parts = all_gather(padded, group, what="gathering of the chains")
         return torch.cat([part[:len(b)] for part, b in zip(parts, blocks)]).to(leaf.device)
 
     return optree.tree_map(gather, tree, none_is_leaf=False)

@@ -41,9 +41,8 @@ Example (a world of one process — no process group — is the plain transform)
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from bayesflow.distributed.reduce import CollectiveFailed, all_reduce_mean, digest, world
+from bayesflow.distributed.reduce import all_gather, all_reduce_mean, digest, world
 from bayesflow.engine.gradients import autograd_gradient, vmapped_gradient
 from bayesflow.engine.sde import build
 from bayesflow.tree import flatten, unflatten
@@ -77,19 +76,10 @@ def check_replicas(params, group=None, *, step: int | None = None) -> None:
         >>> from bayesflow.distributed import check_replicas
         >>> check_replicas({"w": torch.ones(3)}, step=0)   # one process: trivially identical
     """
-    rank, size = world(group)
+    _, size = world(group)
     if size == 1:
         return
-    local = digest(flatten(params)[0])
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if (
-        dist.get_backend(group) == "nccl") else torch.device("cpu")
-    local = local.to(backend_device)
-    gathered = [torch.empty_like(local) for _ in range(size)]
-    try:
-        dist.all_gather(gathered, local, group=group)
-    except Exception as error:
-        raise CollectiveFailed(f"rank {rank}: the parameter check of step {step} failed; another rank has most "
-                               f"likely raised, exited or timed out ({type(error).__name__}: {error})") from error
+    gathered = all_gather(digest(flatten(params)[0]), group, what=f"parameter check of step {step}")
     differ = [r for r in range(size) if not torch.equal(gathered[r], gathered[0])]
     if differ:
         raise RankDivergence(f"parameters diverged across ranks at step {step}: ranks {differ} differ from rank 0 "

@@ -89,13 +89,31 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor], group=None, *,
         try:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         except Exception as error:  # gloo/NCCL raise RuntimeError subclasses; keep the cause
-            name = what() if callable(what) else what
-            raise CollectiveFailed(f"rank {rank}: the {name} failed; another rank has most likely raised, "
-                                   f"exited or timed out ({type(error).__name__}: {error})") from error
+            raise _failed(rank, what() if callable(what) else what, error) from error
         flat.mul_(1.0 / size)
         for i, view, p in zip(indices, flat.split([p.numel() for p in parts]), parts):
             out[i] = view.view(p.shape)
     return out
+
+
+def _failed(rank: int, name: str, error: Exception) -> CollectiveFailed:
+    return CollectiveFailed(f"rank {rank}: the {name} failed; another rank has most likely raised, exited or "
+                            f"timed out ({type(error).__name__}: {error})")
+
+
+def all_gather(tensor: torch.Tensor, group=None, *, what: str = "all-gather") -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape on every rank), on the backend's device (NCCL: this rank's GPU);
+    a failed collective raises :class:`CollectiveFailed` naming ``what``."""
+    rank, _ = world(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else (
+        torch.device("cpu"))
+    local = tensor.to(device)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    try:
+        dist.all_gather(parts, local, group=group)
+    except Exception as error:  # gloo/NCCL raise RuntimeError subclasses; keep the cause
+        raise _failed(rank, what, error) from error
+    return parts
 
 
 def digest(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
