@@ -13,7 +13,7 @@ import torch
 from torch.func import vmap
 
 from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState, _paths, param_leaves, ravel
-from bayesflow.laplace.kfac_posterior import KFACLaplaceState, _key, _layer_params
+from bayesflow.laplace.kfac_posterior import KFACLaplaceState, _key, _layer_params, layer_eigen
 from bayesflow.laplace.kfac_posterior import sample as kfac_sample
 from bayesflow.laplace.sampling import _standard_normal, _to_tree, diag_sample
 from bayesflow.tree import flatten
@@ -28,7 +28,7 @@ _GLM_DRAW_ELEMENTS = 1 << 22  # output draws (n · B · out numbers) held at onc
 def _glm_covariance(state: LaplaceState, forward: ForwardFn, batch: Any, mean: torch.Tensor) -> torch.Tensor:
     """:math:`C_b = J_b \\Sigma J_b^\\top`, ``(B, out, out)``, for each kind of state (checked before the Jacobian)."""
     if isinstance(state, KFACLaplaceState):
-        layers = {name: _kfac_layer(state, name) for name in state.A}
+        layers = {name: layer_eigen(state, name, "for a predictive") for name in state.A}
         return _kfac_covariance(state, layers, jacobian_tree(forward, state.params, batch, mean), mean)
     if isinstance(state, DiagLaplaceState):
         variances = 1 / _positive_diagonal(state)
@@ -152,18 +152,6 @@ def _dense_factor(state: DenseLaplaceState) -> torch.Tensor:
         raise ValueError("state.prec must be positive definite for a predictive (its Cholesky factorisation fails "
                          f"at column {int(info)}); give init_prec > 0 (a prior precision) or add epsilon")
     return factor
-
-
-def _kfac_layer(state: KFACLaplaceState, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(N γ αᵀ + λ, U_A, U_G)`` of a Linear layer, checked positive (as :func:`kfac.sample`)."""
-    alpha, u_a = torch.linalg.eigh(state.A[name])
-    gamma, u_g = torch.linalg.eigh(state.G[name])
-    n = state.num_data.to(alpha.dtype)
-    prec = n * gamma.clamp(min=0).unsqueeze(1) * alpha.clamp(min=0).unsqueeze(0) + state.prior_prec
-    if not bool((prec > 0).all()) or not bool(torch.isfinite(prec).all()):
-        raise ValueError(f"the precision of the Linear layer {name!r} is not positive definite (no data and "
-                         "prior_prec 0, or a zero factor); give prior_prec > 0 for a predictive")
-    return prec, u_a, u_g
 
 
 # ----------------------------------------------------------------------------------------------------

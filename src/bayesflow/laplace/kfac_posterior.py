@@ -73,6 +73,20 @@ def _key(layer: str, leaf: str) -> str:
     return f"{layer}.{leaf}" if layer else leaf
 
 
+def layer_eigen(state: KFACLaplaceState, name: str, purpose: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(N γ αᵀ + λ, U_A, U_G)`` of a layer: its precision's eigenvalues in the eigenbases of the factors,
+    checked positive (``purpose`` ends the error: what the precision is needed for)."""
+    alpha, u_a = torch.linalg.eigh(state.A[name])
+    gamma, u_g = torch.linalg.eigh(state.G[name])
+    n = state.num_data.to(alpha.dtype)
+    prec = n * gamma.clamp(min=0).unsqueeze(1) * alpha.clamp(min=0).unsqueeze(0) + state.prior_prec
+    if not bool((prec > 0).all()) or not bool(torch.isfinite(prec).all()):
+        weight = state.params[_key(name, "weight")]
+        raise ValueError(f"the precision of the {_kind(weight)} layer {name!r} is not positive definite (no "
+                         f"data and prior_prec 0, or a zero factor); give prior_prec > 0 {purpose}")
+    return prec, u_a, u_g
+
+
 def _kind(weight: torch.Tensor) -> str:
     return "Conv2d" if weight.ndim == 4 else "Linear"
 
@@ -172,13 +186,7 @@ def sample(state: KFACLaplaceState, sample_shape: torch.Size = ONE_DRAW,
     draws = {}
     for name in state.A:
         weight, bias = _layer_params(state, name)
-        alpha, u_a = torch.linalg.eigh(state.A[name])
-        gamma, u_g = torch.linalg.eigh(state.G[name])
-        n = state.num_data.to(alpha.dtype)
-        prec = n * gamma.clamp(min=0).unsqueeze(1) * alpha.clamp(min=0).unsqueeze(0) + state.prior_prec
-        if not bool((prec > 0).all()) or not bool(torch.isfinite(prec).all()):
-            raise ValueError(f"the precision of the {_kind(weight)} layer {name!r} is not positive definite (no "
-                             "data and prior_prec 0, or a zero factor); give prior_prec > 0 to sample")
+        prec, u_a, u_g = layer_eigen(state, name, "to sample")
         z = _standard_normal(count, prec.numel(), prec.dtype, prec.device, generator).reshape(count, *prec.shape)
         delta = u_g @ (z * prec.rsqrt()) @ u_a.mT   # (count, out, width)
         mean = weight.detach().reshape(weight.shape[0], -1)   # (out, in) or (C_out, C_in·kh·kw)
