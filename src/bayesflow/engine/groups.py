@@ -36,7 +36,37 @@ import torch
 
 from bayesflow.tree import _paths
 
-__all__ = ["LeafTemperature", "TemperatureGroups"]
+__all__ = ["LeafTemperature", "TemperatureGroups", "check_config", "is_hot"]
+
+
+def is_hot(temperature) -> bool:
+    """Whether noise is drawn at all: some leaf (:class:`LeafTemperature`), chain (a tensor) or the one
+    temperature (a float) is above zero."""
+    if isinstance(temperature, LeafTemperature):
+        return bool(temperature.hot)
+    if isinstance(temperature, torch.Tensor):
+        return bool((temperature != 0).any())
+    return temperature != 0.0
+
+
+def check_config(config) -> None:
+    """What per-group temperatures need of an engine configuration: operators that act leaf by leaf.
+
+    Raises:
+        ValueError: the lattice random walk (its lattice spacing is one temperature), or a diffusion or
+            curl coupling all parameters (``Dense``, ``Function``, a joint ``Block.dense``).
+    """
+    from bayesflow.engine.lattice import LatticeRandomWalk  # here: the lattice module imports the system
+    from bayesflow.engine.matrices import Dense, Function
+
+    if isinstance(config.integrator, LatticeRandomWalk):
+        raise ValueError("per-group temperatures are not supported by the lattice random walk (its lattice spacing "
+                         "is one temperature); use SGLD")
+    for block in (config.diffusion_block, config.curl_block):
+        for op in block.blocks.values():
+            if getattr(op, "joint", None) is not None or isinstance(op, (Dense, Function)):
+                raise ValueError(f"per-group temperatures need operators that act leaf by leaf; {op!r} couples "
+                                 "all parameters")
 
 
 class TemperatureGroups:
@@ -107,9 +137,6 @@ class LeafTemperature:
         self.common = shared.pop() if len(shared) == 1 else None
         self._roots = [math.sqrt(values[i]) for i in self.hot]
         self._views: dict = {}
-
-    def __bool__(self) -> bool:   # "hot": some leaf is sampled
-        return bool(self.hot)
 
     def draw(self, noise, like: list, key: str, h) -> tuple[list, float]:
         r"""``(views, alpha)`` with ``alpha * views[ℓ]`` = :math:`\sqrt{2 T_\ell h}\,ξ_\ell` (zero for cold leaves).

@@ -30,7 +30,7 @@ from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.context import Context
 from bayesflow.engine.gradients import autograd_gradient, caller_gradient, vmapped_gradient
-from bayesflow.engine.groups import LeafTemperature, TemperatureGroups
+from bayesflow.engine.groups import LeafTemperature, TemperatureGroups, check_config, is_hot
 from bayesflow.engine.layout import Layout
 from bayesflow.engine.noise import INIT, STEP
 from bayesflow.engine.rollback import refused, restore, snapshot
@@ -110,18 +110,6 @@ def build(log_posterior: LogPosterior, config: SDEConfig | None = None, *, chain
                      log_posterior=log_posterior, chains=chains)
 
 
-def _check_groups(config: SDEConfig) -> None:
-    """What per-group temperatures need: operators that act leaf by leaf (see engine.groups)."""
-    if getattr(config.integrator, "discrete_noise", False) or type(config.integrator).__name__ == "LatticeRandomWalk":
-        raise ValueError("per-group temperatures are not supported by the lattice random walk (its lattice spacing "
-                         "is one temperature); use SGLD")
-    for block in (config.diffusion_block, config.curl_block):
-        for op in block.blocks.values():
-            if getattr(op, "joint", None) is not None or op.__class__.__name__ in ("Dense", "Function"):
-                raise ValueError(f"per-group temperatures need operators that act leaf by leaf; {op!r} couples "
-                                 "all parameters")
-
-
 class _Engine:
     def __init__(self, log_posterior: LogPosterior, config: SDEConfig, chains: int | None, vectorize: str):
         self.log_posterior = log_posterior
@@ -132,7 +120,7 @@ class _Engine:
         temperature = config.temperature
         if isinstance(temperature, Mapping):
             self.groups = TemperatureGroups(temperature)
-            _check_groups(config)
+            check_config(config)
             temperature = 0.0 if self.groups.all_zero else max(self.groups.groups.values())
         self.temperature = as_schedule(temperature, "temperature")
         self.step_size = as_schedule(config.step_size, "step_size")
@@ -264,11 +252,7 @@ class _Engine:
         temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else self.temperature(0)
         if self.groups is not None:
             temperature = self.layout.leaf_temperature
-        if isinstance(temperature, LeafTemperature):
-            hot = bool(temperature)
-        else:
-            hot = bool((temperature != 0).any()) if isinstance(temperature, torch.Tensor) else temperature != 0
-        if self.config.momenta_init == "zero" or not hot:
+        if self.config.momenta_init == "zero" or not is_hot(temperature):
             return unflatten(spec, zeros)
         mass = self.config.mass.diagonal(ctx) if not self.config.mass.preconditioners() else 1.0
         self.noise.begin(rng, 0, INIT)  # a stream of its own: no step reuses these numbers

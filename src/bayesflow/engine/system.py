@@ -20,7 +20,7 @@ import torch
 from bayesflow.engine.accumulator import Accumulator, Leaves, per_chain
 from bayesflow.engine.block import Block
 from bayesflow.engine.context import Context
-from bayesflow.engine.groups import LeafTemperature
+from bayesflow.engine.groups import LeafTemperature, is_hot
 from bayesflow.engine.operators import Operator, Scalar
 
 
@@ -52,10 +52,7 @@ class StepInputs:
     def __init__(self, temperature, h: float, noise, gradient_fn, cached: Leaves | None):
         self.temperature = temperature
         # whether noise and Γ are active (T > 0) this step
-        if isinstance(temperature, LeafTemperature):
-            self.hot = bool(temperature)
-        else:
-            self.hot = bool((temperature != 0).any()) if isinstance(temperature, torch.Tensor) else temperature != 0.0
+        self.hot = is_hot(temperature)
         self.h = h
         self.noise = noise
         self.gradient_fn = gradient_fn
