@@ -7,9 +7,17 @@ foreach kernel, so a functional step costs no extra pass over memory compared wi
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 Leaves = list[torch.Tensor]
+
+
+def sqrt(value):
+    """The square root of a float (``math.sqrt``) or of a tensor of scalars (a traced step's
+    temperature, step size or step count: see :mod:`bayesflow.engine.compiled`)."""
+    return value.sqrt() if isinstance(value, torch.Tensor) else math.sqrt(value)
 
 
 def per_chain(values: torch.Tensor, like: Leaves) -> Leaves:

@@ -51,6 +51,11 @@ class SDEConfig:
             (default) is "full" in ``update``, where the engine calls the user's log posterior, and
             "value" in ``step``, whose caller computed the gradient (and its checks, e.g. GradScaler).
         on_nonfinite: "raise" a FloatingPointError naming step and leaf, or "reject" the step.
+        compile: False (the eager step), True (the step traced once per parameter layout and compiled
+            with ``torch.compile``), ``"replay"`` (traced and replayed eagerly, without the engine's
+            Python) or ``"auto"`` (compiled for large layouts, replayed for small ones); see
+            :mod:`bayesflow.engine.compiled`. The numbers a step computes do not change (up to
+            floating-point reordering), nor the noise it draws.
         recipe: set by presets (:func:`preset`): the preset's ``config`` with its arguments bound, so
             that an overridden temperature or learning rate (ensembles, sweeps) is configured *by the
             preset* — with its schedules and corrections — instead of written over them. Not compared.
@@ -80,6 +85,7 @@ class SDEConfig:
     momenta_init: Literal["temperature", "zero"] = "temperature"
     check_finite: Literal["auto", "full", "value", "none"] = "auto"
     on_nonfinite: Literal["raise", "reject"] = "raise"
+    compile: bool | Literal["auto", "replay"] = False
     recipe: Callable[..., SDEConfig] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -88,6 +94,8 @@ class SDEConfig:
                                      ("momenta_init", self.momenta_init, MOMENTA_INIT)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if not (self.compile is True or self.compile is False or self.compile in ("auto", "replay")):
+            raise ValueError(f"unknown compile {self.compile!r}; expected True, False, 'auto' or 'replay'")
         if not isinstance(self.integrator, Integrator):
             raise TypeError(f"integrator must be an Integrator, got {type(self.integrator).__name__}")
         if not isinstance(self.mass, Operator) or self.mass.diagonal is Operator.diagonal:

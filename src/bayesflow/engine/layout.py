@@ -31,6 +31,7 @@ class Layout:
         noise: the seeded noise stream (one generator per chain).
         numel: scalar parameters per chain (the thermostat's dimension d).
         buffers: step-local scratch reused across steps (``Context.scratch``).
+        plans: the compiled step's traced plans for these leaves (:mod:`bayesflow.engine.compiled`).
         small: whether the finiteness test takes its small-model route (one concatenation).
         aliases: the kept requires-grad aliases of in-place steps of a small model, or None.
     """
@@ -69,6 +70,7 @@ class Layout:
         self.numel = sum(leaf[0].numel() if chains else leaf.numel() for leaf in leaves)
         self.xi_shape = xi_shape
         self.buffers: dict = {}
+        self.plans: dict = {}  # traced steps of this layout (engine.compiled), one per kind of step
         self.small = sum(leaf.numel() for leaf in leaves) <= SMALL_CHECK_NUMEL
         self.aliases = Aliases() if self.small else None  # see gradients.Aliases: only where it pays
 

@@ -39,7 +39,7 @@ import torch
 
 from bayesflow.engine.accumulator import Leaves
 
-__all__ = ["INIT", "PERTURBATION", "STEP", "NoiseStream", "derive", "mix", "seed_key"]
+__all__ = ["INIT", "PERTURBATION", "STEP", "NoiseStream", "derive", "mix", "seed_key", "views_of"]
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
@@ -205,15 +205,19 @@ class NoiseStream:
 
     def _allocate(self, like: Leaves) -> tuple[torch.Tensor, Leaves]:
         dtype, device = like[0].dtype, like[0].device
-        if self.chains is None:
-            sizes = [leaf.numel() for leaf in like]
-            buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
-            views = [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes), like)]
-        else:
-            sizes = [leaf[0].numel() for leaf in like]
-            buffer = torch.empty(self.chains, sum(sizes), dtype=dtype, device=device)
-            views = [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes, dim=1), like)]
-        return buffer, views
+        sizes = [leaf.numel() if self.chains is None else leaf[0].numel() for leaf in like]
+        shape = (sum(sizes),) if self.chains is None else (self.chains, sum(sizes))
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        return buffer, views_of(buffer, like, self.chains)
+
+
+def views_of(buffer: torch.Tensor, like: Leaves, chains: int | None) -> Leaves:
+    """Views of a flat noise buffer (``(n,)``, or ``(chains, n)``) shaped like the leaves ``like``."""
+    if chains is None:
+        sizes = [leaf.numel() for leaf in like]
+        return [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes), like)]
+    sizes = [leaf[0].numel() for leaf in like]
+    return [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes, dim=1), like)]
 
 
 def _is_integer(value) -> bool:

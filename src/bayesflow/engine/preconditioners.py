@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from bayesflow.engine.accumulator import Accumulator, Leaves
+from bayesflow.engine.accumulator import Accumulator, Leaves, sqrt
 from bayesflow.engine.context import Context
 from bayesflow.engine.operators import Operator
 
@@ -132,7 +132,7 @@ class SquaredGradientAverage:
             torch._foreach_copy_(scale, second)
             torch._foreach_sqrt_(scale)
         if self.bias_correction:
-            torch._foreach_div_(scale, math.sqrt(1.0 - self.decay ** (step + 1)))
+            torch._foreach_div_(scale, sqrt(1.0 - self.decay ** (step + 1)))
         torch._foreach_add_(scale, self.eps)
         return scale
 

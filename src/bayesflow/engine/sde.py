@@ -27,23 +27,21 @@ from collections.abc import Mapping
 import torch
 
 from bayesflow.engine.accumulator import Accumulator
+from bayesflow.engine.compiled import CompiledStep
 from bayesflow.engine.config import SDEConfig
 from bayesflow.engine.context import Context
 from bayesflow.engine.gradients import autograd_gradient, caller_gradient, vmapped_gradient
 from bayesflow.engine.groups import LeafTemperature, TemperatureGroups, check_config, is_hot
 from bayesflow.engine.layout import Layout
-from bayesflow.engine.noise import INIT, STEP
-from bayesflow.engine.rollback import refused, restore, snapshot
+from bayesflow.engine.noise import INIT
 from bayesflow.engine.schedules import Constant, as_schedule, is_zero
 from bayesflow.engine.state import SDEState
-from bayesflow.engine.system import GradientNotAvailable, StepInputs
+from bayesflow.engine.step import advance
+from bayesflow.engine.system import GradientNotAvailable
 from bayesflow.engine.validation import (
-    Rejected,
     chain_mismatch,
     check_finite_params,
     check_params,
-    checked_gradient,
-    step_count,
 )
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogPosterior, Transform
@@ -140,6 +138,8 @@ class _Engine:
         self.layout = self.system = self.noise = self.spec = self.signature = None
         self.numel = 0
         self.buffers: dict = {}
+        # the compiled step (engine.compiled), when config.compile asks for it
+        self.compiled = CompiledStep(config.compile) if config.compile is not False else None
 
     def _use(self, layout: Layout) -> None:
         self.layout, self.spec, self.signature = layout, layout.spec, layout.signature
@@ -288,7 +288,7 @@ class _Engine:
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad() costs several µs of Python per step
         try:
-            return self._advance(state, params, gradient_fn, inplace), aux_box[0]
+            return advance(self, state, params, gradient_fn, inplace), aux_box[0]
         finally:
             torch._C._set_grad_enabled(enabled)
 
@@ -306,8 +306,8 @@ class _Engine:
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            return self._advance(state, params, gradient_fn, inplace, caller_gradient=True,
-                                 value_given=log_posterior is not None)
+            return advance(self, state, params, gradient_fn, inplace, caller_gradient=True,
+                           value_given=log_posterior is not None)
         finally:
             torch._C._set_grad_enabled(enabled)
 
@@ -327,90 +327,3 @@ class _Engine:
             raise ValueError(f"{name} must have the structure of params: got {flatten(tree)[1]}, "
                              f"expected {self.spec}")
         return leaves
-
-    def _advance(self, state: SDEState, params: list, gradient_fn, inplace: bool,
-                 caller_gradient: bool = False, value_given: bool = True) -> SDEState:
-        config = self.config
-        step = step_count(state.step)
-        temperature = self._fixed_temperature
-        if temperature is None:
-            temperature = self.temperature(step)
-        h = self._fixed_step_size
-        if h is None:
-            h = self.step_size(step)
-        spec = self.spec
-        z = {"params": Accumulator(params, inplace)}
-        if state.momenta is not None:
-            z["momenta"] = Accumulator(self._flatten_like_params(state.momenta, "state.momenta"), inplace)
-        if state.xi is not None:
-            z["xi"] = Accumulator([state.xi], inplace)
-        checked = checked_gradient(gradient_fn, self.config, self.spec, self.layout.small, step,
-                                   caller_gradient, value_given)
-        cache = list(state.gradient) if (state.gradient and not caller_gradient) else None
-        inputs = StepInputs(temperature, h, self.noise, checked, cache)
-        ctx = Context(z, step, {}, self.numel, self.buffers)
-        if inputs.hot:
-            self.noise.begin(state.rng, step, STEP)
-        saved = snapshot(ctx) if inplace and self._evaluates_mid_step else None  # see engine.rollback
-        try:
-            preconditioner = self._precondition(state, ctx, inputs, inplace)
-            if config.decoupled_weight_decay:
-                if config.integrator.evaluates_at_start():
-                    self.system.potential(ctx, inputs)  # ∇ℓ(θ_t) before the decay (AdamW; as in step)
-                z["params"].mul(1.0 - config.decoupled_weight_decay)
-            config.integrator.advance(self.system, ctx, inputs, self.scales)
-        except Rejected:
-            restore(saved)
-            return refused(state, inplace)
-        except BaseException:
-            restore(saved)
-            raise
-        return self._finish(state, spec, ctx, inputs, preconditioner, inplace)
-
-    def _precondition(self, state, ctx, inputs, inplace):
-        if not self.system.preconditioners:
-            return state.preconditioner
-        potential, scale = self.system.potential(ctx, inputs)
-        if scale != 1.0:
-            potential = torch._foreach_mul(potential, scale)
-        new = []
-        for p, p_state in zip(self.system.preconditioners, state.preconditioner):
-            if hasattr(p, "update_state") and hasattr(p, "values"):
-                p_state = p.update_state(p_state, potential, ctx.step, inplace)
-                ctx.pending[id(p)] = (p, p_state)  # P itself is computed when first read
-            else:  # a preconditioner with only update(...) -> (state, P): eagerly
-                out = ctx.scratch(("preconditioner", id(p)), potential)
-                p_state, values = p.update(p_state, potential, ctx.step, inplace, out=out)
-                ctx.preconditioned[id(p)] = values
-                if values is out:
-                    ctx.scratch_values.add(id(p))
-            new.append(p_state)
-        return tuple(new)
-
-    def _finish(self, state, spec, ctx, inputs, preconditioner, inplace):
-        z = ctx.z
-        gradient = ()
-        if self.config.integrator.caches_gradient and inputs.fresh:
-            leaves, scale = self.system.potential(ctx, inputs)
-            gradient = tuple(torch._foreach_mul(leaves, scale) if scale != 1.0 else
-                             (leaves if inputs.owned or inputs.scaled is leaves else [g.clone() for g in leaves]))
-        value = inputs.value if inputs.value is not None else state.log_posterior
-        if inplace:
-            state.step.fill_(ctx.step + 1)  # one scalar write (an add_ costs twice as much)
-            if value is not state.log_posterior:
-                state.log_posterior.copy_(value)
-            if preconditioner is state.preconditioner and not gradient and not state.gradient:
-                return state  # nothing to replace: skip building an identical record
-            return state._replace(preconditioner=preconditioner, gradient=gradient)
-        return SDEState(
-            params=unflatten(spec, z["params"].leaves),
-            momenta=unflatten(spec, z["momenta"].leaves) if "momenta" in z else None,
-            xi=z["xi"].leaves[0] if "xi" in z else None,
-            log_posterior=value,
-            step=state.step + 1,
-            preconditioner=preconditioner,
-            gradient=gradient,
-            rng=state.rng,
-            rejected=state.rejected,
-        )
-

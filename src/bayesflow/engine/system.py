@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from bayesflow.engine.accumulator import Accumulator, Leaves, per_chain
+from bayesflow.engine.accumulator import Accumulator, Leaves, per_chain, sqrt
 from bayesflow.engine.block import Block
 from bayesflow.engine.context import Context
 from bayesflow.engine.groups import LeafTemperature, is_hot
@@ -49,10 +49,10 @@ class StepInputs:
     __slots__ = ("fresh", "gradient_fn", "grads", "h", "hot", "noise", "owned", "released", "scaled", "temperature",
                  "value")
 
-    def __init__(self, temperature, h: float, noise, gradient_fn, cached: Leaves | None):
+    def __init__(self, temperature, h: float, noise, gradient_fn, cached: Leaves | None, hot: bool | None = None):
         self.temperature = temperature
-        # whether noise and Γ are active (T > 0) this step
-        self.hot = is_hot(temperature)
+        # whether noise and Γ are active (T > 0) this step (given by a traced step, whose T is symbolic)
+        self.hot = is_hot(temperature) if hot is None else hot
         self.h = h
         self.noise = noise
         self.gradient_fn = gradient_fn
@@ -237,7 +237,7 @@ class System:
             diffusion = self.row_diffusion.get(row) or self.diffusion.get(row, row)
             joint = getattr(diffusion, "joint", None)
             if joint is not None:  # noise shared with other rows (a coupled Block.dense diffusion)
-                out.add(joint.noise(row, ctx, inputs.noise), alpha=math.sqrt(2.0 * inputs.temperature * h))
+                out.add(joint.noise(row, ctx, inputs.noise), alpha=sqrt(2.0 * inputs.temperature * h))
             elif not diffusion.is_zero:
                 views, alpha = _draw(inputs, out.leaves, row, h)
                 diffusion.sqrt_accumulate(out, views, alpha, ctx)

@@ -1,0 +1,433 @@
+r"""The compiled step: a configuration's whole step traced once per layout, then compiled or replayed.
+
+The engine knows everything a step does before it runs: which operators act, in which order, on
+which leaves. ``build(..., compile=...)`` turns that knowledge into a **step plan**: the step's
+:func:`~bayesflow.engine.step.arithmetic` is traced once per parameter layout (and per kind of
+step: in place or not, hot or cold, with a cached gradient or not) into an ATen graph by
+``make_fx``; the graph is then
+
+* ``compile=True``: compiled by ``torch.compile`` (inductor: C++/OpenMP on the CPU, Triton on GPUs)
+  into a few fused loops over the parameters — one pass for Adam, one pass plus the noise draw for
+  SGLD;
+* ``compile="replay"``: replayed as it is, eagerly — the same ATen calls without the engine's Python
+  (what pays for small models, where dispatch dominates and compiling does not);
+* ``compile="auto"``: compiled from :data:`AUTO_NUMEL` parameters on (and when a compiler exists),
+  replayed below.
+
+What stays outside the graph, by design:
+
+* **the gradient**: ``update`` evaluates ∇ℓ where the integrator asks for it (at the start, or after
+  moving for BAOAB / OBABO), through the opaque operator ``bayesflow::gradient`` that calls the
+  user's ``log_posterior`` with ordinary autograd; ``step(state, grads)`` passes the caller's gradient in;
+* **the noise**: drawn eagerly with ``Tensor.normal_`` semantics into the plan's buffers, in the order
+  and from the generators the eager step uses (inductor's own RNG was measured ~7× slower on the
+  CPU), so compiled and eager runs of one seed draw the same numbers and a state alone still
+  determines its future;
+* **the scalars**: temperature, step size, schedule values and the step count enter as 0-dim tensors,
+  so schedules never recompile.
+
+A configuration the tracer cannot follow (an operator that reads tensor values in Python) falls back to
+the eager step with a warning naming why; so does compilation without a C++ compiler.
+
+Example (Adam at T = 0, the plan replayed; the same numbers as the eager step):
+    >>> import torch
+    >>> from bayesflow.optim import adam
+    >>> def log_posterior(params, batch):
+    ...     return -0.5 * (params**2).sum(), None
+    >>> eager = adam.build(log_posterior, lr=0.1)
+    >>> replayed = adam.build(log_posterior, lr=0.1, compile="replay")
+    >>> a, b = eager.init(torch.ones(3)), replayed.init(torch.ones(3))
+    >>> for _ in range(3):
+    ...     a, _ = eager.update(a, None)
+    ...     b, _ = replayed.update(b, None)
+    >>> torch.allclose(a.params, b.params)
+    True
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+from bayesflow.engine.accumulator import Accumulator
+from bayesflow.engine.context import Context
+from bayesflow.engine.groups import LeafTemperature, is_hot
+from bayesflow.engine.hoist import hoist_scalars
+from bayesflow.engine.noise import STEP, views_of
+from bayesflow.engine.rollback import refused, restore, snapshot
+from bayesflow.engine.schedules import Constant
+from bayesflow.engine.step import arithmetic, cached, finish, gradient_cache, scalars
+from bayesflow.engine.system import StepInputs, _exclusive
+from bayesflow.engine.validation import Rejected, checked_gradient
+from bayesflow.tree import flatten, unflatten
+
+__all__ = ["AUTO_NUMEL", "MODES", "CompiledStep", "stats"]
+
+MODES = (False, True, "auto", "replay")
+"""Values of ``compile``: eager (False), compiled (True), compiled from AUTO_NUMEL on ("auto"), replayed."""
+
+AUTO_NUMEL = 100_000
+"""``compile="auto"`` compiles layouts of at least this many scalars (measured: below it a compiled call's
+fixed cost exceeds what fusion saves) and replays the plan below."""
+
+_STATS = {"traces": 0, "compiles": 0, "fallbacks": 0}
+_ACTIVE: list = []  # the gradient functions of the steps now running (a stack: steps may nest)
+
+
+def stats() -> dict:
+    """Counts of plans traced, compiled and fallen back to eager in this process (a copy).
+
+    Example:
+        >>> from bayesflow.engine.compiled import stats
+        >>> sorted(stats())
+        ['compiles', 'fallbacks', 'traces']
+    """
+    return dict(_STATS)
+
+
+@torch.library.custom_op("bayesflow::gradient", mutates_args=())
+def _gradient(params: list[torch.Tensor], value_like: torch.Tensor) -> list[torch.Tensor]:
+    """∇ℓ at ``params`` and ℓ (shaped like ``value_like``): the running step's gradient function.
+
+    Opaque to the tracer and the compiler, so the user's log posterior runs with ordinary autograd.
+    """
+    gradient_fn, include, exclude = _ACTIVE[-1]
+    # an operator's kernel runs below autograd; the user's log posterior runs with the dispatch state
+    # of the step that called the plan (autograd included), captured when the step began
+    with torch._C._ForceDispatchKeyGuard(include, exclude):
+        grads, value, _ = gradient_fn(params)
+    # an operator's outputs own their memory: autograd may hand out views of one buffer (the backward
+    # of a concatenation) or broadcast views (the gradient of a sum); those are copied
+    storages = {g.untyped_storage().data_ptr() for g in grads}
+    if len(storages) != len(grads) or not _exclusive(grads) or any(
+            g.dtype != p.dtype or g.shape != p.shape for g, p in zip(grads, params)):
+        grads = [g.to(p.dtype).contiguous().clone() for g, p in zip(grads, params)]
+    return [*grads, value.detach().to(value_like.dtype).broadcast_to(value_like.shape).clone()]
+
+
+@_gradient.register_fake
+def _(params, value_like):
+    return [torch.empty_like(p) for p in params] + [torch.empty_like(value_like)]
+
+
+def _active(gradient_fn) -> tuple:
+    return gradient_fn, torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
+
+
+def _zero_gradient(params):
+    """The gradient function of tracing: the plan does not depend on gradient values."""
+    return [torch.zeros_like(p) for p in params], torch.zeros(()), True
+
+
+class _Given:
+    """A step scale whose value this step is a tensor (a schedule evaluated outside the plan)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, step):
+        return self.value
+
+
+class _Recorder:
+    """Noise that records each draw (kind, key, leaf shapes) while drawing it from the real stream."""
+
+    def __init__(self, noise):
+        self.noise, self.draws, self.chains = noise, [], noise.chains
+
+    def normal(self, like, key):
+        return self._draw("normal", like, key)
+
+    def uniform(self, like, key):
+        return self._draw("uniform", like, key)
+
+    def _draw(self, kind, like, key):
+        # zero-memory stand-ins with the leaves' shape, dtype and device (what a draw reads of them)
+        stand_ins = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in like]
+        self.draws.append((kind, ("compiled", len(self.draws)), stand_ins))
+        return getattr(self.noise, kind)(like, key)
+
+
+class _Replay:
+    """Noise inside a traced step: the buffers drawn before it, in the recorded order."""
+
+    def __init__(self, buffers, chains):
+        self.buffers, self.chains = iter(buffers), chains
+
+    def normal(self, like, key):
+        buffer = next(self.buffers)
+        return buffer, views_of(buffer, like, self.chains)
+
+    uniform = normal
+
+
+class Plan:
+    """One traced step: the callable, the noise it reads, and where its outputs go."""
+
+    __slots__ = ("draws", "fn", "outputs", "seconds")
+
+    def __init__(self, fn, draws, outputs, seconds):
+        self.fn, self.draws, self.outputs, self.seconds = fn, draws, outputs, seconds
+
+
+class CompiledStep:
+    """The plans of one transform (see the module docstring) and the step that runs them.
+
+    Args:
+        mode: ``True``, ``"auto"`` or ``"replay"`` (:data:`MODES`).
+        options: keyword arguments of ``torch.compile`` (e.g. ``{"mode": "reduce-overhead"}`` on a GPU).
+    """
+
+    def __init__(self, mode, options: dict | None = None):
+        if mode not in MODES or mode is False:
+            raise ValueError(f"unknown compile mode {mode!r}; expected one of {MODES}")
+        self.mode = mode
+        self.options = dict(options or {})
+        self.first_seconds = None  # trace + compile time of the first plan (the benchmark table's column)
+
+    def advance(self, engine, state, params, gradient_fn, inplace, caller_gradient, value_given, step):
+        temperature, h = scalars(engine, step)
+        if isinstance(temperature, LeafTemperature):
+            return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given,
+                               "per-group temperatures are not traced yet")
+        hot = is_hot(temperature)
+        checked = checked_gradient(gradient_fn, engine.config, engine.spec, engine.layout.small, step,
+                                   caller_gradient, value_given)
+        given = None
+        if caller_gradient:  # the caller's gradient enters the plan as an input, checked here
+            grads, value, _ = checked(params)
+            given = (list(grads), value)
+        momenta = engine._flatten_like_params(state.momenta, "state.momenta") if state.momenta is not None else []
+        xi = [state.xi] if state.xi is not None else []
+        statistics, statistics_spec = flatten(state.preconditioner)
+        cache = cached(state, caller_gradient) or []
+        key = (inplace, hot, len(cache), given is not None, given is not None and given[1] is not None,
+               statistics_spec)
+        plans = engine.layout.plans  # a layout's plans go with it (engine.layout's bounded cache)
+        plan = plans.get(key)
+        if plan is None:
+            plan = self._plan(engine, state, params, momenta, xi, statistics, statistics_spec, cache, given,
+                              temperature, h, step, hot, inplace)
+            if plan is None:
+                return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given, None)
+            plans[key] = plan
+        noise = []
+        if hot:
+            engine.noise.begin(state.rng, step, STEP)
+            noise = [getattr(engine.noise, kind)(like, name)[0] for kind, name, like in plan.draws]
+        inputs = self._inputs(engine, params, momenta, xi, statistics, cache, state.log_posterior, given,
+                              noise, temperature, h, step)
+        ctx = Context(_components(params, momenta, xi, inplace), step, {}, engine.numel, engine.buffers)
+        saved = snapshot(ctx) if inplace and engine._evaluates_mid_step and given is None else None
+        _ACTIVE.append(_active(checked))
+        try:
+            outputs = plan.fn(*inputs)
+        except Rejected:
+            restore(saved)
+            return refused(state, inplace)
+        except BaseException:
+            restore(saved)
+            raise
+        finally:
+            _ACTIVE.pop()
+        return self._state(engine, state, ctx, plan, inputs, outputs, statistics_spec, inplace)
+
+    # ----- tracing --------------------------------------------------------------------------------
+    def _plan(self, engine, state, params, momenta, xi, statistics, statistics_spec, cache, given, temperature,
+              h, step, hot, inplace):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        started = time.perf_counter()
+        draws = self._draws(engine, state, params, momenta, xi, cache, temperature, h, step, hot)
+        noise = [torch.empty(_flat_shape(like, engine.chains), dtype=like[0].dtype, device=like[0].device).normal_()
+                 for _, _, like in draws]
+        example = [t.clone() for t in self._inputs(engine, params, momenta, xi, statistics, cache,
+                                                   state.log_posterior, given, noise, temperature, h, step)]
+        counts = (len(params), len(momenta), len(xi), len(statistics), len(cache), 1, 0 if given is None else
+                  len(given[0]) + (given[1] is not None), len(noise))
+        outputs: list = []
+
+        def traced(*flat):
+            parts = _split(flat, counts)
+            p, m, x, stats_, cache_, (value_like,), given_, noise_, scalars_ = parts
+            T, step_size, count, scales = _scalars_of(engine, temperature, h, scalars_)
+            if given is None:
+                def gradient_fn(leaves):
+                    out = torch.ops.bayesflow.gradient(list(leaves), value_like)
+                    return out[:-1], out[-1], True
+            else:
+                grads_, value_ = list(given_[:len(p)]), (given_[len(p)] if len(given_) > len(p) else None)
+
+                def gradient_fn(leaves):
+                    return grads_, value_, False
+            ctx = Context(_components(list(p), list(m), list(x), inplace), count, {}, engine.numel, None)
+            record = state._replace(preconditioner=unflatten(statistics_spec, list(stats_)),
+                                    gradient=tuple(cache_))
+            inputs = StepInputs(T, step_size, _Replay(noise_, engine.chains), gradient_fn, list(cache_) or None, hot)
+            preconditioner = arithmetic(engine, record, ctx, inputs, scales, inplace)
+            gradient = gradient_cache(engine, ctx, inputs)
+            results = [*ctx.z["params"].leaves, *(ctx.z["momenta"].leaves if m else []),
+                       *(ctx.z["xi"].leaves if x else []), *flatten(preconditioner)[0], *gradient]
+            if inputs.value is not None:
+                results.append(inputs.value)
+            # outputs that are inputs (written in place, or a given value) are not returned: the
+            # caller has them; a graph returning its own inputs would only be aliasing to undo
+            outputs.clear()
+            outputs.append((len(gradient), inputs.value is not None))
+            returned = []
+            for tensor in results:
+                index = next((i for i, t in enumerate(flat) if t is tensor), None)
+                outputs.append(index)
+                if index is None:
+                    returned.append(tensor)
+            return tuple(returned)
+
+        _ACTIVE.append(_active(_zero_gradient))
+        try:
+            graph = make_fx(traced, tracing_mode="real")(*example)
+        except Exception as error:
+            _STATS["fallbacks"] += 1
+            warnings.warn(f"bayesflow: this configuration's step could not be traced ({type(error).__name__}: "
+                          f"{error}); running it eagerly", RuntimeWarning, stacklevel=4)
+            return None
+        finally:
+            _ACTIVE.pop()
+        _STATS["traces"] += 1
+        fn = graph
+        if self.mode is True or (self.mode == "auto" and engine.numel * (engine.chains or 1) >= AUTO_NUMEL):
+            fn = self._compile(graph, example, len(example) - 3 - len(engine.scales))
+        seconds = time.perf_counter() - started
+        if self.first_seconds is None:
+            self.first_seconds = seconds
+        return Plan(fn, draws, list(outputs), seconds)
+
+    def _draws(self, engine, state, params, momenta, xi, cache, temperature, h, step, hot):
+        """The noise draws of one step, in order, found by running it once eagerly on copies."""
+        if not hot:
+            return []
+        recorder = _Recorder(engine.noise)
+        copies = [t.clone() for t in params], [t.clone() for t in momenta], [t.clone() for t in xi]
+        ctx = Context(_components(*copies, False), step, {}, engine.numel, None)
+        inputs = StepInputs(temperature, h, recorder, _zero_gradient, [t.clone() for t in cache] or None)
+        engine.noise.begin(state.rng, step, STEP)
+        arithmetic(engine, state, ctx, inputs, engine.scales, False)
+        return recorder.draws
+
+    def _compile(self, graph, example, first_scalar):
+        prologue, main = hoist_scalars(graph, set(range(first_scalar, len(example))))
+        try:
+            main = torch.compile(main, fullgraph=True, dynamic=False, **self.options)
+            compiled = main if prologue is None else _with_prologue(prologue, main)
+            _ACTIVE.append(_active(_zero_gradient))
+            try:
+                compiled(*[t.clone() for t in example])  # compile now, on copies: the step's time stays the step's
+            finally:
+                _ACTIVE.pop()
+        except Exception as error:
+            _STATS["fallbacks"] += 1
+            warnings.warn(f"bayesflow: torch.compile is unavailable for this step ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); replaying the traced step "
+                          "eagerly instead", RuntimeWarning, stacklevel=5)
+            return graph
+        _STATS["compiles"] += 1
+        return compiled
+
+    # ----- inputs and outputs ---------------------------------------------------------------------
+    def _inputs(self, engine, params, momenta, xi, statistics, cache, value_like, given, noise, temperature, h, step):
+        scalars_ = self._scalar_tensors(engine, temperature, h, step, params[0])
+        extra = [] if given is None else [*given[0], *([] if given[1] is None else [given[1]])]
+        return [*params, *momenta, *xi, *statistics, *cache, value_like, *extra, *noise, *scalars_]
+
+    def _scalar_tensors(self, engine, temperature, h, step, like):
+        """Temperature, step size, step count and step scales as tensors (one reused buffer per value)."""
+        buffers = getattr(engine, "_compiled_scalars", None)
+        if buffers is None or buffers[0].device != like.device:
+            count = 3 + len(engine.scales)
+            buffers = engine._compiled_scalars = [torch.zeros((), dtype=torch.float64, device=like.device)
+                                                  for _ in range(count)]
+        values = [temperature, h, float(step)] + [scale(step) for scale in engine.scales.values()]
+        out = []
+        for buffer, value in zip(buffers, values):
+            if isinstance(value, torch.Tensor):  # per-chain values are inputs as they are
+                out.append(value)
+            else:
+                buffer.fill_(value)
+                out.append(buffer)
+        return out
+
+    def _state(self, engine, state, ctx, plan, inputs, outputs, statistics_spec, inplace):
+        (gradient_count, has_value), *where = plan.outputs
+        returned = iter(outputs)
+        results = [inputs[i] if i is not None else next(returned) for i in where]
+        value = results.pop() if has_value else None
+        z, at = ctx.z, 0
+        for component in ("params", "momenta", "xi"):
+            if component in z:
+                n = len(z[component].leaves)
+                z[component] = Accumulator(results[at:at + n], True)
+                at += n
+        statistics = results[at:len(results) - gradient_count]
+        preconditioner = unflatten(statistics_spec, statistics) if statistics else state.preconditioner
+        gradient = tuple(results[len(results) - gradient_count:]) if gradient_count else ()
+        return finish(state, engine.spec, ctx, gradient, value, preconditioner, inplace)
+
+    def _eager(self, engine, state, params, gradient_fn, inplace, caller_gradient, value_given, reason):
+        from bayesflow.engine.step import advance
+
+        if reason is not None and not getattr(engine, "_compile_warned", False):
+            engine._compile_warned = True
+            warnings.warn(f"bayesflow: compile={self.mode!r} runs this step eagerly: {reason}", RuntimeWarning,
+                          stacklevel=5)
+        compiled, engine.compiled = engine.compiled, None
+        try:
+            return advance(engine, state, params, gradient_fn, inplace, caller_gradient, value_given)
+        finally:
+            engine.compiled = compiled
+
+
+def _with_prologue(prologue, main):
+    def step(*inputs):
+        return main(*inputs, *prologue(*inputs))
+
+    return step
+
+
+def _components(params, momenta, xi, owned) -> dict:
+    z = {"params": Accumulator(params, owned)}
+    if momenta:
+        z["momenta"] = Accumulator(momenta, owned)
+    if xi:
+        z["xi"] = Accumulator(xi, owned)
+    return z
+
+
+def _flat_shape(like, chains):
+    if chains is None:
+        return (sum(t.numel() for t in like),)
+    return (chains, sum(t[0].numel() for t in like))
+
+
+def _split(flat, counts):
+    parts, at = [], 0
+    for n in counts:
+        parts.append(flat[at:at + n])
+        at += n
+    parts.append(flat[at:])
+    return parts
+
+
+def _scalars_of(engine, temperature, h, tensors):
+    """The traced step's temperature, step size, step count and scales.
+
+    A transform's fixed temperature or step size (a float) is a constant of its plans; a schedule's
+    values and per-chain tensors are tensor inputs, so a changing value never retraces.
+    """
+    T = engine._fixed_temperature if isinstance(engine._fixed_temperature, float) else tensors[0]
+    step_size = engine._fixed_step_size if isinstance(engine._fixed_step_size, float) else tensors[1]
+    scales = {name: scale if type(scale) is Constant else _Given(value)
+              for (name, scale), value in zip(engine.scales.items(), tensors[3:])}
+    return T, step_size, tensors[2], scales

@@ -1,0 +1,145 @@
+"""One step of the engine: the arithmetic every configuration shares, eager or traced.
+
+:func:`arithmetic` advances the extended state of one step given the step's scalars (temperature,
+step size, step count), a noise source and a gradient function; :func:`advance` is the eager step
+around it (snapshot and rollback of refused steps, the state record). The compiled step
+(:mod:`bayesflow.engine.compiled`) traces the same :func:`arithmetic` once per parameter layout, so
+the two can never disagree about what a step computes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bayesflow.engine.accumulator import Accumulator
+from bayesflow.engine.context import Context
+from bayesflow.engine.noise import STEP
+from bayesflow.engine.rollback import refused, restore, snapshot
+from bayesflow.engine.state import SDEState
+from bayesflow.engine.system import StepInputs
+from bayesflow.engine.validation import Rejected, checked_gradient, step_count
+from bayesflow.tree import unflatten
+
+__all__ = ["advance", "arithmetic", "finish", "gradient_cache", "scalars"]
+
+
+def scalars(engine, step: int):
+    """The temperature and step size of step ``step`` (fixed values, or the schedules' values)."""
+    temperature = engine._fixed_temperature
+    if temperature is None:
+        temperature = engine.temperature(step)
+    h = engine._fixed_step_size
+    if h is None:
+        h = engine.step_size(step)
+    return temperature, h
+
+
+def advance(engine, state: SDEState, params: list, gradient_fn, inplace: bool,
+            caller_gradient: bool = False, value_given: bool = True) -> SDEState:
+    """The eager step: ``arithmetic`` on the state's own tensors, refusals rolled back."""
+    step = step_count(state.step)
+    if engine.compiled is not None:
+        return engine.compiled.advance(engine, state, params, gradient_fn, inplace, caller_gradient,
+                                       value_given, step)
+    temperature, h = scalars(engine, step)
+    checked = checked_gradient(gradient_fn, engine.config, engine.spec, engine.layout.small, step,
+                               caller_gradient, value_given)
+    z = components(engine, state, params, inplace)
+    ctx = Context(z, step, {}, engine.numel, engine.buffers)
+    saved = snapshot(ctx) if inplace and engine._evaluates_mid_step else None  # see engine.rollback
+    try:
+        inputs = StepInputs(temperature, h, engine.noise, checked, cached(state, caller_gradient))
+        if inputs.hot:
+            engine.noise.begin(state.rng, step, STEP)
+        preconditioner = arithmetic(engine, state, ctx, inputs, engine.scales, inplace)
+    except Rejected:
+        restore(saved)
+        return refused(state, inplace)
+    except BaseException:
+        restore(saved)
+        raise
+    return finish(state, engine.spec, ctx, gradient_cache(engine, ctx, inputs), inputs.value, preconditioner, inplace)
+
+
+def components(engine, state: SDEState, params: list, inplace: bool) -> dict:
+    """The step's extended state z as accumulators over the state's leaves."""
+    z = {"params": Accumulator(params, inplace)}
+    if state.momenta is not None:
+        z["momenta"] = Accumulator(engine._flatten_like_params(state.momenta, "state.momenta"), inplace)
+    if state.xi is not None:
+        z["xi"] = Accumulator([state.xi], inplace)
+    return z
+
+
+def cached(state: SDEState, caller_gradient: bool):
+    """The first-same-as-last gradient a state carries into its step (never with a caller's gradient)."""
+    return list(state.gradient) if (state.gradient and not caller_gradient) else None
+
+
+def arithmetic(engine, state: SDEState, ctx: Context, inputs: StepInputs, scales: dict, inplace: bool) -> tuple:
+    """Advance ``ctx.z`` by one step of ``engine``'s configuration; returns the preconditioner states."""
+    config = engine.config
+    preconditioner = precondition(engine, state, ctx, inputs, inplace)
+    if config.decoupled_weight_decay:
+        if config.integrator.evaluates_at_start():
+            engine.system.potential(ctx, inputs)  # ∇ℓ(θ_t) before the decay (AdamW; as in step)
+        ctx.z["params"].mul(1.0 - config.decoupled_weight_decay)
+    config.integrator.advance(engine.system, ctx, inputs, scales)
+    return preconditioner
+
+
+def precondition(engine, state: SDEState, ctx: Context, inputs: StepInputs, inplace: bool) -> tuple:
+    """Update every preconditioner's statistics with this step's gradient (before any drift)."""
+    system = engine.system
+    if not system.preconditioners:
+        return state.preconditioner
+    potential, scale = system.potential(ctx, inputs)
+    if scale != 1.0:
+        potential = torch._foreach_mul(potential, scale)
+    new = []
+    for p, p_state in zip(system.preconditioners, state.preconditioner):
+        if hasattr(p, "update_state") and hasattr(p, "values"):
+            p_state = p.update_state(p_state, potential, ctx.step, inplace)
+            ctx.pending[id(p)] = (p, p_state)  # P itself is computed when first read
+        else:  # a preconditioner with only update(...) -> (state, P): eagerly
+            out = ctx.scratch(("preconditioner", id(p)), potential)
+            p_state, values = p.update(p_state, potential, ctx.step, inplace, out=out)
+            ctx.preconditioned[id(p)] = values
+            if values is out:
+                ctx.scratch_values.add(id(p))
+        new.append(p_state)
+    return tuple(new)
+
+
+def gradient_cache(engine, ctx: Context, inputs: StepInputs) -> tuple:
+    """The potential gradient a first-same-as-last word hands to the next step, else ()."""
+    if not (engine.config.integrator.caches_gradient and inputs.fresh):
+        return ()
+    leaves, scale = engine.system.potential(ctx, inputs)
+    if scale != 1.0:
+        return tuple(torch._foreach_mul(leaves, scale))
+    return tuple(leaves if inputs.owned or inputs.scaled is leaves else [g.clone() for g in leaves])
+
+
+def finish(state: SDEState, spec, ctx: Context, gradient: tuple, value, preconditioner, inplace: bool) -> SDEState:
+    """The state after a step (the same record, written in place, under ``inplace``)."""
+    z = ctx.z
+    value = value if value is not None else state.log_posterior
+    if inplace:
+        state.step.fill_(ctx.step + 1)  # one scalar write (an add_ costs twice as much)
+        if value is not state.log_posterior:
+            state.log_posterior.copy_(value)
+        if preconditioner is state.preconditioner and not gradient and not state.gradient:
+            return state  # nothing to replace: skip building an identical record
+        return state._replace(preconditioner=preconditioner, gradient=gradient)
+    return SDEState(
+        params=unflatten(spec, z["params"].leaves),
+        momenta=unflatten(spec, z["momenta"].leaves) if "momenta" in z else None,
+        xi=z["xi"].leaves[0] if "xi" in z else None,
+        log_posterior=value,
+        step=state.step + 1,
+        preconditioner=preconditioner,
+        gradient=gradient,
+        rng=state.rng,
+        rejected=state.rejected,
+    )

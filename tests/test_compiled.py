@@ -1,0 +1,253 @@
+"""The compiled step (issue 13): ``compile=True / "replay" / "auto"`` on the engine and every preset.
+
+* Replayed plans (the traced step without the engine's Python) equal the eager step bitwise for every
+  preset, in and out of place, and the T = 0 presets equal torch.optim on the hypothesis strategies of
+  test_optim_equivalence (the same tolerances: the replayed plan is the eager step's ATen calls).
+* Compiled plans (inductor) equal torch.optim within FLOAT32_RTOL: the fused loop reorders the same
+  float32 operations (and may contract a·b + c into one FMA), a few units of roundoff per step.
+* Compiled samplers draw the eager step's noise (same seed: the same trajectory within float32
+  rounding) and keep their stationary law; schedules never retrace or recompile.
+* A step the tracer cannot follow, or a machine without a compiler, runs eagerly with a warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_optim_equivalence import (
+    FLOAT32_RTOL,
+    FLOAT64_RTOL,
+    OPTIMIZERS,
+    assert_trajectories_close,
+    engine_trajectory,
+    problems,
+    rounding_sensitivity,
+    torch_trajectory,
+)
+
+import bayesflow.engine.compiled as compiled
+from bayesflow.engine import SDEConfig, build
+from bayesflow.engine.integrators import Integrator
+from bayesflow.optim import adam, sgd
+from bayesflow.sgmcmc import baoab, sghmc, sgld
+
+
+def log_posterior(params, batch):
+    return -0.5 * (params["a"] ** 2).sum() - 0.25 * (params["b"] ** 4).sum(), None
+
+
+def gaussian(params, batch):
+    return -0.5 * (params**2).sum(), None
+
+
+PRESETS = {
+    "sgmcmc.sgld": dict(lr=0.05, temperature=1.0), "sgmcmc.sghmc": dict(lr=0.05, temperature=1.0),
+    "sgmcmc.baoab": dict(lr=0.05, temperature=1.0), "sgmcmc.baoa": dict(lr=0.05, temperature=1.0),
+    "sgmcmc.obabo": dict(lr=0.05, temperature=1.0), "sgmcmc.sgnht": dict(lr=0.05, temperature=1.0),
+    "sgmcmc.psgld": dict(lr=0.05, temperature=1.0), "sgmcmc.adam_sghmc": dict(lr=0.05, temperature=1.0),
+    "sgmcmc.csgld": dict(lr=0.05, temperature=1.0, cycle_length=3),
+    "sgmcmc.csghmc": dict(lr=0.05, temperature=1.0, cycle_length=3),
+    "sgmcmc.sglrw": dict(lr=0.05, temperature=1.0),
+    "optim.adam": dict(lr=0.05), "optim.adamw": dict(lr=0.05),
+    "optim.rmsprop": dict(lr=0.05, momentum=0.5, centered=True),
+    "optim.sgd": dict(lr=0.05, momentum=0.9, nesterov=True),
+}
+
+
+def start():
+    return {"a": torch.linspace(-1.0, 1.0, 3), "b": torch.full((2, 2), 0.5)}
+
+
+def run(transform, steps, inplace, seed=1):
+    state = transform.init(start(), seed=seed)
+    for _ in range(steps):
+        state, _ = transform.update(state, None, inplace=inplace)
+    return state
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_replayed_plan_equals_the_eager_step(name, inplace):
+    module = importlib.import_module(f"bayesflow.{name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to eager
+        eager = run(module.build(log_posterior, **PRESETS[name]), 7, inplace)
+        replayed = run(module.build(log_posterior, **PRESETS[name], compile="replay"), 7, inplace)
+    for key in ("a", "b"):
+        # cSGLD's cyclical step size enters the plan as a tensor (one rounding of lr(t) to float32)
+        torch.testing.assert_close(replayed.params[key], eager.params[key], rtol=2e-7, atol=2e-7)
+    assert int(replayed.step) == 7
+    assert replayed.log_posterior == pytest.approx(float(eager.log_posterior), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_replayed_presets_equal_torch_optim(name):
+    module, optimizer_class, hyper_strategy = OPTIMIZERS[name]
+
+    @settings(max_examples=15, deadline=None)
+    @given(problem=problems(torch.float64), hyper=hyper_strategy, inplace=st.booleans())
+    def check(problem, hyper, inplace):
+        reference = torch_trajectory(problem, optimizer_class, hyper)
+        dev = rounding_sensitivity(problem, optimizer_class, hyper, reference)
+        ours = engine_trajectory(module.build(problem.log_posterior, **hyper, compile="replay"), problem, inplace)
+        assert_trajectories_close(ours, reference, FLOAT64_RTOL, f"{name} replayed", dev)
+
+    check()
+
+
+def test_a_state_continues_across_eager_and_replayed_transforms():
+    """A state alone determines its future: half a run replayed, the rest eager (and back)."""
+    eager, replayed = (sghmc.build(log_posterior, lr=0.05, temperature=1.0, compile=mode) for mode in (False, "replay"))
+    reference = run(eager, 10, inplace=False)
+    state = run(replayed, 5, inplace=False)
+    for _ in range(5):
+        state, _ = eager.update(state, None)
+    torch.testing.assert_close(state.params, reference.params, rtol=0, atol=0)
+
+
+def test_replayed_chains_per_chain_values_and_caller_gradients():
+    config = sghmc.config(lr=torch.tensor([0.05, 0.1, 0.2]), temperature=torch.tensor([0.0, 1.0, 2.0]))
+    eager, replayed = build(gaussian, config, chains=3), build(gaussian, replace(config, compile="replay"), chains=3)
+    a, b = eager.init(torch.ones(3, 4), seed=0), replayed.init(torch.ones(3, 4), seed=0)
+    for _ in range(5):
+        a, _ = eager.update(a, None)
+        b, _ = replayed.update(b, None)
+    torch.testing.assert_close(b.params, a.params, rtol=0, atol=0)
+
+    eager, replayed = adam.build(gaussian, lr=0.1), adam.build(gaussian, lr=0.1, compile="replay")
+    a, b = eager.init(torch.ones(4)), replayed.init(torch.ones(4))
+    for _ in range(5):
+        a = eager.step(a, -a.params, inplace=True)
+        b = replayed.step(b, -b.params, inplace=True, log_posterior=torch.tensor(-2.0))
+    torch.testing.assert_close(b.params, a.params, rtol=0, atol=0)
+    assert float(b.log_posterior) == -2.0
+
+
+def test_refused_steps_leave_the_state_as_it_was():
+    def nan_when_asked(params, batch):
+        return -0.5 * (params**2).sum() * (math.nan if batch else 1.0), None
+
+    transform = baoab.build(nan_when_asked, lr=0.1, on_nonfinite="reject", compile="replay")
+    state, _ = transform.update(transform.init(torch.ones(3), seed=0), False, inplace=True)
+    before = (state.params.clone(), state.momenta.clone())
+    state, _ = transform.update(state, True, inplace=True)  # BAOAB evaluates after moving: restored
+    assert int(state.rejected) == 1 and int(state.step) == 2
+    assert torch.equal(state.params, before[0]) and torch.equal(state.momenta, before[1])
+    with pytest.raises(FloatingPointError):
+        raising = baoab.build(nan_when_asked, lr=0.1, compile="replay")
+        raising.update(raising.init(torch.ones(3), seed=0), True)
+
+
+def test_schedules_never_retrace():
+    lr = lambda t: 0.1 / (1 + t)  # noqa: E731
+    temperature = lambda t: 1.0 if t % 2 else 0.5  # noqa: E731
+    eager = sgld.build(gaussian, lr=lr, temperature=temperature)
+    replayed = sgld.build(gaussian, lr=lr, temperature=temperature, compile="replay")
+    before = compiled.stats()["traces"]
+    a, b = eager.init(torch.ones(4), seed=3), replayed.init(torch.ones(4), seed=3)
+    for _ in range(200):
+        a, _ = eager.update(a, None, inplace=True)
+        b, _ = replayed.update(b, None, inplace=True)
+    assert compiled.stats()["traces"] - before == 1
+    torch.testing.assert_close(b.params, a.params, rtol=1e-6, atol=1e-6)
+
+
+def test_untraceable_steps_fall_back_to_eager_with_a_warning():
+    class ReadsValues(Integrator):  # a Python branch on a tensor's value cannot be traced
+        def advance(self, system, ctx, inputs, scales):
+            if float(ctx.z["params"].leaves[0].sum()) > -1e9:
+                system.row(ctx, inputs, "params", inputs.h)
+
+    config = SDEConfig(step_size=0.1, temperature=0.0, integrator=ReadsValues())
+    eager, traced = build(gaussian, config), build(gaussian, replace(config, compile="replay"))
+    with pytest.warns(RuntimeWarning, match="could not be traced"):
+        state, _ = traced.update(traced.init(torch.ones(2)), None)
+    reference, _ = eager.update(eager.init(torch.ones(2)), None)
+    assert torch.equal(state.params, reference.params)
+
+
+def test_unknown_compile_modes_are_refused():
+    with pytest.raises(ValueError, match="unknown compile"):
+        sgld.build(gaussian, lr=0.1, compile="fast")
+    with pytest.raises(ValueError, match="unknown compile"):
+        SDEConfig(step_size=0.1, compile=1)
+
+
+# ----- compiled with inductor: a few small graphs ---------------------------------------------------
+def test_compiled_adam_and_nesterov_equal_torch_optim():
+    torch.manual_seed(0)
+    targets = {"w": torch.randn(40), "v": torch.randn(3, 5)}
+
+    def objective(params, step):
+        return -sum(((params[k] - targets[k]) ** 2 * (1.0 + 0.1 * step)).sum() for k in targets), None
+
+    for module, hyper, optimizer in ((adam, dict(lr=0.05, betas=(0.8, 0.99), weight_decay=0.01), torch.optim.Adam),
+                                     (sgd, dict(lr=0.02, momentum=0.9, nesterov=True), torch.optim.SGD)):
+        transform = module.build(objective, **hyper, compile=True)
+        state = transform.init({k: torch.zeros_like(v) for k, v in targets.items()})
+        params = {k: torch.zeros_like(v).requires_grad_(True) for k, v in targets.items()}
+        reference = optimizer(list(params.values()), **hyper)
+        for step in range(20):
+            state, _ = transform.update(state, step, inplace=True)
+            reference.zero_grad()
+            (-objective(params, step)[0]).backward()
+            reference.step()
+            for k in targets:
+                # fused float32 loops reorder a handful of roundings per step: FLOAT32_RTOL (see
+                # test_optim_equivalence) relative to the parameters' scale
+                scale = params[k].detach().abs().max()
+                torch.testing.assert_close(state.params[k], params[k].detach(), rtol=0, atol=FLOAT32_RTOL * scale)
+
+
+def test_compiled_sampler_draws_the_eager_noise_and_keeps_its_law():
+    """BAOAB on N(0, 1) is exact in θ at any step size: Var θ = 1 (ENGINE.md). 20 000 coordinates are
+    20 000 independent chains; the variance of 20 000 N(0, 1) draws has standard error sqrt(2/n) = 0.01
+    per snapshot. SGLD's Euler step at the same h would give 2/(2 - h) = 1.33 (rejected below)."""
+    h, n = 0.5, 20_000
+    eager = baoab.build(gaussian, lr=h, alpha=1.0, temperature=1.0)
+    fused = baoab.build(gaussian, lr=h, alpha=1.0, temperature=1.0, compile=True)
+    a, b = eager.init(torch.zeros(n), seed=5), fused.init(torch.zeros(n), seed=5)
+    variances = []
+    for step in range(60):
+        a, _ = eager.update(a, None, inplace=True)
+        b, _ = fused.update(b, None, inplace=True)
+        if step >= 30:
+            variances.append(float(b.params.var()))
+    torch.testing.assert_close(b.params, a.params, rtol=1e-5, atol=1e-5)  # the same noise, step for step
+    variance = sum(variances) / len(variances)
+    tolerance = 4 * math.sqrt(2 / n)  # snapshots are correlated: no better than one snapshot's error
+    assert abs(variance - 1.0) < tolerance
+    assert abs(variance - 2 / (2 - h)) > tolerance  # the check tells an Euler step's law apart
+
+
+def test_compiled_schedules_compile_once_over_1000_steps():
+    dynamo_counters = torch._dynamo.utils.counters
+    before, graphs = compiled.stats()["compiles"], dynamo_counters["stats"]["unique_graphs"]
+    transform = sgld.build(gaussian, lr=lambda t: 0.01 * (1 + math.cos(t / 50)) + 1e-3,
+                           temperature=lambda t: 1.0 + 0.5 * math.sin(t), compile=True)
+    state = transform.init(torch.zeros(16), seed=0)
+    for _ in range(1000):
+        state, _ = transform.update(state, None, inplace=True)
+    assert compiled.stats()["compiles"] - before == 1
+    assert dynamo_counters["stats"]["unique_graphs"] - graphs == 1
+    assert int(state.step) == 1000 and torch.isfinite(state.params).all()
+
+
+def test_no_compiler_falls_back_with_a_warning(monkeypatch):
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    transform = sghmc.build(gaussian, lr=0.1, temperature=1.0, compile=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile is unavailable"):
+        state, _ = transform.update(transform.init(torch.ones(3), seed=0), None)
+    reference = sghmc.build(gaussian, lr=0.1, temperature=1.0)
+    expected, _ = reference.update(reference.init(torch.ones(3), seed=0), None)
+    assert torch.equal(state.params, expected.params)
