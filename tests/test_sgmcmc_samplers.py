@@ -201,11 +201,19 @@ def gaussian_maps(name, hp, T, precision, mean, P=None, friction=None, gradient_
     return [s.map(reference_step(s, name, hp, T, grad, P, friction))]
 
 
+def thermostat_target(hp, T, friction):
+    """SGNHT's thermostat target at friction ξ: the Euler friction step's kinetic temperature
+    T / max(1 - hξ/(2σ²), 1/2) (ThermostatCoupling with step_size), not T."""
+    return T / max(1.0 - hp["lr"] * friction / (2 * hp.get("sigma", 1.0) ** 2), 0.5)
+
+
 def thermostat_friction(name, hp, T, precision, mean, gradient_noise=0.0):
-    """SGNHT: the friction ξ* at which E|m|²/(dσ²) = T (the thermostat's fixed point), by bisection."""
+    """SGNHT: the friction ξ* at which E|m|²/(dσ²) = T/(1 - hξ*/(2σ²)) (the thermostat's fixed point), by
+    bisection (returned as the excess of the kinetic temperature over the target, compared with 0)."""
     def kinetic(friction):
         maps = gaussian_maps(name, hp, T, precision, mean, friction=friction, gradient_noise=gradient_noise)
-        return stationary(maps)[1][:, 1, 1].mean().item() / hp.get("sigma", 1.0) ** 2
+        excess = stationary(maps)[1][:, 1, 1].mean().item() / hp.get("sigma", 1.0) ** 2
+        return excess - thermostat_target(hp, T, friction) + T
 
     lo, hi = 1e-3, hp.get("sigma", 1.0) ** 2 / hp["lr"]  # friction per step h·ξ/σ² in (0, 1]
     assert kinetic(lo) > T > kinetic(hi), f"no thermostat fixed point for {hp} (the step is too large)"
@@ -385,17 +393,20 @@ def gaussian_check(case, hp, precision, mean, chains, steps, temperature=1.0, se
 
 
 def assert_thermostat(case, avg, friction, temperature, hp, d):
-    """SGNHT: ξ settles at the exact friction ξ* whose stationary law has E|m|²/(dσ²) = T."""
+    """SGNHT: ξ settles at the exact friction ξ* whose stationary law has E|m|²/(dσ²) = T/(1 - hξ*/(2σ²))."""
     sigma2 = hp.get("sigma", 1.0) ** 2
     kinetic = (avg["mm"].mean() / sigma2).item()
-    # ξ' = ξ + h(|m'|²/(dσ²) - T) telescopes: the time average of the kinetic temperature is T up to
-    # (ξ_end - ξ_start)/(h·steps), whose spread is about sqrt(2·T·σ²/d)/(h·steps) (ξ ~ N(ξ*, T·σ²/d):
-    # the thermostat's inertia is σ²).
+    # ξ' = ξ + h(|m'|²/(dσ²) - T/(1 - hξ/(2σ²))) telescopes: the time average of the kinetic temperature is
+    # that of the target up to (ξ_end - ξ_start)/(h·steps), whose spread is about sqrt(2·T·σ²/d)/(h·steps)
+    # (ξ ~ N(ξ*, T·σ²/d): the thermostat's inertia is σ²). The trace holds ξ after each step, the target
+    # reads it before: one step's shift, far below that spread.
     steps = avg["trace"].numel()
+    target = sum(thermostat_target(hp, temperature, xi) for xi in avg["trace"].tolist()) / steps
     se = math.sqrt(2 * temperature * sigma2 / d) / (hp["lr"] * steps)
-    assert abs(kinetic - temperature) < SIGMAS * se + 1e-6 * temperature, (case, kinetic, temperature, se)
+    assert abs(kinetic - target) < SIGMAS * se + 1e-6 * temperature, (case, kinetic, target, se)
     xi, xi_se = batch_means(avg["trace"])
-    print(f"{case}: kinetic temperature {kinetic:.6f} (T = {temperature}, SE {se:.2g}); ξ {xi:.5f} ± {xi_se:.2g}, "
+    print(f"{case}: kinetic temperature {kinetic:.6f} (target {target:.6f}, T = {temperature}, SE {se:.2g}); "
+          f"ξ {xi:.5f} ± {xi_se:.2g}, "
           f"ξ* = {friction:.5f}, A = {hp['alpha']}")
     assert_within(f"{case} mean ξ", xi, xi_se, friction)
 
@@ -503,7 +514,8 @@ REGRESSION = {
 def regression_thermostat(problem, hp, T):
     def kinetic(friction):
         cov = stationary(problem.maps("sgnht", hp, T, friction=friction))[1]
-        return cov[problem.p:2 * problem.p, problem.p:2 * problem.p].diagonal().mean().item()
+        excess = cov[problem.p:2 * problem.p, problem.p:2 * problem.p].diagonal().mean().item()
+        return excess - thermostat_target(hp, T, friction) + T
 
     lo, hi = 1e-3, 1.0 / hp["lr"]
     assert kinetic(lo) > T > kinetic(hi)

@@ -26,6 +26,7 @@ from bayesflow.engine.accumulator import Accumulator, Leaves
 from bayesflow.engine.context import COMPONENTS, Context, split_like
 from bayesflow.engine.matrices import Dense, _check_matrix, _psd_sqrt, check_finite_matrix
 from bayesflow.engine.operators import Operator, Scalar, Zero
+from bayesflow.engine.schedules import Constant
 
 __all__ = ["Block", "JointDiffusion", "ThermostatCoupling", "as_block", "hamiltonian_curl"]
 
@@ -264,18 +265,44 @@ class ThermostatCoupling(Operator):
     ``sign=+1`` is the block :math:`Q_{mξ} = m/d`, ``sign=-1`` the block :math:`Q_{ξm} = -m^\top/d`.
     Its divergence gives :math:`Γ_ξ = \sum_j \partial_{m_j}(-m_j/d) = -1`, the thermostat's −T.
 
+    **Discretisation-aware target** (``step_size`` h and ``mass`` M given, on the ``-1`` block): an Euler
+    friction step :math:`m \leftarrow (1 - hξ/M)\,m + \dots` at temperature T leaves the momenta at the
+    kinetic temperature :math:`T/(1 - hξ/(2M))` (their stationary variance in a flat direction), not T,
+    so a thermostat driving :math:`|m|^2/(dM)` to T lowers the sampled temperature by that factor.
+    With ``step_size`` the block's Γ is
+
+    .. math:: Γ_ξ = -\frac{1}{\max(1 - hξ/(2M),\ 1/2)},
+
+    the thermostat's target becomes that discretisation's value, and the semi-implicit Euler step's
+    law of θ is exact on an isotropic Gaussian at any stable h (see :mod:`bayesflow.sgmcmc.sgnht`).
+    The floor 1/2 (reached at hξ/M = 1, where the friction step would flip the momenta's sign) keeps
+    the thermostat's pull bounded at large ξ. ``step_size`` is a float, a schedule ``step -> h`` or one
+    value per chain (a 1-D tensor); a step-size schedule cannot enter a compiled step (it runs eagerly).
+
     Example (SGNHT's curl: the Hamiltonian coupling of θ and m plus the thermostat's pair):
         >>> from bayesflow.engine import Block, ThermostatCoupling, hamiltonian_curl
         >>> Q = Block({**hamiltonian_curl(1.0).blocks,
         ...            ("momenta", "xi"): ThermostatCoupling(+1), ("xi", "momenta"): ThermostatCoupling(-1)})
         >>> sorted(Q.components()), Q.state_dependent
         (['momenta', 'params', 'xi'], True)
+        >>> ThermostatCoupling(-1, step_size=0.2, mass=1.0)   # its Γ at ξ = 1 is -1/(1 - 0.1)
+        ThermostatCoupling(-1, step_size=0.2, mass=1)
     """
 
     state_dependent = True
 
-    def __init__(self, sign: float):
+    def __init__(self, sign: float, step_size=None, mass: float = 1.0):
         self.sign = float(sign)
+        if step_size is not None and not callable(step_size) and not isinstance(step_size, torch.Tensor):
+            if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not (
+                    math.isfinite(step_size) and step_size > 0):
+                raise ValueError(f"ThermostatCoupling step_size must be a positive finite number, a schedule or a "
+                                 f"tensor of one value per chain, got {step_size!r}")
+            step_size = float(step_size)
+        if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not (math.isfinite(mass) and mass > 0):
+            raise ValueError(f"ThermostatCoupling mass must be a positive finite number, got {mass!r}")
+        self.step_size = step_size
+        self.mass = float(mass)
 
     def accumulate(self, out: Accumulator, v: Leaves, alpha: float, ctx: Context) -> None:
         momenta = ctx.leaves("momenta")
@@ -297,16 +324,41 @@ class ThermostatCoupling(Operator):
     def divergence(self, ctx: Context) -> Leaves | None:
         if self.sign > 0:
             return None
-        return [torch.full_like(ctx.leaves("xi")[0], -1.0)]
+        xi = ctx.leaves("xi")[0]
+        if self.step_size is None:
+            return [torch.full_like(xi, -1.0)]
+        h = self._step_size(ctx.step)
+        if isinstance(h, torch.Tensor):
+            h = h.to(dtype=xi.dtype, device=xi.device)
+        kinetic = torch.clamp(1.0 - xi * (h / (2.0 * self.mass)), min=0.5)  # T / (kinetic temperature)
+        return [kinetic.reciprocal().neg_()]
+
+    def _step_size(self, step):
+        h = self.step_size
+        if isinstance(h, torch.Tensor) or not callable(h):
+            return h
+        if isinstance(h, Constant):
+            return h.value
+        if isinstance(step, torch.Tensor):  # a traced step: the schedule would be read once and frozen
+            raise NotImplementedError("ThermostatCoupling with a step-size schedule cannot be traced into a "
+                                      "compiled step; it runs eagerly")
+        return float(h(step))
 
     def symbol(self):
         return ("thermostat", None, self.sign)
 
+    def _key(self):
+        h = self.step_size
+        h = ("tensor", tuple(h.tolist())) if isinstance(h, torch.Tensor) else h
+        return (self.sign, h, self.mass if self.step_size is not None else None)
+
     def __eq__(self, other):
-        return isinstance(other, ThermostatCoupling) and other.sign == self.sign
+        return isinstance(other, ThermostatCoupling) and other._key() == self._key()
 
     def __hash__(self):
-        return hash(("ThermostatCoupling", self.sign))
+        return hash(("ThermostatCoupling", self._key()))
 
     def __repr__(self):
-        return f"ThermostatCoupling({self.sign:+g})"
+        if self.step_size is None:
+            return f"ThermostatCoupling({self.sign:+g})"
+        return f"ThermostatCoupling({self.sign:+g}, step_size={self.step_size!r}, mass={self.mass:g})"

@@ -9,10 +9,12 @@ step: in place or not, hot or cold, with a cached gradient or not) into an ATen 
 * ``compile=True``: compiled by ``torch.compile`` (inductor: C++/OpenMP on the CPU, Triton on GPUs)
   into a few fused loops over the parameters — one pass for Adam, one pass plus the noise draw for
   SGLD;
-* ``compile="replay"``: replayed as it is, eagerly — the same ATen calls without the engine's Python
-  (what pays for small models, where dispatch dominates and compiling does not);
-* ``compile="auto"``: compiled from :data:`AUTO_NUMEL` parameters on (and when a compiler exists),
-  replayed below.
+* ``compile="replay"``: replayed as it is, eagerly — the plan's ATen calls without the engine's
+  Python objects (to inspect a plan, ``transform``-independent; measured *slower* than the eager step
+  on the CPU for small models — the eager step's buffer reuse is not in the graph — so it is not the
+  small-model route: see benchmarks/results/compiled.json);
+* ``compile="auto"``: compiled from :data:`AUTO_NUMEL` parameters on, the eager step below (where a
+  compiled call's fixed cost exceeds what fusion saves).
 
 What stays outside the graph, by design:
 
@@ -54,7 +56,7 @@ import torch
 from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.context import Context
 from bayesflow.engine.groups import LeafTemperature, is_hot
-from bayesflow.engine.hoist import hoist_scalars
+from bayesflow.engine.hoist import ScalarProgram, hoist_scalars
 from bayesflow.engine.noise import STEP, views_of
 from bayesflow.engine.rollback import refused, restore, snapshot
 from bayesflow.engine.schedules import Constant
@@ -69,8 +71,9 @@ MODES = (False, True, "auto", "replay")
 """Values of ``compile``: eager (False), compiled (True), compiled from AUTO_NUMEL on ("auto"), replayed."""
 
 AUTO_NUMEL = 100_000
-"""``compile="auto"`` compiles layouts of at least this many scalars (measured: below it a compiled call's
-fixed cost exceeds what fusion saves) and replays the plan below."""
+"""``compile="auto"`` compiles layouts of at least this many scalars (summed over chains) and runs the
+eager step below: a compiled call costs tens of µs of fixed overhead (guards, wrappers), more than the
+eager step of a small model (benchmarks/bench_compiled.py)."""
 
 _STATS = {"traces": 0, "compiles": 0, "fallbacks": 0}
 _ACTIVE: list = []  # the gradient functions of the steps now running (a stack: steps may nest)
@@ -116,6 +119,16 @@ def _active(gradient_fn) -> tuple:
     return gradient_fn, torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
 
 
+_UNTRACEABLE = object()  # the plan of a kind of step that could not be traced
+
+
+def _given_gradient(given, owned):
+    def gradient_fn(leaves):
+        return given[0], given[1], owned
+
+    return gradient_fn
+
+
 def _zero_gradient(params):
     """The gradient function of tracing: the plan does not depend on gradient values."""
     return [torch.zeros_like(p) for p in params], torch.zeros(()), True
@@ -155,12 +168,19 @@ class _Recorder:
 class _Replay:
     """Noise inside a traced step: the buffers drawn before it, in the recorded order."""
 
-    def __init__(self, buffers, chains):
-        self.buffers, self.chains = iter(buffers), chains
+    def __init__(self, inputs, views: list | None, chains):
+        self.inputs, self.views, self.chains, self.draw = list(inputs), views, chains, 0
 
     def normal(self, like, key):
-        buffer = next(self.buffers)
-        return buffer, views_of(buffer, like, self.chains)
+        if self.views is None:  # flat buffers only: views made in the graph
+            buffer = self.inputs[self.draw]
+            self.draw += 1
+            return buffer, views_of(buffer, like, self.chains)
+        count = self.views[self.draw]
+        self.draw += 1
+        buffer, *views = self.inputs[:1 + count]
+        del self.inputs[:1 + count]
+        return buffer, views
 
     uniform = normal
 
@@ -168,10 +188,10 @@ class _Replay:
 class Plan:
     """One traced step: the callable, the noise it reads, and where its outputs go."""
 
-    __slots__ = ("draws", "fn", "outputs", "seconds")
+    __slots__ = ("draws", "fn", "outputs", "seconds", "views")
 
-    def __init__(self, fn, draws, outputs, seconds):
-        self.fn, self.draws, self.outputs, self.seconds = fn, draws, outputs, seconds
+    def __init__(self, fn, draws, outputs, seconds, views):
+        self.fn, self.draws, self.outputs, self.seconds, self.views = fn, draws, outputs, seconds, views
 
 
 class CompiledStep:
@@ -190,6 +210,8 @@ class CompiledStep:
         self.first_seconds = None  # trace + compile time of the first plan (the benchmark table's column)
 
     def advance(self, engine, state, params, gradient_fn, inplace, caller_gradient, value_given, step):
+        if self.mode == "auto" and engine.numel * (engine.chains or 1) < AUTO_NUMEL:
+            return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given, None)
         temperature, h = scalars(engine, step)
         if isinstance(temperature, LeafTemperature):
             return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given,
@@ -198,8 +220,15 @@ class CompiledStep:
         checked = checked_gradient(gradient_fn, engine.config, engine.spec, engine.layout.small, step,
                                    caller_gradient, value_given)
         given = None
-        if caller_gradient:  # the caller's gradient enters the plan as an input, checked here
-            grads, value, _ = checked(params)
+        integrator = engine.config.integrator
+        if caller_gradient or (integrator.evaluates_at_start() and not integrator.caches_gradient):
+            # the step's one gradient is taken at its start: evaluated (or the caller's checked) here
+            # and handed to the plan as an input; only words that evaluate after moving call back
+            # into Python from inside the plan (bayesflow::gradient)
+            try:
+                grads, value, _ = checked(params)
+            except Rejected:
+                return refused(state, inplace)
             given = (list(grads), value)
         momenta = engine._flatten_like_params(state.momenta, "state.momenta") if state.momenta is not None else []
         xi = [state.xi] if state.xi is not None else []
@@ -210,22 +239,25 @@ class CompiledStep:
         plans = engine.layout.plans  # a layout's plans go with it (engine.layout's bounded cache)
         plan = plans.get(key)
         if plan is None:
-            plan = self._plan(engine, state, params, momenta, xi, statistics, statistics_spec, cache, given,
-                              temperature, h, step, hot, inplace)
-            if plan is None:
-                return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given, None)
-            plans[key] = plan
+            plan = plans[key] = self._plan(engine, state, params, momenta, xi, statistics, statistics_spec, cache,
+                                           given, temperature, h, step, hot, inplace) or _UNTRACEABLE
+        if plan is _UNTRACEABLE:  # warned once, when tracing failed: this kind of step runs eagerly
+            if given is not None:  # the gradient this step already took is reused, not taken again
+                gradient_fn = _given_gradient(given, owned=not caller_gradient)
+            return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given, None)
         noise = []
         if hot:
             engine.noise.begin(state.rng, step, STEP)
-            noise = [getattr(engine.noise, kind)(like, name)[0] for kind, name, like in plan.draws]
+            for kind, name, like in plan.draws:
+                buffer, views = getattr(engine.noise, kind)(like, name)
+                noise += [buffer, *views] if plan.views else [buffer]
         inputs = self._inputs(engine, params, momenta, xi, statistics, cache, state.log_posterior, given,
                               noise, temperature, h, step)
         ctx = Context(_components(params, momenta, xi, inplace), step, {}, engine.numel, engine.buffers)
         saved = snapshot(ctx) if inplace and engine._evaluates_mid_step and given is None else None
         _ACTIVE.append(_active(checked))
         try:
-            outputs = plan.fn(*inputs)
+            outputs = plan.fn(inputs, self._python_values(engine, temperature, h, step))
         except Rejected:
             restore(saved)
             return refused(state, inplace)
@@ -243,8 +275,13 @@ class CompiledStep:
 
         started = time.perf_counter()
         draws = self._draws(engine, state, params, momenta, xi, cache, temperature, h, step, hot)
-        noise = [torch.empty(_flat_shape(like, engine.chains), dtype=like[0].dtype, device=like[0].device).normal_()
-                 for _, _, like in draws]
+        # A compiled plan reads each draw's flat buffer (views of it are free inside a kernel); a replayed
+        # plan also takes the stream's views of it, so that it does not make them again every step
+        compiling = self.mode != "replay"
+        noise = []
+        for _, _, like in draws:
+            buffer = torch.empty(_flat_shape(like, engine.chains), dtype=like[0].dtype, device=like[0].device)
+            noise += [buffer.normal_()] if compiling else [buffer.normal_(), *views_of(buffer, like, engine.chains)]
         example = [t.clone() for t in self._inputs(engine, params, momenta, xi, statistics, cache,
                                                    state.log_posterior, given, noise, temperature, h, step)]
         counts = (len(params), len(momenta), len(xi), len(statistics), len(cache), 1, 0 if given is None else
@@ -267,7 +304,8 @@ class CompiledStep:
             ctx = Context(_components(list(p), list(m), list(x), inplace), count, {}, engine.numel, None)
             record = state._replace(preconditioner=unflatten(statistics_spec, list(stats_)),
                                     gradient=tuple(cache_))
-            inputs = StepInputs(T, step_size, _Replay(noise_, engine.chains), gradient_fn, list(cache_) or None, hot)
+            replay = _Replay(noise_, [len(like) for _, _, like in draws] if not compiling else None, engine.chains)
+            inputs = StepInputs(T, step_size, replay, gradient_fn, list(cache_) or None, hot)
             preconditioner = arithmetic(engine, record, ctx, inputs, scales, inplace)
             gradient = gradient_cache(engine, ctx, inputs)
             results = [*ctx.z["params"].leaves, *(ctx.z["momenta"].leaves if m else []),
@@ -297,13 +335,14 @@ class CompiledStep:
         finally:
             _ACTIVE.pop()
         _STATS["traces"] += 1
-        fn = graph
-        if self.mode is True or (self.mode == "auto" and engine.numel * (engine.chains or 1) >= AUTO_NUMEL):
-            fn = self._compile(graph, example, len(example) - 3 - len(engine.scales))
+        first_scalar = len(example) - 3 - len(engine.scales)
+        fn = _Hoisted(graph, example, first_scalar, self._python_values(engine, temperature, h, step))
+        if compiling:
+            self._compile(fn, example, self._python_values(engine, temperature, h, step))
         seconds = time.perf_counter() - started
         if self.first_seconds is None:
             self.first_seconds = seconds
-        return Plan(fn, draws, list(outputs), seconds)
+        return Plan(fn, draws, list(outputs), seconds, not compiling)
 
     def _draws(self, engine, state, params, momenta, xi, cache, temperature, h, step, hot):
         """The noise draws of one step, in order, found by running it once eagerly on copies."""
@@ -317,24 +356,29 @@ class CompiledStep:
         arithmetic(engine, state, ctx, inputs, engine.scales, False)
         return recorder.draws
 
-    def _compile(self, graph, example, first_scalar):
-        prologue, main = hoist_scalars(graph, set(range(first_scalar, len(example))))
+    def _compile(self, fn, example, values) -> None:
+        """Compile ``fn``'s main graph with inductor (in place), or leave it replayed with a warning."""
+        replayed = fn.main
         try:
-            main = torch.compile(main, fullgraph=True, dynamic=False, **self.options)
-            compiled = main if prologue is None else _with_prologue(prologue, main)
+            fn.main = torch.compile(replayed, fullgraph=True, dynamic=False, **self.options)
             _ACTIVE.append(_active(_zero_gradient))
             try:
-                compiled(*[t.clone() for t in example])  # compile now, on copies: the step's time stays the step's
+                fn([t.clone() for t in example], values)  # compile now, on copies: the step's time stays the step's
             finally:
                 _ACTIVE.pop()
         except Exception as error:
+            fn.main = replayed
             _STATS["fallbacks"] += 1
             warnings.warn(f"bayesflow: torch.compile is unavailable for this step ({type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''}); replaying the traced step "
                           "eagerly instead", RuntimeWarning, stacklevel=5)
-            return graph
+            return
         _STATS["compiles"] += 1
-        return compiled
+
+    @staticmethod
+    def _python_values(engine, temperature, h, step) -> list:
+        """The step's scalar inputs as Python numbers (tensors where they are per-chain values)."""
+        return [temperature, h, float(step)] + [scale(step) for scale in engine.scales.values()]
 
     # ----- inputs and outputs ---------------------------------------------------------------------
     def _inputs(self, engine, params, momenta, xi, statistics, cache, value_like, given, noise, temperature, h, step):
@@ -389,11 +433,26 @@ class CompiledStep:
             engine.compiled = compiled
 
 
-def _with_prologue(prologue, main):
-    def step(*inputs):
-        return main(*inputs, *prologue(*inputs))
+class _Hoisted:
+    """A traced step split by :func:`~bayesflow.engine.hoist.hoist_scalars`: its scalar prologue (Python
+    numbers where every scalar input is one, else the 0-dim tensor graph) and its main graph."""
 
-    return step
+    def __init__(self, graph, example, first_scalar: int, values: list):
+        self.prologue, self.main = hoist_scalars(graph, set(range(first_scalar, len(example))))
+        self.first_scalar, self.program, self.buffers = first_scalar, None, []
+        if self.prologue is not None and not any(isinstance(v, torch.Tensor) for v in values):
+            self.program = ScalarProgram.of(self.prologue)
+            if self.program is not None:  # the buffers the main graph reads, shaped as the graph made them
+                self.buffers = [torch.empty_like(t) for t in self.prologue(*example)]
+
+    def __call__(self, inputs: list, values: list):
+        if self.program is not None:
+            for buffer, value in zip(self.buffers, self.program([None] * self.first_scalar + values)):
+                buffer.fill_(value)
+            hoisted = self.buffers
+        else:
+            hoisted = () if self.prologue is None else self.prologue(*inputs)
+        return self.main(*inputs, *hoisted)
 
 
 def _components(params, momenta, xi, owned) -> dict:

@@ -53,7 +53,7 @@ class SDEConfig:
         on_nonfinite: "raise" a FloatingPointError naming step and leaf, or "reject" the step.
         compile: False (the eager step), True (the step traced once per parameter layout and compiled
             with ``torch.compile``), ``"replay"`` (traced and replayed eagerly, without the engine's
-            Python) or ``"auto"`` (compiled for large layouts, replayed for small ones); see
+            Python) or ``"auto"`` (compiled for large layouts, the eager step for small ones); see
             :mod:`bayesflow.engine.compiled`. The numbers a step computes do not change (up to
             floating-point reordering), nor the noise it draws.
         recipe: set by presets (:func:`preset`): the preset's ``config`` with its arguments bound, so

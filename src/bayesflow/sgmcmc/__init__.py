@@ -19,8 +19,25 @@ csgld       SGLD, cosine step size, T = 0 while exploring        SGD with cosine
 csghmc      SGHMC, cosine step size, T = 0 while exploring       heavy ball with cosine restarts
 sglrw       D = I, Q = 0, lattice random walk (±δx per coordinate) SGD
 ========== ==================================================== =======================================
+
+:mod:`~bayesflow.sgmcmc.control_variate` makes any of them an SGLD-CV-type sampler: control-variate
+gradients around a mode (Baker et al. 2019), a log posterior to pass to ``build``.
 """
 
-from bayesflow.sgmcmc import adam_sghmc, baoa, baoab, csghmc, csgld, obabo, psgld, sghmc, sgld, sglrw, sgnht
+from bayesflow.sgmcmc import (
+    adam_sghmc,
+    baoa,
+    baoab,
+    control_variate,
+    csghmc,
+    csgld,
+    obabo,
+    psgld,
+    sghmc,
+    sgld,
+    sglrw,
+    sgnht,
+)
 
-__all__ = ["adam_sghmc", "baoa", "baoab", "csghmc", "csgld", "obabo", "psgld", "sghmc", "sgld", "sglrw", "sgnht"]
+__all__ = ["adam_sghmc", "baoa", "baoab", "control_variate", "csghmc", "csgld", "obabo", "psgld", "sghmc", "sgld",
+           "sglrw", "sgnht"]
