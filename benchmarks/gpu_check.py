@@ -16,7 +16,9 @@ Checks (each prints one line and lands in ``gpu_check.json``):
   1 / (1 - h/2), within 5 Monte-Carlo standard errors;
 * a deep ensemble of an MLP through ``vectorize="vmap"`` and ``"batched"`` on the GPU;
 * timings (CUDA-synchronised medians) of the SGLD step and of Adam at 1e7 parameters against
-  hand-written foreach loops and ``torch.optim``.
+  hand-written foreach loops and ``torch.optim``;
+* the compiled step (``compile=True``: Triton on the GPU) equals the eager step for Adam, SGLD and
+  BAOAB, and its Adam step against torch's ``fused=True`` (target ≤ 1.1×).
 """
 
 from __future__ import annotations
@@ -353,6 +355,51 @@ def check_timings() -> None:
     report(f"Adam step at {n:.0e} vs torch foreach", ratio <= 1.1, f"ratio {ratio:.3f}")
 
 
+def check_compiled() -> None:
+    """Issue 13 on the device: compile=True equals the eager step (Adam, SGLD: the same noise, BAOAB:
+    the gradient after moving, through the plan), and its step time against torch's fused Adam and
+    the eager step; the small-model case (1e4) with mode "reduce-overhead" (CUDA graphs) noted."""
+    from bayesflow.optim import adam
+    from bayesflow.sgmcmc import baoab, sgld
+
+    for name, module, hyper in (("adam", adam, dict(lr=1e-3)), ("sgld", sgld, dict(lr=1e-3, temperature=1e-3)),
+                                ("baoab", baoab, dict(lr=1e-3, temperature=1e-3))):
+        params = make_params(10_000, leaves=4)
+        eager, fused = module.build(gaussian, **hyper), module.build(gaussian, **hyper, compile=True)
+        a, b = eager.init({k: v.clone() for k, v in params.items()}, seed=0), fused.init(
+            {k: v.clone() for k, v in params.items()}, seed=0)
+        for _ in range(10):
+            a, _ = eager.update(a, None, inplace=True)
+            b, _ = fused.update(b, None, inplace=True)
+        error = max(float((a.params[k] - b.params[k]).abs().max()) for k in params)
+        report(f"compiled {name} equals eager on {DEVICE}", error < 1e-5, f"max abs diff {error:.2e}")
+    n = 10**7 if DEVICE == "cuda" else 10**5
+    params = make_params(n, leaves=10)
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    timings = {}
+    for label, mode in (("engine adam step", False), ("engine adam step compile=True", True)):
+        transform = adam.build(gaussian, lr=1e-3, compile=mode)
+        box = [transform.init({k: v.clone() for k, v in params.items()})]
+        start = time.perf_counter()
+        box[0] = transform.step(box[0], grads, inplace=True)
+        synchronize()
+        timings[f"{label} (first step s)"] = time.perf_counter() - start
+
+        def step(transform=transform, box=box):
+            box[0] = transform.step(box[0], grads, inplace=True)
+
+        timings[label] = timed(step)
+    theirs = [v.clone().requires_grad_(True) for v in params.values()]
+    for p, g in zip(theirs, grads.values()):
+        p.grad = g
+    timings["torch Adam fused"] = timed(torch.optim.Adam(theirs, lr=1e-3, fused=True).step)
+    RESULTS["compiled_timings"] = timings
+    for label, value in timings.items():
+        print(f"  {label}: {value * 1e3:.3f} ms", flush=True)
+    ratio = timings["engine adam step compile=True"] / timings["torch Adam fused"]
+    report(f"compiled Adam step at {n:.0e} vs torch fused", ratio <= 1.1, f"ratio {ratio:.3f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -363,7 +410,7 @@ def main(argv=None) -> None:
     RESULTS["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     RESULTS["torch"] = torch.__version__
     for check in (check_presets, check_module_parameters, check_gradient_paths, check_reproducibility,
-                  check_optim_equivalence, check_stationary_variance, check_ensemble, check_timings):
+                  check_optim_equivalence, check_stationary_variance, check_ensemble, check_timings, check_compiled):
         try:
             check()
         except Exception as error:

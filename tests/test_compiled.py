@@ -21,6 +21,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import bayesflow.engine.compiled as compiled
+from bayesflow.engine import SDEConfig, build
+from bayesflow.engine.integrators import Integrator
+from bayesflow.optim import adam, sgd
+from bayesflow.sgmcmc import baoab, sghmc, sgld
 from test_optim_equivalence import (
     FLOAT32_RTOL,
     FLOAT64_RTOL,
@@ -31,12 +37,6 @@ from test_optim_equivalence import (
     rounding_sensitivity,
     torch_trajectory,
 )
-
-import bayesflow.engine.compiled as compiled
-from bayesflow.engine import SDEConfig, build
-from bayesflow.engine.integrators import Integrator
-from bayesflow.optim import adam, sgd
-from bayesflow.sgmcmc import baoab, sghmc, sgld
 
 
 def log_posterior(params, batch):
@@ -228,15 +228,14 @@ def test_compiled_sampler_draws_the_eager_noise_and_keeps_its_law():
 
 
 def test_compiled_schedules_compile_once_over_1000_steps():
-    dynamo_counters = torch._dynamo.utils.counters
-    before, graphs = compiled.stats()["compiles"], dynamo_counters["stats"]["unique_graphs"]
+    before, traces = compiled.stats()["compiles"], compiled.stats()["traces"]
     transform = sgld.build(gaussian, lr=lambda t: 0.01 * (1 + math.cos(t / 50)) + 1e-3,
                            temperature=lambda t: 1.0 + 0.5 * math.sin(t), compile=True)
     state = transform.init(torch.zeros(16), seed=0)
     for _ in range(1000):
         state, _ = transform.update(state, None, inplace=True)
     assert compiled.stats()["compiles"] - before == 1
-    assert dynamo_counters["stats"]["unique_graphs"] - graphs == 1
+    assert compiled.stats()["traces"] - traces == 1
     assert int(state.step) == 1000 and torch.isfinite(state.params).all()
 
 
@@ -244,9 +243,11 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch):
     def unavailable(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(torch, "compile", unavailable)
+    import torch._inductor.compile_fx
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", unavailable)
     transform = sghmc.build(gaussian, lr=0.1, temperature=1.0, compile=True)
-    with pytest.warns(RuntimeWarning, match="torch.compile is unavailable"):
+    with pytest.warns(RuntimeWarning, match="compilation .* is unavailable"):
         state, _ = transform.update(transform.init(torch.ones(3), seed=0), None)
     reference = sghmc.build(gaussian, lr=0.1, temperature=1.0)
     expected, _ = reference.update(reference.init(torch.ones(3), seed=0), None)
