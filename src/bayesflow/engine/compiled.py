@@ -48,6 +48,8 @@ Example (Adam at T = 0, the plan replayed; the same numbers as the eager step):
 
 from __future__ import annotations
 
+import itertools
+import operator
 import time
 import warnings
 
@@ -75,6 +77,7 @@ AUTO_NUMEL = 100_000
 eager step below: a compiled call costs tens of µs of fixed overhead (guards, wrappers), more than the
 eager step of a small model (benchmarks/bench_compiled.py)."""
 
+_STRIDE = operator.methodcaller("stride")
 _STATS = {"traces": 0, "compiles": 0, "fallbacks": 0}
 _ACTIVE: list = []  # the gradient functions of the steps now running (a stack: steps may nest)
 
@@ -234,8 +237,11 @@ class CompiledStep:
         xi = [state.xi] if state.xi is not None else []
         statistics, statistics_spec = flatten(state.preconditioner)
         cache = cached(state, caller_gradient) or []
+        # the compiled kernels assume the strides they were traced with (inductor's per-call size and
+        # stride asserts are off: they cost more than a small step); strides are part of the plan's key
+        strides = tuple(map(_STRIDE, itertools.chain(params, momenta, statistics, cache, given[0] if given else ())))
         key = (inplace, hot, len(cache), given is not None, given is not None and given[1] is not None,
-               statistics_spec)
+               statistics_spec, strides)
         plans = engine.layout.plans  # a layout's plans go with it (engine.layout's bounded cache)
         plan = plans.get(key)
         if plan is None:
@@ -447,7 +453,7 @@ def _compile_graph(graph, example, options):
 
     if options:
         return torch.compile(graph, fullgraph=True, dynamic=False, **options)
-    return compile_fx(graph, example)
+    return compile_fx(graph, example, config_patches={"size_asserts": False})
 
 
 class _Hoisted:

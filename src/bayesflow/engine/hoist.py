@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 from torch import fx
@@ -137,6 +138,8 @@ def _round(value: float, dtype) -> float:
     """``value`` rounded to ``dtype`` (what a 0-dim ``_to_copy`` does to a Python number)."""
     if dtype is None or dtype == torch.float64:
         return float(value)
+    if dtype == torch.float32:
+        return struct.unpack("f", struct.pack("f", value))[0]
     if dtype.is_floating_point:
         return torch.tensor(value, dtype=dtype).item()
     return int(value)
@@ -157,10 +160,11 @@ class ScalarProgram:
 
     @classmethod
     def of(cls, prologue: fx.GraphModule):
-        steps, constants, position = [], {}, 0
+        steps, constants, position, outputs = [], {}, 0, []
         for node in prologue.graph.nodes:
             if node.op == "placeholder":
-                constants[node] = ("input", position)
+                if node.users:  # only the inputs the scalar arithmetic reads are looked up each step
+                    constants[node] = ("input", position)
                 position += 1
             elif node.op == "get_attr":
                 constants[node] = ("constant", getattr(prologue, node.target).item())
