@@ -252,3 +252,14 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch):
     reference = sghmc.build(gaussian, lr=0.1, temperature=1.0)
     expected, _ = reference.update(reference.init(torch.ones(3), seed=0), None)
     assert torch.equal(state.params, expected.params)
+
+
+def test_compiled_plans_follow_the_strides_of_their_inputs():
+    """A strided first state (a view) and the contiguous states the plan returns get a plan each."""
+    base = torch.linspace(-1.0, 1.0, 24).reshape(4, 6)
+    eager, fused = sgd.build(gaussian, lr=0.1, momentum=0.5), sgd.build(gaussian, lr=0.1, momentum=0.5, compile=True)
+    a, b = eager.init(base[:, ::2]), fused.init(base[:, ::2])
+    for _ in range(3):
+        a, _ = eager.update(a, None)
+        b, _ = fused.update(b, None)
+    torch.testing.assert_close(b.params, a.params, rtol=1e-6, atol=1e-7)

@@ -288,7 +288,7 @@ class CompiledStep:
         for _, _, like in draws:
             buffer = torch.empty(_flat_shape(like, engine.chains), dtype=like[0].dtype, device=like[0].device)
             noise += [buffer.normal_()] if compiling else [buffer.normal_(), *views_of(buffer, like, engine.chains)]
-        example = [t.clone() for t in self._inputs(engine, params, momenta, xi, statistics, cache,
+        example = [_copy(t) for t in self._inputs(engine, params, momenta, xi, statistics, cache,
                                                    state.log_posterior, given, noise, temperature, h, step)]
         counts = (len(params), len(momenta), len(xi), len(statistics), len(cache), 1, 0 if given is None else
                   len(given[0]) + (given[1] is not None), len(noise))
@@ -367,10 +367,12 @@ class CompiledStep:
         replayed = fn.main
         try:
             hoisted = [t.clone() for t in fn.hoisted(example, values)]
-            fn.main = _compile_graph(replayed, [t.clone() for t in example] + hoisted, self.options)
+            with warnings.catch_warnings():  # torch's own deprecations inside inductor are not the user's
+                warnings.simplefilter("ignore", DeprecationWarning)
+                fn.main = _compile_graph(replayed, [_copy(t) for t in example] + hoisted, self.options)
             _ACTIVE.append(_active(_zero_gradient))
             try:
-                fn([t.clone() for t in example], values)  # compile now, on copies: the step's time stays the step's
+                fn([_copy(t) for t in example], values)  # compile now, on copies: the step's time stays the step's
             finally:
                 _ACTIVE.pop()
         except Exception as error:
@@ -478,6 +480,14 @@ class _Hoisted:
 
     def __call__(self, inputs: list, values: list):
         return self.main(*inputs, *self.hoisted(inputs, values))
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy with the same strides (``clone`` makes a view with gaps contiguous; the compiled kernels
+    index memory with the strides of the examples they were compiled for)."""
+    if 0 in tensor.stride() and tensor.numel() > 1:  # a broadcast view (a sum's gradient) is never written
+        return tensor
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
 def _components(params, momenta, xi, owned) -> dict:

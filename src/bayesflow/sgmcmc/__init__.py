@@ -20,6 +20,8 @@ csghmc      SGHMC, cosine step size, T = 0 while exploring       heavy ball with
 sglrw       D = I, Q = 0, lattice random walk (±δx per coordinate) SGD
 ========== ==================================================== =======================================
 
+:mod:`~bayesflow.sgmcmc.noise_corrected` lowers SGLD's / SGHMC's injected noise by the mini-batch gradient
+noise estimated from per-sample gradients (Chen et al. 2014's B̂, per direction).
 :mod:`~bayesflow.sgmcmc.control_variate` makes any of them an SGLD-CV-type sampler: control-variate
 gradients around a mode (Baker et al. 2019), a log posterior to pass to ``build``.
 """
@@ -31,6 +33,7 @@ from bayesflow.sgmcmc import (
     control_variate,
     csghmc,
     csgld,
+    noise_corrected,
     obabo,
     psgld,
     sghmc,
@@ -39,5 +42,5 @@ from bayesflow.sgmcmc import (
     sgnht,
 )
 
-__all__ = ["adam_sghmc", "baoa", "baoab", "control_variate", "csghmc", "csgld", "obabo", "psgld", "sghmc", "sgld",
-           "sglrw", "sgnht"]
+__all__ = ["adam_sghmc", "baoa", "baoab", "control_variate", "csghmc", "csgld", "noise_corrected", "obabo", "psgld",
+           "sghmc", "sgld", "sglrw", "sgnht"]
