@@ -384,8 +384,10 @@ def test_bad_input_is_refused():
         data_parallel((lambda p: p, lambda s, b: (s, None)))
     with pytest.raises(ValueError, match="check_every"):
         data_parallel(METHODS["sgld"](log_posterior), check_every=0)
-    with pytest.raises(ValueError, match="vectorize='batched'"):
-        data_parallel(lift(METHODS["baoab"](log_posterior), 2))
+    with pytest.raises(TypeError, match="shard_size"):
+        data_parallel(METHODS["sgld"](log_posterior), shard_size=3)
+    with pytest.raises(ValueError, match="bucket_mb"):
+        data_parallel(METHODS["sgld"](log_posterior), bucket_mb=0)
     with pytest.raises(ValueError, match="num_chains"):
         chain_block(0)
     local = lift_block(ensemble_single(), 3)

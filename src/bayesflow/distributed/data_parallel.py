@@ -1,29 +1,33 @@
 r"""``data_parallel``: any engine transform, its gradient averaged over the ranks of a process group.
 
 Every rank holds the same parameters and a shard :math:`B_r` of the batch. With ℓ the per-datum log
-posterior (a mean over the batch, posteriors' convention) and equal shards, the mean of the shard
+posterior (a mean over the batch, posteriors' convention), the datum-weighted mean of the shard
 gradients is the full-batch gradient,
 
 .. math::
-    \nabla ℓ_B(θ) = \frac1R \sum_{r=1}^{R} \nabla ℓ_{B_r}(θ),
+    \nabla ℓ_B(θ) = \frac{\sum_r |B_r|\, \nabla ℓ_{B_r}(θ)}{\sum_r |B_r|}
+    \;=\; \frac1R \sum_{r=1}^{R} \nabla ℓ_{B_r}(θ) \quad \text{for equal shards,}
 
-so a step that averages the gradients across ranks (one flat ``all_reduce``) and then advances is
-the single-process step on the concatenated batch :math:`B = B_1 ∪ \dots ∪ B_R`. The noise of step t
-is a function of the state's key and t alone (:mod:`bayesflow.engine.noise`): ranks started from the
-same state draw the same noise, apply the identical update, and stay identical without a broadcast
-(Izmailov et al. 2021 ran HMC on 512 TPUs this way). Unequal shards give the mean of shard means.
+so a step that averages the gradients across ranks and then advances is the single-process step on
+the concatenated batch :math:`B = B_1 ∪ \dots ∪ B_R` (give ``shard_size`` when the shards differ in
+size: without it the reduction is the plain mean of the shard means). The noise of step t is a
+function of the state's key and t alone (:mod:`bayesflow.engine.noise`): ranks started from the same
+state draw the same noise, apply the identical update, and stay identical without a broadcast
+(Izmailov et al. 2021 ran HMC on 512 TPUs this way).
 
 Two paths, chosen from the integrator:
 
 * integrators that read ∇ℓ once, at the start of the step (SGLD, SGHMC, SGNHT, SGD, Adam, …):
-  ``update`` computes the local gradient by autograd, all-reduces gradient and value in one buffer,
-  and calls the engine's ``step`` with them;
+  ``update`` runs backward through the log posterior with the gradients bucketed as DDP buckets
+  them (:mod:`bayesflow.distributed.buckets`): each bucket's all-reduce starts, asynchronously, as
+  soon as backward has produced it, overlapping the rest of backward; the value rides in the last
+  bucket; then the engine's ``step`` takes the reduced gradient;
 * integrators that need a gradient mid-step or at its end (BAOAB, OBABO, BAOA): the engine is rebuilt
-  on a log posterior whose value is averaged in forward and whose gradient is averaged in backward (a
-  custom autograd function: one flat all-reduce per gradient evaluation, plus one scalar all-reduce
-  of the value), so each of the step's gradient evaluations is the full-batch one, and every rank
-  sees the same value (a refused step is refused on every rank). (With ``chains`` these need ``vectorize="batched"``: a
-  collective cannot run inside ``torch.func.vmap``.)
+  on :func:`~bayesflow.distributed.reduced_log_posterior`, whose value is averaged in forward and
+  whose gradient is averaged in backward (one flat all-reduce per gradient evaluation, plus one
+  scalar all-reduce of the value; the engine uses each gradient as soon as autograd returns it, so
+  these cannot overlap), so each of the step's gradient evaluations is the full-batch one, and every
+  rank sees the same value (a refused step is refused on every rank).
 
 Example (a world of one process — no process group — is the plain transform):
     >>> import torch
@@ -40,15 +44,20 @@ Example (a world of one process — no process group — is the plain transform)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
-from bayesflow.distributed.reduce import all_gather, all_reduce_mean, digest, world
+from bayesflow.distributed.buckets import OverlappedReduce
+from bayesflow.distributed.reduce import all_gather, all_reduce_mean, check_weight, digest, world
+from bayesflow.distributed.reduced import reduced_log_posterior, shard_weight
 from bayesflow.engine.gradients import autograd_gradient, vmapped_gradient
 from bayesflow.engine.sde import build
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import Transform
 
-__all__ = ["RankDivergence", "check_replicas", "data_parallel", "reduced_log_posterior"]
+__all__ = ["RankDivergence", "check_replicas", "data_parallel"]
 
 
 class RankDivergence(RuntimeError):
@@ -87,92 +96,43 @@ def check_replicas(params, group=None, *, step: int | None = None) -> None:
                              "stepping the same transform?)")
 
 
-class _AverageGradients(torch.autograd.Function):
-    """Identity on the parameter leaves whose backward averages their gradients across ranks."""
-
-    @staticmethod
-    def forward(ctx, group, *leaves):
-        ctx.group = group
-        return tuple(leaf.view_as(leaf) for leaf in leaves)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        # (unused outputs arrive as zeros: autograd materialises them, ctx.set_materialize_grads)
-        return (None, *all_reduce_mean(grads, ctx.group, what="gradient all-reduce (backward)"))
-
-
-class _AverageValue(torch.autograd.Function):
-    """The rank mean of the value; its gradient passes through (each rank's backward is local)."""
-
-    @staticmethod
-    def forward(ctx, group, value):
-        return all_reduce_mean([value.detach().clone()], group, what="log posterior all-reduce")[0]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, grad
-
-
-def reduced_log_posterior(log_posterior, group=None):
-    r"""``log_posterior`` whose value and gradient are the means over ranks of the shards'.
-
-    Forward averages the value (:math:`\frac1R\sum_r ℓ_{B_r}`); backward averages the parameter
-    gradients in one flat all-reduce, so ``torch.autograd.grad`` of the returned value on every rank
-    is the full-batch gradient. Every rank must evaluate it the same number of times in the same order.
-
-    Args:
-        log_posterior: ``log_posterior(params, batch) -> (value, aux)``, value per datum.
-        group: the process group (None: the default one).
-
-    Returns:
-        A log posterior with the same signature (aux stays the rank's own).
-
-    Example:
-        >>> import torch
-        >>> from bayesflow.distributed import reduced_log_posterior
-        >>> f = reduced_log_posterior(lambda p, batch: (-0.5 * (p**2).sum(), None))
-        >>> p = torch.ones(2, requires_grad=True)
-        >>> torch.autograd.grad(f(p, None)[0], p)[0]
-        tensor([-1., -1.])
-    """
-    def reduced(params, batch):
-        leaves, spec = flatten(params)
-        value, aux = log_posterior(unflatten(spec, list(_AverageGradients.apply(group, *leaves))), batch)
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            value = _AverageValue.apply(group, value)
-        return value, aux
-
-    return reduced
-
-
 def data_parallel(transform: Transform, group=None, *, vectorize: str = "vmap",
-                  check_every: int | None = None) -> Transform:
+                  check_every: int | None = None, shard_size: Callable[[Any], float] | None = None,
+                  bucket_mb: float = 25.0) -> Transform:
     r"""The data-parallel version of an engine transform: each rank passes its shard of the batch.
 
     ``update(state, batch_r)`` takes the step of the full batch :math:`∪_r B_r`: the rank's gradient
-    :math:`\nabla ℓ_{B_r}` is averaged across ranks (one flat all-reduce with the value,
-    :math:`\frac1R\sum_r`), then the engine steps with it — or, for integrators that evaluate ∇ℓ
-    mid-step (BAOAB, OBABO), the engine runs on :func:`reduced_log_posterior`. ``step(state, grads)``
-    averages the caller's gradients first. Start every rank from the same state (same params, same
-    seed): the noise then agrees on every rank and so do the parameters.
+    :math:`\nabla ℓ_{B_r}` is averaged across ranks (:math:`\frac1R\sum_r`, or weighted by the shard
+    sizes, :math:`\sum_r |B_r| \nabla ℓ_{B_r} / \sum_r |B_r|`, with ``shard_size``) in buckets reduced
+    while backward runs, then the engine steps with it — or, for integrators that evaluate ∇ℓ
+    mid-step (BAOAB, OBABO), the engine runs on :func:`reduced_log_posterior`.
+    ``step(state, grads, weight=None)`` averages the caller's gradients first (``weight``: the number
+    of data behind this rank's gradient, for unequal shards). Start every rank from the same state
+    (same params, same seed): the noise then agrees on every rank and so do the parameters.
 
     Args:
         transform: a transform built by the engine (``bayesflow.engine.build``, a preset of
-            ``bayesflow.sgmcmc`` / ``bayesflow.optim``, or ``bayesflow.ensemble.lift``).
+            ``bayesflow.sgmcmc`` / ``bayesflow.optim``, ``bayesflow.ensemble.lift`` or
+            :func:`~bayesflow.distributed.lift_block`).
         group: the process group of the data-parallel ranks (None: the default group; without an
             initialised ``torch.distributed``, one process and the transform unchanged in effect).
         vectorize: with a K-chain transform, how its log posterior takes chains (as in ``build``).
         check_every: every this many steps, check that the parameters are bit-identical on every
             rank (:func:`check_replicas`, one all-gather of a 16-byte digest and one host sync);
             None: never.
+        shard_size: ``shard_size(batch) -> |B_r|``, the number of data in this rank's shard (e.g.
+            ``lambda batch: len(batch[0])``): the reduction is then weighted by it and exact for
+            shards of any sizes; None: equal shards assumed.
+        bucket_mb: the size of the gradient buckets after the first (1 MiB), in MiB (DDP's
+            ``bucket_cap_mb``).
 
     Returns:
         A :class:`~bayesflow.types.Transform` with the same ``init``, a reducing ``update`` and
         ``step``, and the original ``config``/``log_posterior``/``chains``.
 
     Raises:
-        TypeError: ``transform`` is not an engine transform.
-        ValueError: a bad ``check_every`` or ``vectorize``, or a mid-step integrator with vmapped chains.
+        TypeError: ``transform`` is not an engine transform, or ``shard_size`` is not callable.
+        ValueError: a bad ``check_every``, ``vectorize`` or ``bucket_mb``.
         CollectiveFailed: (from ``update``) an all-reduce failed: another rank raised, exited or timed out.
         RankDivergence: (from ``update``, with ``check_every``) the ranks' parameters differ, naming the step.
 
@@ -194,6 +154,10 @@ def data_parallel(transform: Transform, group=None, *, vectorize: str = "vmap",
     if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
                                     or check_every < 1):
         raise ValueError(f"check_every must be a positive number of steps or None, got {check_every!r}")
+    if shard_size is not None and not callable(shard_size):
+        raise TypeError(f"shard_size must be a function batch -> number of data, or None; got {shard_size!r}")
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+        raise ValueError(f"bucket_mb must be a positive number of MiB, got {bucket_mb!r}")
     world(group)  # a group without torch.distributed: refused here, not at the first step
     integrator = transform.config.integrator
     single_gradient = integrator.evaluates_at_start() and not integrator.caches_gradient
@@ -205,39 +169,51 @@ def data_parallel(transform: Transform, group=None, *, vectorize: str = "vmap",
             if step % check_every == 0:
                 check_replicas(state.params, group, step=step)
 
-    def step(state, grads, inplace: bool = False, log_posterior=None):
+    def step(state, grads, inplace: bool = False, log_posterior=None, weight=None):
         leaves, spec = flatten(grads)
+        weight = check_weight(weight)
         what = lambda: f"gradient all-reduce of step {_step_of(state)}"  # noqa: E731 (read only on failure)
         if log_posterior is not None:  # the value travels in the gradients' buffer: one all-reduce
-            *leaves, log_posterior = all_reduce_mean([*leaves, torch.as_tensor(log_posterior)], group, what=what)
+            *leaves, log_posterior = all_reduce_mean([*leaves, torch.as_tensor(log_posterior)], group, what=what,
+                                                     weight=weight)
         else:
-            leaves = all_reduce_mean(leaves, group, what=what)
+            leaves = all_reduce_mean(leaves, group, what=what, weight=weight)
         state = transform.step(state, unflatten(spec, leaves), inplace=inplace, log_posterior=log_posterior)
         check(state)
         return state
 
     if single_gradient:
+        reducer = OverlappedReduce(group, int(bucket_mb * (1 << 20)))
+        reducing = reducer.wrap(log_posterior)
+        vmapped = chains is not None and vectorize == "vmap"
+
         def update(state, batch, inplace: bool = False):
+            weight = shard_weight(shard_size, batch)
+            if world(group)[1] == 1:
+                state, aux = transform.update(state, batch, inplace=inplace)
+                check(state)
+                return state, aux
             leaves, spec = flatten(state.params)
             aux_box = [None]
-            vmapped = chains is not None and vectorize == "vmap"
-            gradient_fn = (vmapped_gradient if vmapped else autograd_gradient)(log_posterior, spec, batch, chains,
+            reducer.begin(leaves, weight)
+            gradient_fn = (vmapped_gradient if vmapped else autograd_gradient)(reducing, spec, batch, chains,
                                                                                aux_box)
-            grads, value, _ = gradient_fn(leaves)
-            return step(state, unflatten(spec, list(grads)), inplace, value), aux_box[0]
+            gradient_fn(leaves)  # the local gradients; the reduced ones are in the reducer's buckets
+            grads, value = reducer.finish(lambda: f"gradient all-reduce of step {_step_of(state)}")
+            state = transform.step(state, unflatten(spec, grads), inplace=inplace, log_posterior=value)
+            check(state)
+            return state, aux_box[0]
 
         return transform._replace(update=update, step=step)
 
-    if chains is not None and vectorize == "vmap":
-        raise ValueError(f"{integrator!r} evaluates ∇ℓ mid-step, where the gradient is averaged inside autograd, "
-                         "which torch.func.vmap cannot map over; with chains, give a log posterior that takes "
-                         "batched params and vectorize='batched'")
-    engine = build(reduced_log_posterior(log_posterior, group), transform.config, chains=chains,
-                   vectorize=vectorize)
+    engine = build(reduced_log_posterior(log_posterior, group, shard_size=shard_size), transform.config,
+                   chains=chains, vectorize=vectorize)
 
     def update_mid_step(state, batch, inplace: bool = False):
         state, aux = engine.update(state, batch, inplace=inplace)
         check(state)
         return state, aux
 
-    return transform._replace(init=engine.init, update=update_mid_step, step=step)
+    # (the transform's own init: the same config makes the same state, and a wrapper's init — the seeds
+    # and rows of lift_block — is kept)
+    return transform._replace(update=update_mid_step, step=step)

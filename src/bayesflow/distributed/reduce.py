@@ -22,12 +22,14 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["CollectiveFailed", "all_reduce_mean", "digest", "world"]
+__all__ = ["CollectiveFailed", "all_reduce_mean", "all_reduce_sum", "digest", "world"]
 
 
 class CollectiveFailed(RuntimeError):
@@ -52,15 +54,22 @@ def world(group=None) -> tuple[int, int]:
 
 
 def all_reduce_mean(tensors: Sequence[torch.Tensor], group=None, *,
-                    what: str | Callable[[], str] = "all-reduce") -> list[torch.Tensor]:
-    r"""The mean over ranks of each tensor, :math:`\frac1R\sum_r x_r`, by one flat ``all_reduce``
-    (SUM, then a scale: gloo has no AVG) per (dtype, device) of the tensors.
+                    what: str | Callable[[], str] = "all-reduce", weight: float | None = None) -> list[torch.Tensor]:
+    r"""The mean over ranks of each tensor, :math:`\frac1R\sum_r x_r` — or with ``weight`` :math:`w_r`
+    the weighted mean :math:`\sum_r w_r x_r / \sum_r w_r` — by one flat ``all_reduce`` (SUM, then a
+    scale: gloo has no AVG) per (dtype, device) of the tensors.
+
+    With :math:`w_r = |B_r|`, the number of data in rank r's shard, the weighted mean of the shards'
+    per-datum means is the per-datum mean of the whole batch even when the shards differ in size; the
+    weight travels as one more element of each buffer (no extra collective).
 
     Args:
-        tensors: tensors of any shapes; every rank gives the same shapes in the same order.
+        tensors: floating-point tensors of any shapes; every rank gives the same shapes in the same order.
         group: the process group (None: the default one).
         what: names the collective in the error raised when it fails (or a function making that name,
             called only then: a name that reads the step costs nothing on the way).
+        weight: this rank's weight :math:`w_r \ge 0` (a number; the ranks' sum must be positive), or
+            None for the plain mean.
 
     Returns:
         New tensors (views of the reduced buffers) with the shapes given; the inputs themselves
@@ -68,14 +77,58 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor], group=None, *,
 
     Raises:
         CollectiveFailed: the all-reduce failed (a peer rank raised, exited or timed out).
+        ValueError: a negative or non-finite ``weight``.
 
     Example:
         >>> import torch
         >>> from bayesflow.distributed import all_reduce_mean
         >>> all_reduce_mean([torch.tensor([2.0, 4.0])])[0]   # one process: the mean of one rank
         tensor([2., 4.])
+        >>> all_reduce_mean([torch.tensor([2.0, 4.0])], weight=3)[0]
+        tensor([2., 4.])
     """
-    tensors = list(tensors)
+    weight = check_weight(weight)
+    return _all_reduce(list(tensors), group, what, weight, mean=True)
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor], group=None, *,
+                   what: str | Callable[[], str] = "all-reduce") -> list[torch.Tensor]:
+    r"""The sum over ranks of each tensor, :math:`\sum_r x_r`, by one flat ``all_reduce`` per
+    (dtype, device): what sums of per-datum statistics (curvatures, counts) need.
+
+    Args:
+        tensors: tensors of any shapes and dtypes; every rank gives the same shapes in the same order.
+        group: the process group (None: the default one).
+        what: names the collective in the error raised when it fails.
+
+    Returns:
+        New tensors (views of the reduced buffers); the inputs themselves in a world of one process.
+
+    Raises:
+        CollectiveFailed: the all-reduce failed (a peer rank raised, exited or timed out).
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.distributed import all_reduce_sum
+        >>> all_reduce_sum([torch.tensor([1.0, 2.0]), torch.tensor(3)])
+        [tensor([1., 2.]), tensor(3)]
+    """
+    return _all_reduce(list(tensors), group, what, None, mean=False)
+
+
+def check_weight(weight):
+    """``weight`` as a float ≥ 0 (or None), else a ValueError naming it."""
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"weight must be a number (this rank's number of data), got {weight!r}")
+    value = float(weight)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"weight must be a finite number >= 0 (this rank's number of data), got {weight!r}")
+    return value
+
+
+def _all_reduce(tensors: list, group, what, weight: float | None, mean: bool) -> list[torch.Tensor]:
     rank, size = world(group)
     if size == 1:
         return tensors
@@ -85,12 +138,21 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor], group=None, *,
         buckets.setdefault((t.dtype, t.device), []).append(i)
     for indices in buckets.values():
         parts = [tensors[i] for i in indices]
-        flat = torch.cat([p.reshape(-1) for p in parts])
+        pieces = [p.reshape(-1) for p in parts]
+        if weight is not None:  # (w x_r, w): the weight's sum arrives in the same buffer
+            pieces.append(pieces[0].new_ones(1))
+        flat = torch.cat(pieces)
+        if weight is not None:
+            flat.mul_(weight)
         try:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         except Exception as error:  # gloo/NCCL raise RuntimeError subclasses; keep the cause
             raise _failed(rank, what() if callable(what) else what, error) from error
-        flat.mul_(1.0 / size)
+        if weight is not None:
+            total, flat = flat[-1], flat[:-1]
+            flat.div_(total)
+        elif mean:
+            flat.mul_(1.0 / size)
         for i, view, p in zip(indices, flat.split([p.numel() for p in parts]), parts):
             out[i] = view.view(p.shape)
     return out
