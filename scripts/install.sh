@@ -8,4 +8,4 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==${BAYESFLOW_TORCH_VERSION:-2.13.0}"
 
 fi
-"$PY" -m pip install -q -e ".[test,extras,integrations]"
+"$PY" -m pip install -q -e ".[test,extras,integrations,docs]"

@@ -1,4 +1,4 @@
-"""The seed's two results at small scale, on real models (the runs of notebooks 03 and 04, fixed seeds).
+"""The seed's two results at small scale, on real models (the runs of notebooks 04 and 05, fixed seeds).
 
 1. A tiny Llama (a ``transformers`` config, no download) trained on a generated language A and made
    Bayesian over ``lm_head`` by one partially stochastic SGHMC run: it learned A, TU = AU + EU per
@@ -70,7 +70,7 @@ def test_permuted_tasks_scatter_the_same_signal():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Bayesian LM: epistemic uncertainty of out-of-distribution text (notebook 03's run)
+# 1. Bayesian LM: epistemic uncertainty of out-of-distribution text (notebook 04's run)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_epistemic_uncertainty_separates_the_other_language(lm_run):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Continual learning: Laplace / EKF priors keep task 1 (notebook 04's run)
+# 2. Continual learning: Laplace / EKF priors keep task 1 (notebook 05's run)
 
 NUM_TRAIN = 1000
 

@@ -109,7 +109,7 @@ def _gradient(params: list[torch.Tensor], value_like: torch.Tensor) -> list[torc
     storages = {g.untyped_storage().data_ptr() for g in grads}
     if len(storages) != len(grads) or not _exclusive(grads) or any(
             g.dtype != p.dtype or g.shape != p.shape for g, p in zip(grads, params)):
-        grads = [g.to(p.dtype).contiguous().clone() for g, p in zip(grads, params)]
+        grads = [torch.empty_like(p, memory_format=torch.contiguous_format).copy_(g) for g, p in zip(grads, params)]
     return [*grads, value.detach().to(value_like.dtype).broadcast_to(value_like.shape).clone()]
 
 

@@ -11,9 +11,8 @@ __all__ = ["plot_sweep", "trace_plot"]
 
 def _pyplot():
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
+        # no backend is chosen here: matplotlib falls back to Agg without a display, and a notebook
+        # keeps its inline backend (forcing Agg would silence every later figure of the notebook)
         import matplotlib.pyplot as plt
     except ImportError as error:  # pragma: no cover - exercised only without matplotlib
         raise ImportError("plotting needs matplotlib: pip install 'bayesflow[extras]'") from error
