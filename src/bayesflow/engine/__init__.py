@@ -13,7 +13,10 @@ from bayesflow.engine.integrators import (
     Splitting,
 )
 from bayesflow.engine.lattice import LatticeRandomWalk
+from bayesflow.engine.learned_mass import LearnedMass
+from bayesflow.engine.learned_operators import BurnInStep, LearnedCovariance, LearnedRoot
 from bayesflow.engine.matrices import Dense, Function
+from bayesflow.engine.noise_correction import GradientNoise, NoiseCorrected, NoiseReport
 from bayesflow.engine.operators import Diagonal, Operator, Scalar, Zero
 from bayesflow.engine.preconditioners import Preconditioned, SquaredGradientAverage
 from bayesflow.engine.schedules import BiasCorrection, Constant, Cyclical, FirstStep
@@ -24,6 +27,7 @@ from bayesflow.engine.system import GradientNotAvailable
 __all__ = [
     "BiasCorrection",
     "Block",
+    "BurnInStep",
     "Constant",
     "Cyclical",
     "Dense",
@@ -31,10 +35,16 @@ __all__ = [
     "EulerMaruyama",
     "FirstStep",
     "Function",
+    "GradientNoise",
     "GradientNotAvailable",
     "Integrator",
     "LatticeRandomWalk",
+    "LearnedCovariance",
+    "LearnedMass",
+    "LearnedRoot",
     "Nesterov",
+    "NoiseCorrected",
+    "NoiseReport",
     "Operator",
     "Preconditioned",
     "SDEConfig",

@@ -32,6 +32,11 @@ m_{t+1}`, which is ``torch.optim.SGD(lr=η, momentum=μ)`` (dampening 0, on the 
 and torch's momentum buffer is :math:`-m/h`. With σ = 1: ``sghmc.build(lp, lr=sqrt(η),
 alpha=(1 - μ)/sqrt(η), temperature=0.0)`` is ``SGD(lr=η, momentum=μ)``.
 
+**Learned mass** (``mass=LearnedMass(kind, burn_in)``, :mod:`bayesflow.engine.learned_mass`): Q becomes
+:math:`[[0, -S], [S, 0]]`, :math:`S = \hat Σ^{1/2}` learned from θ's running moments during burn-in
+and frozen after it (kinetic mass :math:`σ^2 \hat Σ^{-1}`); ``burn_in_lr`` is the step while the
+estimate is rough.
+
 Example:
     >>> import torch
     >>> from bayesflow.sgmcmc import sghmc
@@ -47,6 +52,8 @@ Example:
 from __future__ import annotations
 
 from bayesflow.engine import SDEConfig, SDEState, SemiImplicitEuler, preset
+from bayesflow.engine.learned_mass import LearnedMass
+from bayesflow.engine.learned_operators import learned_operators
 from bayesflow.sgmcmc._common import (
     build_with_defaults,
     cached_transform,
@@ -68,7 +75,8 @@ SGHMCState = SDEState
 
 @preset
 def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: float = 1.0,
-           temperature: float | Schedule = 1.0, *, weight_decay: float = 0.0, **options) -> SDEConfig:
+           temperature: float | Schedule = 1.0, *, weight_decay: float = 0.0, mass: LearnedMass | None = None,
+           burn_in_lr: float | None = None, **options) -> SDEConfig:
     """The engine configuration of SGHMC (see the module docstring for the SDE).
 
     Args:
@@ -79,13 +87,18 @@ def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: 
         sigma: standard deviation σ of the momenta's law; the mass is M = σ².
         temperature: T (1/num_data samples the posterior, 0 is SGD with momentum).
         weight_decay: λ of a Gaussian prior (λ/2)|θ|² (torch's coupled weight decay at T = 0).
+        mass: a :class:`~bayesflow.engine.learned_mass.LearnedMass` to learn the mass during its
+            burn-in (None: the constant mass σ²).
+        burn_in_lr: with ``mass``, the step while its estimate is rough (until its last window starts;
+            then 0.75·lr in the last window and lr after burn-in; None: ``lr`` throughout).
         **options: engine fields passed through (``num_data``, ``check_finite``, ``on_nonfinite``,
             ``momenta_init``).
     """
-    lr = learning_rate(lr)
+    fields = {"step_size": learning_rate(lr), **underdamped(alpha, sigma)}
+    fields.update(learned_operators(mass, fields["step_size"], burn_in_lr))
     temperature = temperature_value(temperature)
-    return make_config(options, step_size=lr, **underdamped(alpha, sigma),
-                       temperature=injected_temperature(temperature, lr, beta, friction=float(alpha)),
+    return make_config(options, **fields,
+                       temperature=injected_temperature(temperature, fields["step_size"], beta, friction=float(alpha)),
                        integrator=SemiImplicitEuler(),
                        weight_decay=positive("weight_decay", weight_decay, allow_zero=True))
 
