@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torchopt
 
-from bayesflow import laplace, vi
+from bayesflow import ekf, laplace, vi
 from bayesflow.distributed import (
     CollectiveFailed,
     chain_block,
@@ -131,12 +131,21 @@ def laplace_run(split, rank, size, name):
     return {"prec": state.prec_diag if name == "diag_fisher" else state.prec, "step": state.step.clone()}
 
 
-def ekf_run(split, rank, size):
-    transform = data_parallel_ekf(log_likelihood_sum, lr=float(BATCH), transition_sd=0.01)
-    state = transform.init(initial_params())
+def ekf_run(split, rank, size, dense=False):
+    if dense:  # the dense filter on a flat parameter vector (its covariance is one matrix)
+        def flat_log_likelihood(theta, batch):
+            return log_likelihood_sum({"w": theta[:6].reshape(3, 2), "b": theta[6:]}, batch)
+
+        params = initial_params()
+        transform = data_parallel_ekf(ekf.dense_fisher.build(flat_log_likelihood, lr=float(BATCH), transition_cov=1e-4))
+        state = transform.init(torch.cat([params["w"].reshape(-1), params["b"]]))
+    else:
+        transform = data_parallel_ekf(ekf.diag_fisher.build(log_likelihood_sum, lr=float(BATCH), transition_sd=0.01))
+        state = transform.init(initial_params())
     for step in range(3):
         state, _ = transform.update(state, split(batch_of(step), rank, size), inplace=step == 1)
-    return {"mean": clone(state.params), "sd": clone(state.sd_diag), "ll": state.log_likelihood.clone()}
+    spread = state.cov if dense else state.sd_diag
+    return {"mean": clone(state.params), "spread": clone(spread), "ll": state.log_likelihood.clone()}
 
 
 def engine_run(split, rank, size, make, lp=log_posterior, params=None, **kwargs):
@@ -245,6 +254,7 @@ def _pair_job(rank, size, out):
         got[f"laplace_{name}"] = laplace_run(unequal_shard, rank, size, name)
     got["ekf_equal"] = ekf_run(equal_shard, rank, size)
     got["ekf_unequal"] = ekf_run(unequal_shard, rank, size)
+    got["ekf_dense_unequal"] = ekf_run(unequal_shard, rank, size, dense=True)
     for name in ("sgld", "baoab"):
         got[f"{name}_weighted"] = engine_run(unequal_shard, rank, size, MAKERS[name], **SHARD_SIZE)
         got[f"{name}_unweighted"] = engine_run(unequal_shard, rank, size, MAKERS[name])
@@ -370,11 +380,13 @@ def test_laplace_curvature_on_unequal_shards_equals_one_process(pair, name):
     assert not torch.allclose(flat(alone[field]), flat(got[field]))
 
 
-@pytest.mark.parametrize("key, split", [("ekf_equal", equal_shard), ("ekf_unequal", unequal_shard)])
+@pytest.mark.parametrize("key, split", [("ekf_equal", equal_shard), ("ekf_unequal", unequal_shard),
+                                        ("ekf_dense_unequal", unequal_shard)])
 def test_ekf_equals_one_process(pair, key, split):
-    got = one(pair, key)
-    torch.testing.assert_close(got, ekf_run(identity, 0, 1), **TOL)
-    assert not torch.allclose(got["mean"]["w"], ekf_run(split, 1, 2)["mean"]["w"], atol=1e-6)
+    got, dense = one(pair, key), "dense" in key
+    torch.testing.assert_close(got, ekf_run(identity, 0, 1, dense=dense), **TOL)
+    mean = (lambda m: m) if dense else (lambda m: m["w"])
+    assert not torch.allclose(mean(got["mean"]), mean(ekf_run(split, 1, 2, dense=dense)["mean"]), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["sgld", "baoab"])

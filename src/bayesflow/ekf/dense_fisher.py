@@ -228,7 +228,7 @@ def _add_transition(cov: torch.Tensor, transition_cov: Any) -> torch.Tensor:
 
 def update(state: EKFDenseState, batch: Any, log_likelihood: LogProbFn, lr: float | Schedule,
            transition_cov: torch.Tensor | float = 0.0, per_sample: bool = False, inplace: bool = False, *,
-           curvature: str = "empirical_fisher") -> tuple[EKFDenseState, TensorTree]:
+           curvature: str = "empirical_fisher", reduce=None) -> tuple[EKFDenseState, TensorTree]:
     r"""One dense EKF update (see the module docstring): Σ' = ((Σ + Q)⁻¹ + εF)⁻¹, μ' = μ + ε Σ' ḡ.
 
     Args:
@@ -237,6 +237,9 @@ def update(state: EKFDenseState, batch: Any, log_likelihood: LogProbFn, lr: floa
         log_likelihood, lr, transition_cov, per_sample, curvature: as in :func:`build`.
         inplace: write the new mean, covariance, log likelihood and step into the tensors of ``state``
             (and return it; a hand-built state holding the class's default counters gets new counters).
+        reduce: ``reduce(statistics, n, step) -> statistics`` combines this batch's means (gradient,
+            curvature matrix, log likelihood; n rows) with other shards' before they are applied
+            (:func:`bayesflow.distributed.data_parallel_ekf`); None: this batch alone.
 
     Returns:
         ``(new_state, aux)``, ``aux`` being the log likelihood's auxiliary output (per sample).
@@ -277,6 +280,11 @@ def update(state: EKFDenseState, batch: Any, log_likelihood: LogProbFn, lr: floa
             fisher = 0.5 * (negative_hessian + negative_hessian.T)
         g = ravel(grad)[0].to(mu.dtype)
         fisher = fisher.to(mu.dtype)
+        log_likelihood_value = log_liks.mean()
+        if reduce is not None:
+            rows = aux[0].shape[0]  # grad_and_value's aux is (the per-sample values, the user's aux)
+            g, fisher, log_likelihood_value = reduce([g, fisher, log_likelihood_value.to(mu.dtype)], rows,
+                                                     int(state.step))
         predict_cov = _add_transition(state.cov.to(mu.dtype), transition_cov)
         chol, info_predict = torch.linalg.cholesky_ex(predict_cov)
         eye = torch.eye(d, dtype=mu.dtype, device=mu.device)
@@ -288,7 +296,6 @@ def update(state: EKFDenseState, batch: Any, log_likelihood: LogProbFn, lr: floa
         ok = (info_predict == 0) & (info_gain == 0)  # no host sync: a failed factorisation gives NaN
         new_cov = torch.where(ok, new_cov, torch.nan)
         new_mean = torch.where(ok, new_mean, torch.nan)
-        log_likelihood_value = log_liks.mean()
 
     if inplace:
         tree_insert_(state.params, unravel(new_mean))

@@ -170,7 +170,7 @@ def _initial_state(params: TensorTree, sds: TensorTree) -> EKFDiagState:
 
 def update(state: EKFDiagState, batch: Any, log_likelihood: LogProbFn, lr: float | Schedule,
            transition_sd: float = 0.0, per_sample: bool = False,
-           inplace: bool = False) -> tuple[EKFDiagState, TensorTree]:
+           inplace: bool = False, *, reduce=None) -> tuple[EKFDiagState, TensorTree]:
     r"""One diagonal EKF update (see the module docstring): precision += ε · diag(empirical Fisher),
     mean += ε · σ'² ⊙ (mean gradient).
 
@@ -180,6 +180,9 @@ def update(state: EKFDiagState, batch: Any, log_likelihood: LogProbFn, lr: float
         log_likelihood, lr, transition_sd, per_sample: as in :func:`build`.
         inplace: write the new mean, σ, log likelihood and step into the tensors of ``state`` (and return it;
             a hand-built state holding the class's default counters gets new counters).
+        reduce: ``reduce(statistics, n, step) -> statistics`` combines this batch's means (mean gradient,
+            mean squared per-sample gradient, mean log likelihood; n rows) with other shards' before they
+            are applied (:func:`bayesflow.distributed.data_parallel_ekf`); None: this batch alone.
 
     Returns:
         ``(new_state, aux)``, ``aux`` being the log likelihood's auxiliary output (per sample).
@@ -213,11 +216,14 @@ def update(state: EKFDiagState, batch: Any, log_likelihood: LogProbFn, lr: float
         per_sample_grads = torch.cat([leaf.reshape(n, -1) for leaf in jac_leaves], dim=1)  # (n, d)
         grad = per_sample_grads.mean(0)
         fisher_diag = per_sample_grads.square().mean(0)
+        log_likelihood_value = log_liks.mean()
+        if reduce is not None:
+            grad, fisher_diag, log_likelihood_value = reduce(
+                [grad, fisher_diag, log_likelihood_value.to(mu.dtype)], n, int(state.step))
         predict_var = sd.square() + transition_sd ** 2
         new_var = 1.0 / (1.0 / predict_var + lr * fisher_diag)
         new_mean = mu + lr * new_var * grad
         new_sd = new_var.sqrt()
-        log_likelihood_value = log_liks.mean()
 
     if inplace:
         tree_insert_(state.params, unravel(new_mean))
