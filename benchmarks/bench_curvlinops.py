@@ -1,9 +1,10 @@
 """curvlinops-for-pytorch side by side with bayesflow's own curvature (the evaluation in docs/curvature.md).
 
-Not part of ``run_all.py``: curvlinops is not a dependency (see docs/curvature.md for why). Run with it on the
-path, e.g. ``pip install --target /tmp/clenv curvlinops-for-pytorch`` then
-``PYTHONPATH=/tmp/clenv python benchmarks/bench_curvlinops.py [--quick]``. Writes
-``benchmarks/results/curvlinops.json``.
+curvlinops is not a dependency (see docs/curvature.md for why): ``python -m benchmarks`` runs this only where
+it is importable and otherwise reports it skipped. Run with it on the path, e.g.
+``pip install --target /tmp/clenv curvlinops-for-pytorch`` then
+``PYTHONPATH=/tmp/clenv python benchmarks/bench_curvlinops.py [--quick] [--out DIR]``. Writes
+``curvlinops.json`` (``curvlinops_quick.json`` with ``--quick``) in ``benchmarks/results`` or ``DIR``.
 
 Rows (784-512-512-10 ReLU MLP, batch 128, one thread, ratios to a ``torch.optim.Adam`` training step in
 the same process): KFAC factors of one batch (curvlinops ``KFACLinearOperator`` type-2 vs
@@ -25,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
+from common import machine_info, write_payload
+
 
 def timed(fn, repeats: int) -> float:
     fn()
@@ -36,10 +39,8 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+def run(quick: bool = False, out_dir: pathlib.Path | None = None, verbose: bool = True) -> dict:
+    """Time both libraries' KFAC and GGN-vector product; writes ``curvlinops[_quick].json`` ({} without curvlinops)."""
     try:
         import curvlinops
     except ImportError:
@@ -50,8 +51,8 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    widths = (32, 16, 16, 4) if args.quick else (784, 512, 512, 10)
-    batch_size, repeats = (16, 2) if args.quick else (128, 5)
+    widths = (32, 16, 16, 4) if quick else (784, 512, 512, 10)
+    batch_size, repeats = (16, 2) if quick else (128, 5)
     layers = []
     for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(torch.nn.Linear(a, b))
@@ -117,12 +118,21 @@ def main(argv=None) -> dict:
         rows[f"{key}_ratio_ours"] = rows[f"{key}_ours_s"] / base
         rows[f"{key}_ratio_curvlinops"] = rows[f"{key}_curvlinops_s"] / base
     rows["curvlinops_version"] = getattr(curvlinops, "__version__", "3.x")
-    out = pathlib.Path(__file__).parent / "results" / "curvlinops.json"
-    if not args.quick:
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2))
-    print(json.dumps(rows, indent=2))
+    payload = {"benchmark": "curvlinops", "machine": machine_info(), "quick": quick, "model": list(widths),
+               "batch": batch_size, **rows}
+    path = write_payload("curvlinops_quick" if quick else "curvlinops", payload, out_dir)
+    if verbose:
+        print(json.dumps(rows, indent=2))
+        print(f"wrote {path}")
     return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 32-16-16-4 MLP, batch 16 (smoke run)")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="results directory (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    return run(args.quick, args.out)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from common import (
     Row,
     compare,
     fmt_time,
+    freeze_imports,
     markdown_table,
     peak_extra_bytes,
     quiet_import,
@@ -162,7 +163,8 @@ def module_methods(lib, model: torch.nn.Module) -> dict:
 
 
 SLOW = ("laplace.diag_ggn",)
-"""Rows left out unless ``--with-slow`` (run_all leaves them out): the Jacobian routes, a minute per call."""
+"""Rows left out unless ``--with-slow`` (also ``python -m benchmarks --with-slow``): the Jacobian routes,
+a minute per call."""
 
 
 def _init(lib_name: str, transform, params):
@@ -353,6 +355,7 @@ def main(argv=None):
     parser.add_argument("--with-slow", action="store_true", help=f"also run the slow reference rows {SLOW} "
                         "(the whole-Jacobian GGN diagonal: about 17 minutes at full size)")
     args = parser.parse_args(argv)
+    freeze_imports()
     print(markdown_table(run(args.quick, args.out, skip_slow=not args.with_slow)))
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "fastest",
     "fmt_size",
     "fmt_time",
+    "freeze_imports",
     "machine_info",
     "markdown_table",
     "paired_ratio",
@@ -65,6 +66,7 @@ __all__ = [
     "storage_bytes",
     "tensor_bytes",
     "write_json",
+    "write_payload",
 ]
 
 
@@ -182,6 +184,23 @@ def row_ratio(result: dict[str, Any], a: str, b: str) -> tuple[float, str]:
 def fastest(result: dict[str, Any], names: list[str]) -> str:
     """The contender among ``names`` with the smallest median time."""
     return min(names, key=lambda n: result["times"][n]["median_s"])
+
+
+def freeze_imports() -> None:
+    """Take every object alive now out of the cyclic garbage collector's scans (``gc.freeze``).
+
+    :func:`compare` collects garbage between rounds and :func:`peak_extra_bytes` before profiling. A
+    full collection walks every tracked object: after ``import torch`` and ``torch._dynamo`` (which
+    ``torch.optim`` imports on its first optimizer) that is ~300 000 objects, ~0.3 s a collection —
+    most of a quick run. Modules, functions and tables made at import never become garbage, so freezing
+    them changes nothing measured: later collections still free everything a benchmark makes (frozen
+    objects are still freed by reference counting). Called once after the imports (by :func:`cli` and
+    the harness), again after each benchmark.
+    """
+    with contextlib.suppress(Exception):
+        import torch._dynamo  # noqa: F401  (torch.optim imports it lazily: load it before freezing)
+    gc.collect()
+    gc.freeze()
 
 
 # ----- memory ---------------------------------------------------------------------------------
@@ -365,11 +384,16 @@ class Row:
 def write_json(name: str, rows: list[Row], raw: dict[str, Any] | None = None,
                directory: Path | None = None, **extra: Any) -> Path:
     """Write ``<directory or RESULTS>/<name>.json`` with machine info, rows and raw measurements."""
+    payload = {"benchmark": name, "machine": machine_info(), **extra,
+               "rows": [r.as_dict() for r in rows], "raw": raw or {}}
+    return write_payload(name, payload, directory)
+
+
+def write_payload(name: str, payload: dict[str, Any], directory: Path | None = None) -> Path:
+    """Write ``payload`` as ``<directory or RESULTS>/<name>.json`` (tensors as lists) and return the path."""
     directory = Path(directory) if directory is not None else RESULTS
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine_info(), **extra,
-               "rows": [r.as_dict() for r in rows], "raw": raw or {}}
     path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
     return path
 
@@ -428,4 +452,5 @@ def cli(run: Callable[..., list[Row]], description: str, argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     args = parser.parse_args(argv)
+    freeze_imports()
     print(markdown_table(run(args.quick, args.out)))

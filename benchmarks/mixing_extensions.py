@@ -1,0 +1,142 @@
+r"""Issue 15's new configurations as mixing-benchmark entries, registered only where the library has them.
+
+* ``bayesflow/<preset>+cv`` — the preset on control-variate gradients
+  (:mod:`bayesflow.sgmcmc.control_variate`) around a mode found by the engine at T = 0. Cost counted
+  honestly: 2 batch gradients a step (at θ and at θ̂), and the setup — burn-in/2 mini-batch Adam
+  steps (lr 3·10⁻³), up to 20 full-batch Adam steps (lr 3·10⁻⁴) and one full-data gradient at θ̂,
+  i.e. 1 000 + 21·N/B batch-gradient equivalents at the full budget, at most 85 % of the burn-in —
+  paid from the burn-in. Mini-batch targets only (a full-batch gradient has no noise to reduce);
+  the step grid is the full-batch one (u from 1.6 down), the gradient noise being far smaller.
+* ``bayesflow/baoab+dense-mass`` — BAOAB with a dense mass learned during burn-in
+  (:mod:`bayesflow.engine.learned_mass`), frozen after it. The grid is in whitened units (the
+  whitened per-datum curvature is T, so h = u/√T, α = f·√T); until the last window the step is the
+  identity-mass step 0.25/√λ_max (``burn_in_lr``). The step is one value per run (``burn_in_lr``
+  needs a float ``lr``): 8 chains per run, whose moments are pooled for the mass (``pool=True``).
+
+Each is one :class:`~mixing_configs.Configuration` in :data:`~mixing_configs.CONFIGURATIONS`.
+
+Example:
+    >>> from mixing_extensions import register
+    >>> registry = {}
+    >>> names = register(registry)
+    >>> all(name in registry for name in names)
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+__all__ = ["MODE_SETUP", "mode_steps", "register"]
+
+MODE_SETUP = {"batch_lr": 3e-3, "full_steps": 20, "full_lr": 3e-4, "share": 0.85}
+
+
+def mode_steps(burn_in: int, full: float) -> tuple[int, int]:
+    """(mini-batch, full-batch) Adam steps of the mode search: half the burn-in, then full-batch steps
+    (each ``full`` = N/B batch gradients) while the setup stays within 85 % of the burn-in."""
+    batch_steps = burn_in // 2
+    full_steps = int((MODE_SETUP["share"] * burn_in - batch_steps) // full) - 1
+    return batch_steps, max(0, min(MODE_SETUP["full_steps"], full_steps))
+
+
+def _either(target):
+    """The target's log posterior for params ``(d,)`` (a mode) or ``(K, d)`` (chains)."""
+    def log_posterior(params, batch):
+        return target.single(params, batch) if params.ndim == 1 else target.log_posterior(params, batch)
+    return log_posterior
+
+
+def control_variate_preset(module: str, momentum: bool):
+    """Factory: preset ``module`` on control-variate gradients around a mode found with Adam."""
+
+    def factory(problem, step, friction):
+        from bayesflow.ensemble import lift
+        from bayesflow.sgmcmc.control_variate import control_variate, find_mode
+        from mixing_configs import _Engine
+
+        target = problem.target
+        if target.batch_size is None:
+            raise ValueError("control variates reduce mini-batch noise: this target is full batch")
+        log_posterior = _either(target)
+        generator = torch.Generator().manual_seed(problem.seeds[0] + 101)
+
+        def batch_at(_step):
+            return torch.randint(target.num_data, (target.batch_size,), generator=generator)
+
+        full = target.num_data / target.batch_size
+        batch_steps, full_steps = mode_steps(problem.burn_in, full)
+        start = target.initial(1, problem.seeds[0] + 102)[0]
+        mode = find_mode(log_posterior, start, batch_at, steps=batch_steps, lr=MODE_SETUP["batch_lr"])
+        if full_steps:
+            mode = find_mode(log_posterior, mode, [None], steps=full_steps, lr=MODE_SETUP["full_lr"])
+        cv = control_variate(log_posterior, mode, None)
+        preset = importlib.import_module(f"bayesflow.sgmcmc.{module}")
+        kwargs = {"alpha": float(friction)} if momentum else {}
+        single = preset.build(cv, lr=float(step[0]), temperature=problem.temperature, check_finite="none", **kwargs)
+        sampler = _Engine(lift(single, problem.chains, step_size=step, vectorize="batched"), problem.seeds)
+        sampler.setup_gradients = batch_steps + (full_steps + 1) * full
+        return sampler
+
+    return factory
+
+
+def learned_mass_preset(module: str, kind: str, burn_in: int):
+    """Factory: preset ``module`` with ``LearnedMass(kind, burn_in)`` (one step value per run)."""
+
+    def factory(problem, step, friction):
+        from bayesflow.engine.learned_mass import LearnedMass
+        from mixing_configs import _Engine
+
+        target = problem.target
+        preset = importlib.import_module(f"bayesflow.sgmcmc.{module}")
+        safe = 0.25 / math.sqrt(target.curvature[1])
+        mass = LearnedMass(kind, burn_in=burn_in, chains=problem.chains, pool=True)
+        transform = preset.build(target.log_posterior, lr=float(step[0]), alpha=float(friction),
+                                 temperature=problem.temperature, mass=mass, burn_in_lr=min(safe, float(step[0])),
+                                 check_finite="none")
+        from bayesflow.ensemble import lift
+
+        return _Engine(lift(transform, problem.chains, vectorize="batched"), problem.seeds)
+
+    return factory
+
+
+def _whitened(target):
+    return target.temperature, target.temperature
+
+
+def register(registry: dict) -> list[str]:
+    """Add the configurations whose modules import to ``registry``; return their names."""
+    from mixing_configs import Configuration
+
+    added = []
+    try:
+        importlib.import_module("bayesflow.sgmcmc.control_variate")
+    except ImportError:
+        pass
+    else:
+        for name, momentum in (("sgld", False), ("baoa", True), ("sgnht", True)):
+            registry[f"bayesflow/{name}+cv"] = Configuration(
+                "bayesflow", f"{name}+cv", control_variate_preset(name, momentum), order=2 if momentum else 1,
+                momentum=momentum, grads_per_step=2, applies=lambda target: target.batch_size is not None,
+                step_range=(1.6, 0.016))
+            added.append(f"bayesflow/{name}+cv")
+    try:
+        importlib.import_module("bayesflow.engine.learned_mass")
+        import inspect
+
+        from bayesflow.sgmcmc import baoab
+        if "mass" not in inspect.signature(baoab.config).parameters:
+            raise ImportError("baoab has no mass= argument")
+    except ImportError:
+        pass
+    else:
+        registry["bayesflow/baoab+dense-mass"] = Configuration(
+            "bayesflow", "baoab+dense-mass", learned_mass_preset("baoab", "dense", burn_in=2000), order=2,
+            momentum=True, per_chain_step=False, curvature=_whitened)
+        added.append("bayesflow/baoab+dense-mass")
+    return added
