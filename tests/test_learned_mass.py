@@ -290,3 +290,15 @@ def test_mismatched_chains_and_placement_are_refused():
         baoab.config(lr=0.1, mass="dense")
     with pytest.raises(ValueError, match="give mass=LearnedMass"):
         baoab.config(lr=0.1, burn_in_lr=0.01)
+
+
+def test_a_diverged_window_raises_a_clear_error():
+    """A chain that diverged within a window (an infinite draw the engine's value check did not see,
+    e.g. with check_finite="none") gives a FloatingPointError naming the cause, not eigh's LinAlgError."""
+    mass = LearnedMass("dense", burn_in=10, windows=1, jitter=0.0)
+    statistics = mass.init([torch.zeros(2, dtype=torch.float64)])
+    draws = torch.randn(10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    draws[4, 1] = math.inf
+    with pytest.raises(FloatingPointError, match="diverged while the mass was learned"):
+        for t, x in enumerate(draws):
+            mass.absorb(statistics, [x], t, numel=2)

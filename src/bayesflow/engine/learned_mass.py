@@ -281,8 +281,23 @@ def _clone(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _root(covariance: torch.Tensor) -> torch.Tensor:
-    """The symmetric PSD square root (batched; eigh in float64 for the small eigenvalues)."""
-    eigenvalues, vectors = torch.linalg.eigh(covariance.double())
+    """The symmetric PSD square root (batched; eigh in float64 for the small eigenvalues).
+
+    Raises FloatingPointError when the window's covariance is not finite or not decomposable: the
+    chains diverged while the mass was being learned (a check once per window, not per step).
+    """
+    problem = None
+    if not bool(torch.isfinite(covariance).all()):
+        problem = "is not finite"
+    else:
+        try:
+            eigenvalues, vectors = torch.linalg.eigh(covariance.double())
+        except torch.linalg.LinAlgError:
+            problem = "has no eigendecomposition"
+    if problem is not None:
+        raise FloatingPointError(f"LearnedMass: the running covariance of θ at the end of a burn-in window "
+                                 f"{problem}: the chains diverged while the mass was learned; lower "
+                                 "burn_in_lr (the step in the target's own units) or lengthen the windows")
     root = (vectors * eigenvalues.clamp_min(0.0).sqrt().unsqueeze(-2)) @ vectors.transpose(-1, -2)
     return root.to(covariance.dtype)
 
