@@ -27,6 +27,7 @@ from bayesflow.engine.context import COMPONENTS, Context, split_like
 from bayesflow.engine.matrices import Dense, _check_matrix, _psd_sqrt, check_finite_matrix
 from bayesflow.engine.operators import Operator, Scalar, Zero
 from bayesflow.engine.schedules import Constant
+from bayesflow.engine.validation import Untraceable
 
 __all__ = ["Block", "JointDiffusion", "ThermostatCoupling", "as_block", "hamiltonian_curl"]
 
@@ -340,7 +341,7 @@ class ThermostatCoupling(Operator):
         if isinstance(h, Constant):
             return h.value
         if isinstance(step, torch.Tensor):  # a traced step: the schedule would be read once and frozen
-            raise NotImplementedError("ThermostatCoupling with a step-size schedule cannot be traced into a "
+            raise Untraceable("ThermostatCoupling with a step-size schedule cannot be traced into a "
                                       "compiled step; it runs eagerly")
         return float(h(step))
 

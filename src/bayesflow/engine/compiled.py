@@ -58,12 +58,23 @@ import torch
 from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.context import Context
 from bayesflow.engine.groups import LeafTemperature, is_hot
-from bayesflow.engine.hoist import ScalarProgram, hoist_scalars
+from bayesflow.engine.hoist import HoistedStep
 from bayesflow.engine.noise import STEP, views_of
-from bayesflow.engine.rollback import refused, restore, snapshot
+from bayesflow.engine.plan_inputs import (
+    ACTIVE,
+    Given,
+    Recorder,
+    Replay,
+    active,
+    copy_like,
+    flat_shape,
+    given_gradient,
+    zero_gradient,
+)
+from bayesflow.engine.rollback import guarded, refused, snapshot
 from bayesflow.engine.schedules import Constant
-from bayesflow.engine.step import arithmetic, cached, finish, gradient_cache, scalars
-from bayesflow.engine.system import StepInputs, _exclusive
+from bayesflow.engine.step import accumulators, arithmetic, cached, finish, gradient_cache, scalars
+from bayesflow.engine.system import StepInputs
 from bayesflow.engine.validation import Rejected, checked_gradient
 from bayesflow.tree import flatten, unflatten
 
@@ -79,7 +90,6 @@ eager step of a small model (benchmarks/bench_compiled.py)."""
 
 _STRIDE = operator.methodcaller("stride")
 _STATS = {"traces": 0, "compiles": 0, "fallbacks": 0}
-_ACTIVE: list = []  # the gradient functions of the steps now running (a stack: steps may nest)
 
 
 def stats() -> dict:
@@ -93,99 +103,7 @@ def stats() -> dict:
     return dict(_STATS)
 
 
-@torch.library.custom_op("bayesflow::gradient", mutates_args=())
-def _gradient(params: list[torch.Tensor], value_like: torch.Tensor) -> list[torch.Tensor]:
-    """∇ℓ at ``params`` and ℓ (shaped like ``value_like``): the running step's gradient function.
-
-    Opaque to the tracer and the compiler, so the user's log posterior runs with ordinary autograd.
-    """
-    gradient_fn, include, exclude = _ACTIVE[-1]
-    # an operator's kernel runs below autograd; the user's log posterior runs with the dispatch state
-    # of the step that called the plan (autograd included), captured when the step began
-    with torch._C._ForceDispatchKeyGuard(include, exclude):
-        grads, value, _ = gradient_fn(params)
-    # an operator's outputs own their memory: autograd may hand out views of one buffer (the backward
-    # of a concatenation) or broadcast views (the gradient of a sum); those are copied
-    storages = {g.untyped_storage().data_ptr() for g in grads}
-    if len(storages) != len(grads) or not _exclusive(grads) or any(
-            g.dtype != p.dtype or g.shape != p.shape for g, p in zip(grads, params)):
-        grads = [torch.empty_like(p, memory_format=torch.contiguous_format).copy_(g) for g, p in zip(grads, params)]
-    return [*grads, value.detach().to(value_like.dtype).broadcast_to(value_like.shape).clone()]
-
-
-@_gradient.register_fake
-def _(params, value_like):
-    return [torch.empty_like(p) for p in params] + [torch.empty_like(value_like)]
-
-
-def _active(gradient_fn) -> tuple:
-    return gradient_fn, torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
-
-
 _UNTRACEABLE = object()  # the plan of a kind of step that could not be traced
-
-
-def _given_gradient(given, owned):
-    def gradient_fn(leaves):
-        return given[0], given[1], owned
-
-    return gradient_fn
-
-
-def _zero_gradient(params):
-    """The gradient function of tracing: the plan does not depend on gradient values."""
-    return [torch.zeros_like(p) for p in params], torch.zeros(()), True
-
-
-class _Given:
-    """A step scale whose value this step is a tensor (a schedule evaluated outside the plan)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def __call__(self, step):
-        return self.value
-
-
-class _Recorder:
-    """Noise that records each draw (kind, key, leaf shapes) while drawing it from the real stream."""
-
-    def __init__(self, noise):
-        self.noise, self.draws, self.chains = noise, [], noise.chains
-
-    def normal(self, like, key):
-        return self._draw("normal", like, key)
-
-    def uniform(self, like, key):
-        return self._draw("uniform", like, key)
-
-    def _draw(self, kind, like, key):
-        # zero-memory stand-ins with the leaves' shape, dtype and device (what a draw reads of them)
-        stand_ins = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in like]
-        self.draws.append((kind, ("compiled", len(self.draws)), stand_ins))
-        return getattr(self.noise, kind)(like, key)
-
-
-class _Replay:
-    """Noise inside a traced step: the buffers drawn before it, in the recorded order."""
-
-    def __init__(self, inputs, views: list | None, chains):
-        self.inputs, self.views, self.chains, self.draw = list(inputs), views, chains, 0
-
-    def normal(self, like, key):
-        if self.views is None:  # flat buffers only: views made in the graph
-            buffer = self.inputs[self.draw]
-            self.draw += 1
-            return buffer, views_of(buffer, like, self.chains)
-        count = self.views[self.draw]
-        self.draw += 1
-        buffer, *views = self.inputs[:1 + count]
-        del self.inputs[:1 + count]
-        return buffer, views
-
-    uniform = normal
 
 
 class Plan:
@@ -249,7 +167,7 @@ class CompiledStep:
                                            given, temperature, h, step, hot, inplace) or _UNTRACEABLE
         if plan is _UNTRACEABLE:  # warned once, when tracing failed: this kind of step runs eagerly
             if given is not None:  # the gradient this step already took is reused, not taken again
-                gradient_fn = _given_gradient(given, owned=not caller_gradient)
+                gradient_fn = given_gradient(given, owned=not caller_gradient)
             return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given, None)
         noise = []
         if hot:
@@ -259,19 +177,16 @@ class CompiledStep:
                 noise += [buffer, *views] if plan.views else [buffer]
         inputs = self._inputs(engine, params, momenta, xi, statistics, cache, state.log_posterior, given,
                               noise, temperature, h, step)
-        ctx = Context(_components(params, momenta, xi, inplace), step, {}, engine.numel, engine.buffers)
+        ctx = Context(accumulators(params, momenta, xi, inplace), step, {}, engine.numel, engine.buffers)
         saved = snapshot(ctx) if inplace and engine._evaluates_mid_step and given is None else None
-        _ACTIVE.append(_active(checked))
+        ACTIVE.append(active(checked))
         try:
-            outputs = plan.fn(inputs, self._python_values(engine, temperature, h, step))
-        except Rejected:
-            restore(saved)
-            return refused(state, inplace)
-        except BaseException:
-            restore(saved)
-            raise
+            outputs, refusal = guarded(lambda: plan.fn(inputs, self._python_values(engine, temperature, h, step)),
+                                       saved, state, inplace)
         finally:
-            _ACTIVE.pop()
+            ACTIVE.pop()
+        if refusal is not None:
+            return refusal
         return self._state(engine, state, ctx, plan, inputs, outputs, statistics_spec, inplace)
 
     # ----- tracing --------------------------------------------------------------------------------
@@ -286,9 +201,9 @@ class CompiledStep:
         compiling = self.mode != "replay"
         noise = []
         for _, _, like in draws:
-            buffer = torch.empty(_flat_shape(like, engine.chains), dtype=like[0].dtype, device=like[0].device)
+            buffer = torch.empty(flat_shape(like, engine.chains), dtype=like[0].dtype, device=like[0].device)
             noise += [buffer.normal_()] if compiling else [buffer.normal_(), *views_of(buffer, like, engine.chains)]
-        example = [_copy(t) for t in self._inputs(engine, params, momenta, xi, statistics, cache,
+        example = [copy_like(t) for t in self._inputs(engine, params, momenta, xi, statistics, cache,
                                                    state.log_posterior, given, noise, temperature, h, step)]
         counts = (len(params), len(momenta), len(xi), len(statistics), len(cache), 1, 0 if given is None else
                   len(given[0]) + (given[1] is not None), len(noise))
@@ -307,10 +222,10 @@ class CompiledStep:
 
                 def gradient_fn(leaves):
                     return grads_, value_, False
-            ctx = Context(_components(list(p), list(m), list(x), inplace), count, {}, engine.numel, None)
+            ctx = Context(accumulators(list(p), list(m), list(x), inplace), count, {}, engine.numel, None)
             record = state._replace(preconditioner=unflatten(statistics_spec, list(stats_)),
                                     gradient=tuple(cache_))
-            replay = _Replay(noise_, [len(like) for _, _, like in draws] if not compiling else None, engine.chains)
+            replay = Replay(noise_, [len(like) for _, _, like in draws] if not compiling else None, engine.chains)
             inputs = StepInputs(T, step_size, replay, gradient_fn, list(cache_) or None, hot)
             preconditioner = arithmetic(engine, record, ctx, inputs, scales, inplace)
             gradient = gradient_cache(engine, ctx, inputs)
@@ -330,7 +245,7 @@ class CompiledStep:
                     returned.append(tensor)
             return tuple(returned)
 
-        _ACTIVE.append(_active(_zero_gradient))
+        ACTIVE.append(active(zero_gradient))
         try:
             graph = make_fx(traced, tracing_mode="real")(*example)
         except Exception as error:
@@ -339,10 +254,10 @@ class CompiledStep:
                           f"{error}); running it eagerly", RuntimeWarning, stacklevel=4)
             return None
         finally:
-            _ACTIVE.pop()
+            ACTIVE.pop()
         _STATS["traces"] += 1
         first_scalar = len(example) - 3 - len(engine.scales)
-        fn = _Hoisted(graph, example, first_scalar, self._python_values(engine, temperature, h, step))
+        fn = HoistedStep(graph, example, first_scalar, self._python_values(engine, temperature, h, step))
         if compiling:
             self._compile(fn, example, self._python_values(engine, temperature, h, step))
         seconds = time.perf_counter() - started
@@ -354,10 +269,10 @@ class CompiledStep:
         """The noise draws of one step, in order, found by running it once eagerly on copies."""
         if not hot:
             return []
-        recorder = _Recorder(engine.noise)
+        recorder = Recorder(engine.noise)
         copies = [t.clone() for t in params], [t.clone() for t in momenta], [t.clone() for t in xi]
-        ctx = Context(_components(*copies, False), step, {}, engine.numel, None)
-        inputs = StepInputs(temperature, h, recorder, _zero_gradient, [t.clone() for t in cache] or None)
+        ctx = Context(accumulators(*copies, False), step, {}, engine.numel, None)
+        inputs = StepInputs(temperature, h, recorder, zero_gradient, [t.clone() for t in cache] or None)
         engine.noise.begin(state.rng, step, STEP)
         arithmetic(engine, state, ctx, inputs, engine.scales, False)
         return recorder.draws
@@ -369,12 +284,12 @@ class CompiledStep:
             hoisted = [t.clone() for t in fn.hoisted(example, values)]
             with warnings.catch_warnings():  # torch's own deprecations inside inductor are not the user's
                 warnings.simplefilter("ignore", DeprecationWarning)
-                fn.main = _compile_graph(replayed, [_copy(t) for t in example] + hoisted, self.options)
-            _ACTIVE.append(_active(_zero_gradient))
+                fn.main = _compile_graph(replayed, [copy_like(t) for t in example] + hoisted, self.options)
+            ACTIVE.append(active(zero_gradient))
             try:
-                fn([_copy(t) for t in example], values)  # compile now, on copies: the step's time stays the step's
+                fn([copy_like(t) for t in example], values)  # compile now, on copies: the step's time stays the step's
             finally:
-                _ACTIVE.pop()
+                ACTIVE.pop()
         except Exception as error:
             fn.main = replayed
             _STATS["fallbacks"] += 1
@@ -458,53 +373,6 @@ def _compile_graph(graph, example, options):
     return compile_fx(graph, example, config_patches={"size_asserts": False})
 
 
-class _Hoisted:
-    """A traced step split by :func:`~bayesflow.engine.hoist.hoist_scalars`: its scalar prologue (Python
-    numbers where every scalar input is one, else the 0-dim tensor graph) and its main graph."""
-
-    def __init__(self, graph, example, first_scalar: int, values: list):
-        self.prologue, self.main = hoist_scalars(graph, set(range(first_scalar, len(example))))
-        self.first_scalar, self.program, self.buffers = first_scalar, None, []
-        if self.prologue is not None and not any(isinstance(v, torch.Tensor) for v in values):
-            self.program = ScalarProgram.of(self.prologue)
-            if self.program is not None:  # the buffers the main graph reads, shaped as the graph made them
-                self.buffers = [torch.empty_like(t) for t in self.prologue(*example)]
-
-    def hoisted(self, inputs: list, values: list):
-        """The prologue's values for the main graph (its trailing inputs)."""
-        if self.program is not None:
-            for buffer, value in zip(self.buffers, self.program([None] * self.first_scalar + values)):
-                buffer.fill_(value)
-            return self.buffers
-        return () if self.prologue is None else self.prologue(*inputs)
-
-    def __call__(self, inputs: list, values: list):
-        return self.main(*inputs, *self.hoisted(inputs, values))
-
-
-def _copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy with the same strides (``clone`` makes a view with gaps contiguous; the compiled kernels
-    index memory with the strides of the examples they were compiled for)."""
-    if 0 in tensor.stride() and tensor.numel() > 1:  # a broadcast view (a sum's gradient) is never written
-        return tensor
-    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device).copy_(tensor)
-
-
-def _components(params, momenta, xi, owned) -> dict:
-    z = {"params": Accumulator(params, owned)}
-    if momenta:
-        z["momenta"] = Accumulator(momenta, owned)
-    if xi:
-        z["xi"] = Accumulator(xi, owned)
-    return z
-
-
-def _flat_shape(like, chains):
-    if chains is None:
-        return (sum(t.numel() for t in like),)
-    return (chains, sum(t[0].numel() for t in like))
-
-
 def _split(flat, counts):
     parts, at = [], 0
     for n in counts:
@@ -522,6 +390,6 @@ def _scalars_of(engine, temperature, h, tensors):
     """
     T = engine._fixed_temperature if isinstance(engine._fixed_temperature, float) else tensors[0]
     step_size = engine._fixed_step_size if isinstance(engine._fixed_step_size, float) else tensors[1]
-    scales = {name: scale if type(scale) is Constant else _Given(value)
+    scales = {name: scale if type(scale) is Constant else Given(value)
               for (name, scale), value in zip(engine.scales.items(), tensors[3:])}
     return T, step_size, tensors[2], scales

@@ -28,7 +28,7 @@ import struct
 import torch
 from torch import fx
 
-__all__ = ["ScalarProgram", "hoist_scalars"]
+__all__ = ["HoistedStep", "ScalarProgram", "hoist_scalars"]
 
 
 def hoist_scalars(graph: fx.GraphModule, scalar_inputs: set[int]):
@@ -189,3 +189,27 @@ class ScalarProgram:
         for node, fn, args, kwargs in self.steps:
             env[node] = fn(*map(read, args), **{k: read(v) for k, v in kwargs.items()})
         return [env[node] for node in self.outputs]
+
+
+class HoistedStep:
+    """A traced step split by :func:`~bayesflow.engine.hoist.hoist_scalars`: its scalar prologue (Python
+    numbers where every scalar input is one, else the 0-dim tensor graph) and its main graph."""
+
+    def __init__(self, graph, example, first_scalar: int, values: list):
+        self.prologue, self.main = hoist_scalars(graph, set(range(first_scalar, len(example))))
+        self.first_scalar, self.program, self.buffers = first_scalar, None, []
+        if self.prologue is not None and not any(isinstance(v, torch.Tensor) for v in values):
+            self.program = ScalarProgram.of(self.prologue)
+            if self.program is not None:  # the buffers the main graph reads, shaped as the graph made them
+                self.buffers = [torch.empty_like(t) for t in self.prologue(*example)]
+
+    def hoisted(self, inputs: list, values: list):
+        """The prologue's values for the main graph (its trailing inputs)."""
+        if self.program is not None:
+            for buffer, value in zip(self.buffers, self.program([None] * self.first_scalar + values)):
+                buffer.fill_(value)
+            return self.buffers
+        return () if self.prologue is None else self.prologue(*inputs)
+
+    def __call__(self, inputs: list, values: list):
+        return self.main(*inputs, *self.hoisted(inputs, values))

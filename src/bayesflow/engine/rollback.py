@@ -13,8 +13,9 @@ import torch
 
 from bayesflow.engine.context import Context
 from bayesflow.engine.state import SDEState
+from bayesflow.engine.validation import Rejected
 
-__all__ = ["refused", "restore", "snapshot"]
+__all__ = ["guarded", "refused", "restore", "snapshot"]
 
 
 def snapshot(ctx: Context) -> list:
@@ -45,3 +46,16 @@ def refused(state: SDEState, inplace: bool) -> SDEState:
             return state
         return state._replace(rejected=rejected + 1)
     return state._replace(step=state.step + 1, rejected=rejected + 1)
+
+
+def guarded(run, saved: list | None, state: SDEState, inplace: bool):
+    """``(run(), None)``; or, when ``run`` raises :class:`~bayesflow.engine.validation.Rejected`,
+    ``(None, refused state)``. Any failure first writes ``saved`` (:func:`snapshot`) back."""
+    try:
+        return run(), None
+    except Rejected:
+        restore(saved)
+        return None, refused(state, inplace)
+    except BaseException:
+        restore(saved)
+        raise

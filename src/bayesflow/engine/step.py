@@ -14,13 +14,13 @@ import torch
 from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.context import Context
 from bayesflow.engine.noise import STEP
-from bayesflow.engine.rollback import refused, restore, snapshot
+from bayesflow.engine.rollback import guarded, snapshot
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import StepInputs
-from bayesflow.engine.validation import Rejected, checked_gradient, step_count
+from bayesflow.engine.validation import checked_gradient, step_count
 from bayesflow.tree import unflatten
 
-__all__ = ["advance", "arithmetic", "finish", "gradient_cache", "scalars"]
+__all__ = ["accumulators", "advance", "arithmetic", "finish", "gradient_cache", "scalars"]
 
 
 def scalars(engine, step: int):
@@ -47,27 +47,32 @@ def advance(engine, state: SDEState, params: list, gradient_fn, inplace: bool,
     z = components(engine, state, params, inplace)
     ctx = Context(z, step, {}, engine.numel, engine.buffers)
     saved = snapshot(ctx) if inplace and engine._evaluates_mid_step else None  # see engine.rollback
-    try:
-        inputs = StepInputs(temperature, h, engine.noise, checked, cached(state, caller_gradient))
+    inputs = StepInputs(temperature, h, engine.noise, checked, cached(state, caller_gradient))
+
+    def run():
         if inputs.hot:
             engine.noise.begin(state.rng, step, STEP)
-        preconditioner = arithmetic(engine, state, ctx, inputs, engine.scales, inplace)
-    except Rejected:
-        restore(saved)
-        return refused(state, inplace)
-    except BaseException:
-        restore(saved)
-        raise
+        return arithmetic(engine, state, ctx, inputs, engine.scales, inplace)
+
+    preconditioner, refusal = guarded(run, saved, state, inplace)
+    if refusal is not None:
+        return refusal
     return finish(state, engine.spec, ctx, gradient_cache(engine, ctx, inputs), inputs.value, preconditioner, inplace)
 
 
 def components(engine, state: SDEState, params: list, inplace: bool) -> dict:
     """The step's extended state z as accumulators over the state's leaves."""
-    z = {"params": Accumulator(params, inplace)}
-    if state.momenta is not None:
-        z["momenta"] = Accumulator(engine._flatten_like_params(state.momenta, "state.momenta"), inplace)
-    if state.xi is not None:
-        z["xi"] = Accumulator([state.xi], inplace)
+    momenta = engine._flatten_like_params(state.momenta, "state.momenta") if state.momenta is not None else []
+    return accumulators(params, momenta, [state.xi] if state.xi is not None else [], inplace)
+
+
+def accumulators(params: list, momenta: list, xi: list, owned: bool) -> dict:
+    """z = {component: Accumulator} for the components present (momenta, xi: empty lists when absent)."""
+    z = {"params": Accumulator(params, owned)}
+    if momenta:
+        z["momenta"] = Accumulator(momenta, owned)
+    if xi:
+        z["xi"] = Accumulator(xi, owned)
     return z
 
 

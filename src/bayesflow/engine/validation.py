@@ -115,6 +115,11 @@ def check_finite(value: torch.Tensor | None, grads: list | None, spec, step: int
     return f"gradient of the log posterior is not finite at step {step} in leaf {bad[0]!r} (all: {bad})"
 
 
+class Untraceable(RuntimeError):
+    """A step reads a value in Python that a traced (compiled) step only has as a tensor: the compiled
+    step (:mod:`bayesflow.engine.compiled`) runs that kind of step eagerly, with a warning."""
+
+
 class Rejected(Exception):
     """A non-finite step refused under ``on_nonfinite="reject"`` (the engine returns the input state)."""
 
