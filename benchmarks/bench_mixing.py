@@ -12,10 +12,11 @@ Mahalanobis radius — per post-burn-in gradient), and the pooled bias: |μ̂ �
 tr Σ̂/tr Σ − 1. The iid floor is the same metric of 8 × 18 000 exact draws (the mean of 5 repeats).
 Every setting shares the same starting points, mini-batch streams and (bayesflow) noise seeds.
 
-Run: ``python benchmarks/bench_mixing.py`` (≈ 15–25 min, one thread; writes
+Run: ``python benchmarks/bench_mixing.py`` (≈ 90 min, one thread; writes
 ``results/mixing.json``, ``mixing.md``, ``mixing.png``); ``--quick`` (seconds, targets a and c,
-writes ``mixing_quick.*`` under ``--out``). posteriors' columns need ``posteriors==0.1.3`` (the
-``[bench]`` extra) and are skipped with a note without it.
+writes ``mixing_quick.*`` under ``--out``); ``--update --configs A,B [--targets c,d]`` re-measures
+only those configurations and replaces their entries in the existing results. posteriors' columns
+need ``posteriors==0.1.3`` (the ``[bench]`` extra) and are skipped with a note without it.
 """
 
 from __future__ import annotations
@@ -192,38 +193,67 @@ def _source() -> dict:
     return info
 
 
+def _previous(path: Path, protocol: dict) -> dict:
+    """The payload ``--update`` adds to: the same protocol, or a clear refusal."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--update adds configurations to {path}, which does not exist: run the full "
+                                "benchmark first")
+    payload = json.loads(path.read_text())
+    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in protocol.items() if k != "targets"}
+    differs = [k for k, v in wanted.items() if payload.get("protocol", {}).get(k) != v]
+    if differs:
+        raise ValueError(f"{path} was measured with another protocol ({differs} differ): rerun it in full")
+    return payload
+
+
 def run(quick: bool = False, out_dir: Path | None = None, verbose: bool = True, targets=None,
-        configurations=None) -> dict:
+        configurations=None, update: bool = False) -> dict:
     """Run the benchmark; write ``mixing[_quick].json``, ``.md`` and ``.png`` to ``out_dir``
-    (default ``benchmarks/results``); return the JSON payload."""
+    (default ``benchmarks/results``); return the JSON payload.
+
+    ``update=True`` measures only ``configurations`` (on ``targets``) and replaces or adds their
+    entries in the existing ``mixing[_quick].json`` (same protocol; every other entry, the floors
+    included, is kept as measured); each configuration records its own date and commit."""
     protocol = dict(QUICK if quick else FULL)
     if targets is not None:
         protocol["targets"] = tuple(targets)
     names, skipped = available(configurations)
     out_dir = Path(out_dir) if out_dir is not None else common.RESULTS
-    payload = {"benchmark": "mixing", "quick": quick, "machine": common.machine_info(),
-               "protocol": {k: list(v) if isinstance(v, tuple) else v for k, v in protocol.items()},
-               "bayesflow": _source(), "skipped": skipped, "complete": False, "targets": {}}
+    suffix = "_quick" if quick else ""
+    source, machine = _source(), common.machine_info()
+    if update:
+        payload = _previous(out_dir / f"mixing{suffix}.json", protocol)
+        payload.setdefault("updates", []).append({"date": machine["date"], "commit": source.get("commit"),
+                                                  "configurations": names, "targets": list(protocol["targets"])})
+    else:
+        payload = {"benchmark": "mixing", "quick": quick, "machine": machine,
+                   "protocol": {k: list(v) if isinstance(v, tuple) else v for k, v in protocol.items()},
+                   "bayesflow": source, "skipped": skipped, "complete": False, "targets": {}}
     for note in skipped:
         print(f"note: {note}", flush=True)
-    suffix = "_quick" if quick else ""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in protocol["targets"]:
         target = make_target(name, verbose=verbose)
         if verbose:
             print(f"== ({name}) {target.title}", flush=True)
-        floor = iid_floor(target, protocol)
-        if verbose:
-            print(f"  {'iid floor':22s} W2/√trΣ {floor['w2']:.4f} (per chain {floor['w2_chain']:.4f})", flush=True)
-        entry = payload["targets"][name] = {
-            "title": target.title, "reference": target.reference, "dim": target.dim, "goal": target.goal,
-            "issue": dict(zip(("bayesflow_best", "posteriors_best", "iid_floor"), ISSUE[name])),
-            "curvature": target.curvature, "step_range_u": target.step_range, "temperature": target.temperature,
-            "spec": target.spec, "floor": floor, "configurations": {}}
+        if update and name in payload["targets"]:
+            entry = payload["targets"][name]
+        else:
+            floor = iid_floor(target, protocol)
+            if verbose:
+                print(f"  {'iid floor':22s} W2/√trΣ {floor['w2']:.4f} (per chain {floor['w2_chain']:.4f})",
+                      flush=True)
+            entry = payload["targets"][name] = {
+                "title": target.title, "reference": target.reference, "dim": target.dim, "goal": target.goal,
+                "issue": dict(zip(("bayesflow_best", "posteriors_best", "iid_floor"), ISSUE[name])),
+                "curvature": target.curvature, "step_range_u": target.step_range,
+                "temperature": target.temperature, "spec": target.spec, "floor": floor, "configurations": {}}
         for config in names:
             applies = CONFIGURATIONS[config].applies
             if applies is None or applies(target):
-                entry["configurations"][config] = run_configuration(target, config, protocol, verbose)
+                result = run_configuration(target, config, protocol, verbose)
+                result["measured"] = {"date": machine["date"], "commit": source.get("commit")}
+                entry["configurations"][config] = result
         (out_dir / f"mixing{suffix}.json").write_text(json.dumps(_strict(payload), indent=1) + "\n")  # partial
     payload["complete"] = True
     (out_dir / f"mixing{suffix}.json").write_text(json.dumps(_strict(payload), indent=1) + "\n")
@@ -238,13 +268,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     parser.add_argument("--targets", default=None, help="comma-separated subset of " + ",".join(TARGETS))
     parser.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
+    parser.add_argument("--update", action="store_true",
+                        help="measure only --configs and replace or add them in the existing results")
     args = parser.parse_args(argv)
 
     def split(text):
         return [x.strip() for x in text.split(",") if x.strip()]
 
     payload = run(args.quick, args.out, targets=None if args.targets is None else split(args.targets),
-                  configurations=None if args.configs is None else split(args.configs))
+                  configurations=None if args.configs is None else split(args.configs), update=args.update)
     print(mixing_report.markdown(payload))
     return 0
 

@@ -12,6 +12,14 @@ r"""Issue 15's new configurations as mixing-benchmark entries, registered only w
   whitened per-datum curvature is T, so h = u/√T, α = f·√T); until the last window the step is the
   identity-mass step 0.25/√λ_max (``burn_in_lr``). The step is one value per run (``burn_in_lr``
   needs a float ``lr``): 8 chains per run, whose moments are pooled for the mass (``pool=True``).
+  Full-batch targets.
+* ``bayesflow/baoab+grad-mass`` — the same with the gradient-informed estimate (``gradients=True``:
+  Σ̂ = T·gm(C_θ, C_∇H), exact on a Gaussian from any n > d draws). Full-batch targets.
+* ``bayesflow/baoab+cv+grad-mass`` — both: BAOAB on control-variate gradients with a dense
+  gradient-informed mass learned in the burn-in the mode search leaves (two windows).
+* ``bayesflow/<sgld|sghmc>+cv+nc`` — control variates and the per-direction gradient-noise correction
+  (:mod:`bayesflow.sgmcmc.noise_corrected`, low rank, per-sample gradients of ℓ_cv by ``vmap``): the
+  injected noise is 2ThD − h²V̂. Counted at 2 gradients a step, as the control variate alone.
 
 Each is one :class:`~mixing_configs.Configuration` in :data:`~mixing_configs.CONFIGURATIONS`.
 
@@ -55,37 +63,88 @@ def control_variate_preset(module: str, momentum: bool):
 
     def factory(problem, step, friction):
         from bayesflow.ensemble import lift
-        from bayesflow.sgmcmc.control_variate import control_variate, find_mode
         from mixing_configs import _Engine
 
-        target = problem.target
-        if target.batch_size is None:
-            raise ValueError("control variates reduce mini-batch noise: this target is full batch")
-        log_posterior = _either(target)
-        generator = torch.Generator().manual_seed(problem.seeds[0] + 101)
-
-        def batch_at(_step):
-            return torch.randint(target.num_data, (target.batch_size,), generator=generator)
-
-        full = target.num_data / target.batch_size
-        batch_steps, full_steps = mode_steps(problem.burn_in, full)
-        start = target.initial(1, problem.seeds[0] + 102)[0]
-        mode = find_mode(log_posterior, start, batch_at, steps=batch_steps, lr=MODE_SETUP["batch_lr"])
-        if full_steps:
-            mode = find_mode(log_posterior, mode, [None], steps=full_steps, lr=MODE_SETUP["full_lr"])
-        cv = control_variate(log_posterior, mode, None)
+        cv, setup = _mode_and_control_variate(problem)
         preset = importlib.import_module(f"bayesflow.sgmcmc.{module}")
         kwargs = {"alpha": float(friction)} if momentum else {}
         single = preset.build(cv, lr=float(step[0]), temperature=problem.temperature, check_finite="none", **kwargs)
         sampler = _Engine(lift(single, problem.chains, step_size=step, vectorize="batched"), problem.seeds)
-        sampler.setup_gradients = batch_steps + (full_steps + 1) * full
+        sampler.setup_gradients = setup
         return sampler
 
     return factory
 
 
-def learned_mass_preset(module: str, kind: str, burn_in: int):
-    """Factory: preset ``module`` with ``LearnedMass(kind, burn_in)`` (one step value per run)."""
+def _mode_and_control_variate(problem):
+    """(control-variate log posterior, setup cost in batch gradients): the mode search of ``MODE_SETUP``."""
+    from bayesflow.sgmcmc.control_variate import control_variate, find_mode
+
+    target = problem.target
+    if target.batch_size is None:
+        raise ValueError("control variates reduce mini-batch noise: this target is full batch")
+    log_posterior = _either(target)
+    generator = torch.Generator().manual_seed(problem.seeds[0] + 101)
+
+    def batch_at(_step):
+        return torch.randint(target.num_data, (target.batch_size,), generator=generator)
+
+    full = target.num_data / target.batch_size
+    batch_steps, full_steps = mode_steps(problem.burn_in, full)
+    start = target.initial(1, problem.seeds[0] + 102)[0]
+    mode = find_mode(log_posterior, start, batch_at, steps=batch_steps, lr=MODE_SETUP["batch_lr"])
+    if full_steps:
+        mode = find_mode(log_posterior, mode, [None], steps=full_steps, lr=MODE_SETUP["full_lr"])
+    return control_variate(log_posterior, mode, None), batch_steps + (full_steps + 1) * full
+
+
+def noise_corrected_preset(module: str, momentum: bool):
+    """Factory: preset ``module`` on control-variate gradients with the per-direction gradient-noise
+    correction (:mod:`bayesflow.sgmcmc.noise_corrected`; per-sample gradients of ℓ_cv, one mini-batch
+    per chain)."""
+
+    def factory(problem, step, friction):
+        from bayesflow.sgmcmc import noise_corrected
+        from mixing_configs import _Engine
+
+        cv, setup = _mode_and_control_variate(problem)
+        preset = importlib.import_module(f"bayesflow.sgmcmc.{module}")
+        kwargs = {"alpha": float(friction)} if momentum else {}
+        base = preset.config(lr=float(step[0]), temperature=problem.temperature, check_finite="none", **kwargs)
+        transform = noise_corrected.build(cv, noise_corrected.config(base), chains=problem.chains, chain_batches=True)
+        sampler = _Engine(transform, problem.seeds)
+        sampler.setup_gradients = setup
+        return sampler
+
+    return factory
+
+
+def control_variate_mass_preset(module: str, windows: int = 2):
+    """Factory: preset ``module`` on control-variate gradients with a dense gradient-informed mass
+    learned in what the mode search leaves of the burn-in (2 gradients a step)."""
+
+    def factory(problem, step, friction):
+        from bayesflow.engine.learned_mass import LearnedMass
+        from bayesflow.ensemble import lift
+        from mixing_configs import _Engine
+
+        cv, setup = _mode_and_control_variate(problem)
+        target = problem.target
+        preset = importlib.import_module(f"bayesflow.sgmcmc.{module}")
+        mass = LearnedMass("dense", burn_in=int(problem.burn_in - setup) // 2, windows=windows,
+                           chains=problem.chains, pool=True, gradients=True)
+        safe = 0.25 / math.sqrt(target.curvature[1])
+        transform = preset.build(cv, lr=float(step[0]), alpha=float(friction), temperature=problem.temperature,
+                                 mass=mass, burn_in_lr=min(safe, float(step[0])), check_finite="none")
+        sampler = _Engine(lift(transform, problem.chains, vectorize="batched"), problem.seeds)
+        sampler.setup_gradients = setup
+        return sampler
+
+    return factory
+
+
+def learned_mass_preset(module: str, kind: str, burn_in: int, gradients: bool = False):
+    """Factory: preset ``module`` with ``LearnedMass(kind, burn_in, gradients=...)`` (one step value per run)."""
 
     def factory(problem, step, friction):
         from bayesflow.engine.learned_mass import LearnedMass
@@ -94,7 +153,7 @@ def learned_mass_preset(module: str, kind: str, burn_in: int):
         target = problem.target
         preset = importlib.import_module(f"bayesflow.sgmcmc.{module}")
         safe = 0.25 / math.sqrt(target.curvature[1])
-        mass = LearnedMass(kind, burn_in=burn_in, chains=problem.chains, pool=True)
+        mass = LearnedMass(kind, burn_in=burn_in, chains=problem.chains, pool=True, gradients=gradients)
         transform = preset.build(target.log_posterior, lr=float(step[0]), alpha=float(friction),
                                  temperature=problem.temperature, mass=mass, burn_in_lr=min(safe, float(step[0])),
                                  check_finite="none")
@@ -103,6 +162,14 @@ def learned_mass_preset(module: str, kind: str, burn_in: int):
         return _Engine(lift(transform, problem.chains, vectorize="batched"), problem.seeds)
 
     return factory
+
+
+def _full_batch(target) -> bool:
+    return target.batch_size is None
+
+
+def _mini_batch(target) -> bool:
+    return target.batch_size is not None
 
 
 def _whitened(target):
@@ -122,7 +189,7 @@ def register(registry: dict) -> list[str]:
         for name, momentum in (("sgld", False), ("baoa", True), ("sgnht", True)):
             registry[f"bayesflow/{name}+cv"] = Configuration(
                 "bayesflow", f"{name}+cv", control_variate_preset(name, momentum), order=2 if momentum else 1,
-                momentum=momentum, grads_per_step=2, applies=lambda target: target.batch_size is not None,
+                momentum=momentum, grads_per_step=2, applies=_mini_batch,
                 step_range=(1.6, 0.016))
             added.append(f"bayesflow/{name}+cv")
     try:
@@ -135,8 +202,24 @@ def register(registry: dict) -> list[str]:
     except ImportError:
         pass
     else:
-        registry["bayesflow/baoab+dense-mass"] = Configuration(
-            "bayesflow", "baoab+dense-mass", learned_mass_preset("baoab", "dense", burn_in=2000), order=2,
-            momentum=True, per_chain_step=False, curvature=_whitened)
-        added.append("bayesflow/baoab+dense-mass")
+        for name, gradients in (("baoab+dense-mass", False), ("baoab+grad-mass", True)):
+            registry[f"bayesflow/{name}"] = Configuration(
+                "bayesflow", name, learned_mass_preset("baoab", "dense", burn_in=2000, gradients=gradients), order=2,
+                momentum=True, per_chain_step=False, curvature=_whitened, applies=_full_batch)
+            added.append(f"bayesflow/{name}")
+        registry["bayesflow/baoab+cv+grad-mass"] = Configuration(
+            "bayesflow", "baoab+cv+grad-mass", control_variate_mass_preset("baoab"), order=2, momentum=True,
+            grads_per_step=2, per_chain_step=False, curvature=_whitened, applies=_mini_batch, step_range=(1.6, 0.016))
+        added.append("bayesflow/baoab+cv+grad-mass")
+    try:
+        importlib.import_module("bayesflow.sgmcmc.noise_corrected")
+    except ImportError:
+        pass
+    else:
+        for name, momentum in (("sgld", False), ("sghmc", True)):
+            registry[f"bayesflow/{name}+cv+nc"] = Configuration(
+                "bayesflow", f"{name}+cv+nc", noise_corrected_preset(name, momentum), order=2 if momentum else 1,
+                momentum=momentum, grads_per_step=2, per_chain_step=False, applies=_mini_batch,
+                step_range=(1.6, 0.016))
+            added.append(f"bayesflow/{name}+cv+nc")
     return added

@@ -208,3 +208,25 @@ def test_mixing_benchmark_quick_mode_writes_json_table_and_metrics_are_right(tmp
     table = (tmp_path / "mixing_quick.md").read_text()
     assert "| target | bayesflow best, per chain |" in table and "| bayesflow/baoab |" in table
     assert payload["targets"]["a"]["floor"]["w2"] == saved["targets"]["a"]["floor"]["w2"]
+
+
+def test_mixing_update_replaces_only_the_named_configurations(tmp_path):
+    import bench_mixing
+
+    with pytest.raises(FileNotFoundError, match="run the full benchmark first"):
+        bench_mixing.run(quick=True, out_dir=tmp_path, verbose=False, configurations=["bayesflow/sgld"], update=True)
+    first = bench_mixing.run(quick=True, out_dir=tmp_path, verbose=False, targets=["a"],
+                             configurations=["bayesflow/sgld", "bayesflow/baoab"])
+    updated = bench_mixing.run(quick=True, out_dir=tmp_path, verbose=False, targets=["a"],
+                               configurations=["bayesflow/baoab+grad-mass"], update=True)
+    configs = updated["targets"]["a"]["configurations"]
+    assert set(configs) == {"bayesflow/sgld", "bayesflow/baoab", "bayesflow/baoab+grad-mass"}
+    assert configs["bayesflow/sgld"] == first["targets"]["a"]["configurations"]["bayesflow/sgld"]  # kept as is
+    assert updated["targets"]["a"]["floor"] == first["targets"]["a"]["floor"]
+    assert "measured" in configs["bayesflow/baoab+grad-mass"] and len(updated["updates"]) == 1
+    assert "Re-measured" in (tmp_path / "mixing_quick.md").read_text()
+    payload = json.loads((tmp_path / "mixing_quick.json").read_text())
+    payload["protocol"]["chains"] = 3
+    (tmp_path / "mixing_quick.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="another protocol"):
+        bench_mixing.run(quick=True, out_dir=tmp_path, verbose=False, configurations=["bayesflow/sgld"], update=True)

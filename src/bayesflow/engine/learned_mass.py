@@ -20,6 +20,16 @@ past during burn-in and constant after), so Γ = 0 (during burn-in by the conven
 ``kind="dense"`` holds a d×d matrix per chain (small d: it reaches rotated targets); ``kind="diag"``
 one variance per parameter (any size).
 
+**Gradient-informed estimate** (``gradients=True``, nutpie's; :mod:`bayesflow.engine.moments`): the
+window also keeps the moments of the potential gradient :math:`g = \nabla H(θ_t)` the engine hands
+preconditioners at each step, and sets :math:`\hat Σ = T\,\mathrm{gm}(C_θ, C_g)`, the SPD solution of
+:math:`\hat Σ C_g \hat Σ = T^2 C_θ` (diagonal: :math:`T\sqrt{\operatorname{Var}θ_i/\operatorname{Var}g_i}`).
+On a Gaussian ∝ exp(−H/T), :math:`C_g = T^2Σ^{-1}C_θΣ^{-1}` whatever the law of the draws, so the
+estimate is Σ from any n > d draws — chains that have not mixed, or started far out — where
+:math:`C_θ` alone is Σ only at stationarity. Mini-batch gradient noise inflates :math:`C_g` and
+shrinks :math:`\hat Σ` (a smaller, safer step). T is the preset's (``mass=`` binds it through
+:meth:`LearnedMass.at_temperature`); with the engine used directly give ``temperature=``.
+
 Practice (issue 15's protocol: BAOAB, 8 chains, 20,000 gradients of which 2,000 burn-in, W2 of each
 chain's Gaussian fit / √tr Σ):
 
@@ -27,9 +37,10 @@ chain's Gaussian fit / √tr Σ):
   conditioning; the initial mass needs the target's own small step until the last window
   (``burn_in_lr`` of the presets, ``learned_operators.BurnInStep``: 0.75·h in the last window);
 * 2-D, condition 100, rotated: 0.0058 per chain (the identity's best 0.025; iid draws 0.008);
-* 100-D, condition 100, rotated: 0.0325 with ``pool=True`` (identity 0.061, iid 0.029); one chain's
-  1,000 correlated draws per 100-D window are too few (it diverges), and a diagonal mass cannot
-  whiten a rotated target (0.063);
+* 100-D, condition 100, rotated: 0.0326 with ``pool=True, gradients=True`` at h = 1.6 (ESS per
+  gradient 0.68; iid draws 0.029), 0.051 from the draws alone in the benchmark's grid (the estimate's
+  error caps h at 0.64; identity 0.067); one chain's 1,000 correlated draws per 100-D window are too
+  few (it diverges), and a diagonal mass cannot whiten a rotated target (0.063);
 * h is limited by the estimate's error (a variance overestimated by a factor f raises that
   direction's frequency by √f): the best h lies just below one that diverges;
 * a window much shorter than the chain's relaxation time underestimates the spread, and the next
@@ -58,6 +69,7 @@ Example (BAOAB whose mass is learned over 200 burn-in steps):
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 from numbers import Real
 
@@ -66,6 +78,7 @@ import torch
 from bayesflow.engine.accumulator import Leaves
 from bayesflow.engine.block import Block
 from bayesflow.engine.matrices import _check_matrix, check_finite_matrix
+from bayesflow.engine.moments import geometric_mean, symmetric_root, welford_dense, welford_diag
 
 __all__ = ["LearnedMass"]
 
@@ -105,6 +118,9 @@ class LearnedMass:
         jitter: ε of the regularisation, relative to the mean variance (≥ 0).
         chains: K when the transform runs K chains (``build(..., chains=K)``), needed by ``"dense"``.
         pool: with chains, pool the moments of all chains (one S for all, K times the samples).
+        gradients: also use the gradients, :math:`\hat Σ = T\,\mathrm{gm}(C_θ, C_g)` (module docstring):
+            exact on Gaussians from few, non-stationary draws.
+        temperature: T of the sampler, for ``gradients=True`` (presets given ``mass=`` pass theirs).
 
     The statistics live in ``state.preconditioner`` (mean, scatter, S); ``covariance(statistics)``
     is S² (the estimate in use). Steps ``t < burn_in`` absorb θ_t when an operator first reads S.
@@ -122,7 +138,8 @@ class LearnedMass:
     """
 
     def __init__(self, kind: str = "dense", burn_in: int = 1000, *, windows: int = 3, initial=1.0,
-                 jitter: float = 1e-3, chains: int | None = None, pool: bool = False):
+                 jitter: float = 1e-3, chains: int | None = None, pool: bool = False, gradients: bool = False,
+                 temperature: float | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
         for name, value in (("burn_in", burn_in), ("windows", windows)):
@@ -134,6 +151,11 @@ class LearnedMass:
             raise ValueError(f"chains must be a positive integer or None, got {chains!r}")
         if pool and chains is None:
             raise ValueError("pool=True pools the moments of several chains: give chains=K")
+        if not isinstance(gradients, bool):
+            raise TypeError(f"gradients must be True or False, got {gradients!r}")
+        if temperature is not None:
+            temperature = _check_temperature(temperature)
+        self.gradients, self.temperature = gradients, temperature
         self.kind, self.burn_in, self.windows = kind, burn_in, windows
         self.jitter, self.chains, self.pool = float(jitter), chains, bool(pool)
         self.initial = _check_initial(initial, kind)
@@ -141,6 +163,15 @@ class LearnedMass:
         self.ends = [round(burn_in * sum(weights[:i + 1]) / sum(weights)) for i in range(windows)]
         if any(b - a < 2 for a, b in zip([0, *self.ends], self.ends)):
             raise ValueError(f"burn_in={burn_in} is too short for {windows} doubling windows of at least 2 steps")
+
+    def at_temperature(self, temperature) -> LearnedMass:
+        """This mass with the sampler's temperature T (which the gradient-informed estimate scales by);
+        the presets call it with theirs. Itself when ``gradients=False`` or T is already set."""
+        if not self.gradients or self.temperature is not None:
+            return self
+        bound = copy.copy(self)
+        bound.temperature = _check_temperature(temperature)
+        return bound
 
     @property
     def rough_until(self) -> int:
@@ -156,14 +187,19 @@ class LearnedMass:
         if K is not None and any(leaf.ndim == 0 or leaf.shape[0] != K for leaf in params):
             raise ValueError(f"LearnedMass(chains={K}) needs every params leaf to lead with {K} chains, "
                              f"got shapes {[tuple(leaf.shape) for leaf in params]}")
+        if self.gradients and self.temperature is None:
+            raise ValueError("LearnedMass(gradients=True) scales its estimate by the temperature: give "
+                             "temperature=T (the presets pass theirs through mass=)")
         d = sum(leaf.numel() for leaf in params) // (K or 1)
         root = self._initial_root(d, like)
         if self.kind == "diag":
             parts = _split(root if K is None else root.expand(K, d), params)
-            return ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
-                    [part.clone() for part in parts])
+            moments = [[torch.zeros_like(p) for p in params] for _ in range(4 if self.gradients else 2)]
+            return (*moments[:2], [part.clone() for part in parts], *moments[2:])
         batch = () if K is None else (K,)
-        return (like.new_zeros(*batch, d), like.new_zeros(*batch, d, d), root.expand(*batch, d, d).clone())
+        moments = (like.new_zeros(*batch, d), like.new_zeros(*batch, d, d))
+        return (*moments, root.expand(*batch, d, d).clone(), *(
+            (like.new_zeros(*batch, d), like.new_zeros(*batch, d, d)) if self.gradients else ()))
 
     def _initial_root(self, d: int, like: torch.Tensor) -> torch.Tensor:
         initial = self.initial
@@ -175,7 +211,7 @@ class LearnedMass:
             raise ValueError(f"LearnedMass initial covariance has shape {tuple(initial.shape)}, but each chain "
                              f"has {d} parameters")
         initial = initial.to(dtype=like.dtype, device=like.device)
-        return initial.sqrt() if self.kind == "diag" else _root(initial)
+        return initial.sqrt() if self.kind == "diag" else symmetric_root(initial)
 
     def update_state(self, statistics: tuple, grads: Leaves, step: int, inplace: bool) -> tuple:
         """The statistics this step writes (fresh copies unless ``inplace``); unchanged after burn-in.
@@ -183,12 +219,33 @@ class LearnedMass:
         θ_t itself is absorbed by :meth:`absorb` when an operator first reads S (the engine hands
         preconditioners the gradient, operators the state).
         """
-        if step >= self.burn_in or inplace:
+        if step >= self.burn_in:
             return statistics
-        mean, scatter, root = statistics
-        copy = _clone if self.kind == "dense" else (lambda leaves: [t.clone() for t in leaves])
-        ends = step + 1 in self.ends
-        return copy(mean), copy(scatter), copy(root) if ends else root
+        if not inplace:
+            clone = _clone if self.kind == "dense" else (lambda leaves: [t.clone() for t in leaves])
+            ends = step + 1 in self.ends
+            statistics = tuple(entry if i == 2 and not ends else clone(entry) for i, entry in enumerate(statistics))
+        if self.gradients:
+            self._absorb_gradient(statistics, grads, step)
+        return statistics
+
+    def _absorb_gradient(self, statistics: tuple, grads: Leaves, step: int) -> None:
+        """Add ∇H(θ_t) to the window's gradient moments (the engine hands it to preconditioners)."""
+        n = step - self._window_start(step) + 1
+        mean, scatter = statistics[3], statistics[4]
+        if self.kind == "diag":
+            welford_diag(mean, scatter, list(grads), n, self.pool)
+            return
+        d = mean.shape[-1]
+        chains = None if mean.ndim == 1 else mean.shape[0]
+        if sum(g.numel() for g in grads) != d * (chains or 1):
+            raise ValueError(f"LearnedMass(kind='dense', chains={self.chains}) got a gradient of "
+                             f"{sum(g.numel() for g in grads)} entries for {chains or 1} chain(s) of {d} parameters")
+        welford_dense(mean, scatter, _flat(list(grads), chains), n, self.pool)
+
+    def _window_start(self, step: int) -> int:
+        window = bisect.bisect_right(self.ends, step)
+        return self.ends[window - 1] if window else 0
 
     def values(self, statistics: tuple, step: int, out=None):
         """S of this step (the engine's ``out`` buffer is not needed)."""
@@ -206,25 +263,38 @@ class LearnedMass:
         if self.kind == "dense" and chains != self.chains:
             raise ValueError(f"LearnedMass(kind='dense', chains={self.chains}) is driven by "
                              f"{chains or 1} chain(s): build it with chains={chains}")
-        window = bisect.bisect_right(self.ends, step)
-        start = self.ends[window - 1] if window else 0
-        n = step - start + 1
-        mean, scatter, root = statistics
+        n = step - self._window_start(step) + 1
+        mean, scatter, root = statistics[:3]
         if self.kind == "dense":
-            _welford_dense(mean, scatter, _flat(params, chains), n, self.pool)
+            welford_dense(mean, scatter, _flat(params, chains), n, self.pool)
         else:
-            _welford_diag(mean, scatter, params, n, self.pool)
-        if step + 1 == self.ends[window]:
+            welford_diag(mean, scatter, params, n, self.pool)
+        if step + 1 in self.ends:
             samples = n * (chains if self.pool else 1)
             if self.kind == "dense":
-                root.copy_(_root(self._regularised(scatter / (samples - 1), samples)))
+                covariance = self._regularised(scatter / (samples - 1), samples)
+                if self.gradients:  # Σ̂ = T·gm(C_θ, C_g): exact on a Gaussian from any n > d draws
+                    gradients = self._regularised(statistics[4] / (samples - 1), samples)
+                    covariance = self.temperature * geometric_mean(covariance, gradients)
+                root.copy_(symmetric_root(covariance))
             else:
-                variances = torch._foreach_div(scatter, float(samples - 1))
-                mean_variance = _flat(variances, chains).mean(-1)
-                weight = samples / (samples + SHRINKAGE)
+                variances = self._regularised_diag(scatter, samples, chains)
+                if self.gradients:  # T·sqrt(Var θ_i / Var g_i)
+                    gradients = self._regularised_diag(statistics[4], samples, chains)
+                    variances = [self.temperature * (v / g).sqrt() for v, g in zip(variances, gradients)]
                 for target, v in zip(root, variances):
-                    floor = mean_variance.view(-1, *([1] * (v.ndim - 1))) if chains else mean_variance
-                    target.copy_((weight * v + (1.0 - weight) * self.jitter * floor).clamp_min(0.0).sqrt())
+                    target.copy_(v.sqrt())
+
+    def _regularised_diag(self, scatter: Leaves, samples: int, chains: int | None) -> Leaves:
+        """Per-element variances shrunk towards ε times their mean, as :meth:`_regularised` does."""
+        variances = torch._foreach_div(scatter, float(samples - 1))
+        mean_variance = _flat(variances, chains).mean(-1)
+        weight = samples / (samples + SHRINKAGE)
+        out = []
+        for v in variances:
+            floor = mean_variance.view(-1, *([1] * (v.ndim - 1))) if chains else mean_variance
+            out.append((weight * v + (1.0 - weight) * self.jitter * floor).clamp_min(0.0))
+        return out
 
     def _regularised(self, covariance: torch.Tensor, samples: int) -> torch.Tensor:
         weight = samples / (samples + SHRINKAGE)
@@ -254,7 +324,10 @@ class LearnedMass:
     def __repr__(self):
         pooled = ", pool=True" if self.pool else ""
         chains = f", chains={self.chains}" if self.chains is not None else ""
-        return f"LearnedMass({self.kind!r}, burn_in={self.burn_in}, windows={self.windows}{chains}{pooled})"
+        gradients = "" if not self.gradients else (
+            ", gradients=True" + ("" if self.temperature is None else f", temperature={self.temperature:g}"))
+        return (f"LearnedMass({self.kind!r}, burn_in={self.burn_in}, windows={self.windows}{chains}{pooled}"
+                f"{gradients})")
 
 
 def _check_initial(initial, kind: str):
@@ -280,64 +353,8 @@ def _clone(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone()
 
 
-def _root(covariance: torch.Tensor) -> torch.Tensor:
-    """The symmetric PSD square root (batched; eigh in float64 for the small eigenvalues).
-
-    Raises FloatingPointError when the window's covariance is not finite or not decomposable: the
-    chains diverged while the mass was being learned (a check once per window, not per step).
-    """
-    problem = None
-    if not bool(torch.isfinite(covariance).all()):
-        problem = "is not finite"
-    else:
-        try:
-            eigenvalues, vectors = torch.linalg.eigh(covariance.double())
-        except torch.linalg.LinAlgError:
-            problem = "has no eigendecomposition"
-    if problem is not None:
-        raise FloatingPointError(f"LearnedMass: the running covariance of θ at the end of a burn-in window "
-                                 f"{problem}: the chains diverged while the mass was learned; lower "
-                                 "burn_in_lr (the step in the target's own units) or lengthen the windows")
-    root = (vectors * eigenvalues.clamp_min(0.0).sqrt().unsqueeze(-2)) @ vectors.transpose(-1, -2)
-    return root.to(covariance.dtype)
-
-
-def _welford_dense(mean, scatter, x, n: int, pool: bool) -> None:
-    """Welford's update of (mean, scatter) with sample(s) x, the n-th of the window (Chan's when pooled)."""
-    if n == 1:
-        scatter.zero_()
-        mean.zero_()
-    if pool:  # K samples at once: the chains' batch mean and scatter, merged (Chan, Golub & LeVeque)
-        K = x.shape[0]
-        batch_mean = x.mean(0)
-        centred = x - batch_mean
-        delta = batch_mean - mean[0]
-        before = K * (n - 1)
-        total = before + K
-        merged = scatter[0] + centred.T @ centred + torch.outer(delta, delta) * (before * K / total)
-        scatter.copy_(merged.expand_as(scatter))
-        mean.copy_((mean[0] + delta * (K / total)).expand_as(mean))
-        return
-    delta = x - mean
-    mean.add_(delta, alpha=1.0 / n)
-    scatter.add_(delta.unsqueeze(-1) * (x - mean).unsqueeze(-2))
-
-
-def _welford_diag(mean, scatter, x, n: int, pool: bool) -> None:
-    if n == 1:
-        torch._foreach_zero_(scatter)
-        torch._foreach_zero_(mean)
-    if pool:  # per element over the chain dimension, kept replicated per chain
-        K = x[0].shape[0]
-        for m, s, leaf in zip(mean, scatter, x):
-            batch_mean = leaf.mean(0, keepdim=True)
-            delta = batch_mean - m[:1]
-            before = K * (n - 1)
-            total = before + K
-            s.copy_((s[:1] + ((leaf - batch_mean) ** 2).sum(0, keepdim=True)
-                     + delta * delta * (before * K / total)).expand_as(s))
-            m.copy_((m[:1] + delta * (K / total)).expand_as(m))
-        return
-    delta = torch._foreach_sub(x, mean)
-    torch._foreach_add_(mean, delta, alpha=1.0 / n)
-    torch._foreach_addcmul_(scatter, delta, torch._foreach_sub(x, mean))
+def _check_temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value < math.inf:
+        raise ValueError(f"the gradient-informed mass needs a constant positive finite temperature, got {value!r} "
+                         "(a schedule or T = 0 has no stationary law to whiten)")
+    return float(value)

@@ -152,13 +152,14 @@ class BurnInStep:
         return self.settle if step < self.freeze else self.after
 
 
-def learned_operators(mass, lr, burn_in_lr=None) -> dict:
+def learned_operators(mass, lr, burn_in_lr=None, temperature=None) -> dict:
     """``{"curl": mass.curl(), "step_size": ...}`` for a preset given ``mass=`` (None: ``{}``).
 
     ``burn_in_lr`` (a positive float, with a float ``lr``) is the step until the last window starts
     (with one window, the whole burn-in); the last window runs at ``SETTLE · lr`` (0.75) with the
     previous window's estimate, and ``lr`` follows from the end of burn-in (:class:`BurnInStep`). None
-    keeps ``lr`` throughout.
+    keeps ``lr`` throughout. ``temperature`` is the preset's T, which a ``gradients=True`` mass scales
+    its estimate by (:meth:`LearnedMass.at_temperature`).
 
     Example:
         >>> from bayesflow.engine.learned_mass import LearnedMass
@@ -173,6 +174,8 @@ def learned_operators(mass, lr, burn_in_lr=None) -> dict:
         return {}
     if not isinstance(mass, LearnedMass):
         raise TypeError(f"mass must be a LearnedMass (or None for the identity), got {mass!r}")
+    if mass.gradients and temperature is not None:
+        mass = mass.at_temperature(temperature)
     fields = {"curl": mass.curl()}
     if burn_in_lr is not None:
         for name, value in (("burn_in_lr", burn_in_lr), ("lr", lr)):

@@ -69,7 +69,7 @@ def config(lr: float | Schedule, alpha: float = 0.01, sigma: float = 1.0, temper
         (0.05, 0.75, 1.0)
     """
     fields = {"step_size": learning_rate(lr), **underdamped(alpha, sigma)}
-    fields.update(learned_operators(mass, fields["step_size"], burn_in_lr))
+    fields.update(learned_operators(mass, fields["step_size"], burn_in_lr, temperature))
     return make_config(options, **fields, temperature=temperature_value(temperature),
                        integrator=Splitting("BAOAB"))
 

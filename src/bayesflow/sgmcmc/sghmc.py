@@ -95,7 +95,7 @@ def config(lr: float | Schedule, alpha: float = 0.01, beta: float = 0.0, sigma: 
             ``momenta_init``).
     """
     fields = {"step_size": learning_rate(lr), **underdamped(alpha, sigma)}
-    fields.update(learned_operators(mass, fields["step_size"], burn_in_lr))
+    fields.update(learned_operators(mass, fields["step_size"], burn_in_lr, temperature))
     temperature = temperature_value(temperature)
     return make_config(options, **fields,
                        temperature=injected_temperature(temperature, fields["step_size"], beta, friction=float(alpha)),
