@@ -17,9 +17,10 @@ r"""Issue 15's new configurations as mixing-benchmark entries, registered only w
   Σ̂ = T·gm(C_θ, C_∇H), exact on a Gaussian from any n > d draws). Full-batch targets.
 * ``bayesflow/baoab+cv+grad-mass`` — both: BAOAB on control-variate gradients with a dense
   gradient-informed mass learned in the burn-in the mode search leaves (two windows).
-* ``bayesflow/<sgld|sghmc>+cv+nc`` — control variates and the per-direction gradient-noise correction
-  (:mod:`bayesflow.sgmcmc.noise_corrected`, low rank, per-sample gradients of ℓ_cv by ``vmap``): the
-  injected noise is 2ThD − h²V̂. Counted at 2 gradients a step, as the control variate alone.
+* ``bayesflow/<sgld|sghmc|baoab>+cv+nc`` — control variates and the per-direction gradient-noise
+  correction (:mod:`bayesflow.sgmcmc.noise_corrected`, low rank, per-sample gradients of ℓ_cv by
+  ``vmap``): the injected noise is 2ThD − h²V̂ (BAOAB: its O step's, less ((1 + c)/2)² h²V̂). Counted
+  at 2 gradients a step, as the control variate alone.
 
 Each is one :class:`~mixing_configs.Configuration` in :data:`~mixing_configs.CONFIGURATIONS`.
 
@@ -216,7 +217,7 @@ def register(registry: dict) -> list[str]:
     except ImportError:
         pass
     else:
-        for name, momentum in (("sgld", False), ("sghmc", True)):
+        for name, momentum in (("sgld", False), ("sghmc", True), ("baoab", True)):
             registry[f"bayesflow/{name}+cv+nc"] = Configuration(
                 "bayesflow", f"{name}+cv+nc", noise_corrected_preset(name, momentum), order=2 if momentum else 1,
                 momentum=momentum, grads_per_step=2, per_chain_step=False, applies=_mini_batch,

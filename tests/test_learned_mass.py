@@ -349,7 +349,7 @@ def test_pooled_gradient_informed_estimate_through_baoab_at_posterior_temperatur
     for num_data in (1.0, 100.0):
         scale = temperature * num_data  # law ∝ exp(ℓ/(N T)) = N(0, Σ)
 
-        def log_posterior(p, batch):
+        def log_posterior(p, batch, scale=scale):
             return -0.5 * scale * ((p @ precision) * p).sum(-1), None
 
         errors = []

@@ -257,7 +257,9 @@ class System:
 
     def ornstein_uhlenbeck(self, ctx: Context, inputs: StepInputs, h: float) -> None:
         r"""Exact O step :math:`m \leftarrow e^{-Gh} m + \sqrt{T M (1 - e^{-2Gh})}\,ξ`, G = D_m M^{-1}."""
-        friction = self.diffusion.get("momenta", "momenta").diagonal(ctx)
+        operator = self.diffusion.get("momenta", "momenta")
+        corrected = getattr(operator, "ou_accumulate", None)  # gradient-noise corrected (BAOAB)
+        friction = (operator.base if corrected else operator).diagonal(ctx)
         mass = self.mass.diagonal(ctx)
         if friction is None or mass is None:
             raise ValueError("an exact O step needs a diagonal momentum diffusion and mass")
@@ -268,8 +270,13 @@ class System:
             momenta.mul(decay)
             if inputs.hot:
                 views, alpha = _draw(inputs, momenta.leaves, "momenta", 0.5)
-                momenta.add(views, alpha=alpha * (mass * (1.0 - decay**2)) ** 0.5)
+                if corrected:
+                    corrected(momenta, views, h, alpha * (mass * (1.0 - decay**2)) ** 0.5, ctx)
+                else:
+                    momenta.add(views, alpha=alpha * (mass * (1.0 - decay**2)) ** 0.5)
             return
+        if corrected:
+            raise ValueError("the gradient-noise corrected O step needs a Scalar friction and mass")
         like = momenta.leaves
         friction = friction if isinstance(friction, list) else [torch.full_like(t, friction) for t in like]
         mass = mass if isinstance(mass, list) else [torch.full_like(t, mass) for t in like]

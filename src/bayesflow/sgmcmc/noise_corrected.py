@@ -1,4 +1,4 @@
-r"""Mini-batch gradient-noise correction for SGLD and SGHMC: per-direction :math:`\hat B` from per-sample gradients.
+r"""Mini-batch gradient-noise correction for SGLD, SGHMC and BAOAB: a per-direction :math:`\hat B` (per-sample).
 
 ``config(sgld.config(...))`` or ``config(sghmc.config(...))`` returns the same engine configuration
 with the kicked row's diffusion replaced by :class:`~bayesflow.engine.noise_correction.NoiseCorrected`:
@@ -6,6 +6,10 @@ with the kicked row's diffusion replaced by :class:`~bayesflow.engine.noise_corr
 * SGLD (Euler–Maruyama, D on θ): :math:`θ \mathrel{+}= hD\nabla ℓ_B + \sqrt{2ThD - h^2 D\hat V D}\,ξ`,
 * SGHMC (semi-implicit Euler, friction α, coupling c): :math:`m \mathrel{+}= hc\nabla ℓ_B - hαM^{-1}m
   + \sqrt{2Thα - h^2c^2\hat V}\,ξ`, then θ with the new m,
+
+* BAOAB (Scalar friction and mass): the exact O step's noise :math:`Tσ^2(1 - c^2)` less
+  :math:`((1 + c)/2)^2 h^2c^2\hat V` (:mod:`bayesflow.engine.noise_correction`: exact to leading
+  order in ωh — BAOAB's kick noise reaches θ before its O step),
 
 with :math:`\hat V` the covariance of the batch-mean gradient estimated from the batch's own per-sample
 gradients (``structure="low_rank"``: all b − 1 directions exactly; ``"diagonal"``: per coordinate).
@@ -22,6 +26,7 @@ batch + log prior / N) and ``torch.func`` transformable; one step costs one per-
 Example (Bayesian linear regression, N = 1000 data, batches of 32, T = 1/N):
     >>> import torch
     >>> from bayesflow.sgmcmc import noise_corrected, sgld
+    >>> _ = torch.manual_seed(0)
     >>> X, y = torch.randn(1000, 2), torch.randn(1000)
     >>> def log_posterior(theta, batch):
     ...     x, t = batch
@@ -42,7 +47,7 @@ import functools
 from dataclasses import replace
 from numbers import Real
 
-from bayesflow.engine import Block, Diagonal, EulerMaruyama, Scalar, SDEConfig, SemiImplicitEuler
+from bayesflow.engine import Block, Diagonal, EulerMaruyama, Scalar, SDEConfig, SemiImplicitEuler, Splitting
 from bayesflow.engine import build as engine_build
 from bayesflow.engine.noise_correction import GradientNoise, NoiseCorrected, NoiseReport
 from bayesflow.engine.per_sample import per_sample_log_posterior
@@ -50,9 +55,10 @@ from bayesflow.types import LogPosterior, Transform
 
 __all__ = ["build", "config", "noise_report"]
 
-_SUPPORTED = ("SGLD-type (EulerMaruyama, a Scalar or Diagonal diffusion on params, no curl) or SGHMC-type "
+_SUPPORTED = ("SGLD-type (EulerMaruyama, a Scalar or Diagonal diffusion on params, no curl), SGHMC-type "
               "(SemiImplicitEuler, a Scalar or Diagonal friction on momenta, hamiltonian_curl with a Scalar "
-              "coupling, no thermostat)")
+              "coupling, no thermostat) or BAOAB-type (Splitting('BAOAB'), a Scalar friction, a Scalar mass, "
+              "hamiltonian_curl with a Scalar coupling)")
 
 
 def _constant(name, value):
@@ -67,11 +73,15 @@ def _kicked_row(base: SDEConfig):
     D, Q = base.diffusion_block.blocks, base.curl_block.blocks
     if type(base.integrator) is EulerMaruyama and set(D) == {("params", "params")} and not Q:
         return "params", D["params", "params"], "diffusion"
-    if type(base.integrator) is SemiImplicitEuler and set(D) == {("momenta", "momenta")} and set(Q) == {
-            ("params", "momenta"), ("momenta", "params")} and "xi" not in base.components:
+    splitting = type(base.integrator) is Splitting and base.integrator.word == "BAOAB"
+    if (type(base.integrator) is SemiImplicitEuler or splitting) and set(D) == {("momenta", "momenta")} and set(
+            Q) == {("params", "momenta"), ("momenta", "params")} and "xi" not in base.components:
         coupling = Q["momenta", "params"]
         if isinstance(coupling, Scalar) and Q["params", "momenta"] == Scalar(-coupling.value):
-            return "momenta", D["momenta", "momenta"], coupling.value
+            if not splitting:
+                return "momenta", D["momenta", "momenta"], coupling.value
+            if isinstance(D["momenta", "momenta"], Scalar) and isinstance(base.mass, Scalar):
+                return "momenta", D["momenta", "momenta"], coupling.value
     raise ValueError(f"gradient-noise correction supports {_SUPPORTED}; got integrator {base.integrator!r}, "
                      f"diffusion {base.diffusion_block!r}, curl {base.curl_block!r}")
 
@@ -80,7 +90,8 @@ def config(base: SDEConfig, structure: str = "low_rank", data_size: int | None =
     """``base`` (an SGLD- or SGHMC-type configuration) with the gradient-noise corrected diffusion.
 
     Args:
-        base: e.g. ``sgld.config(lr, temperature=1/N)`` or ``sghmc.config(lr, alpha, temperature=1/N)``
+        base: e.g. ``sgld.config(lr, temperature=1/N)``, ``sghmc.config(lr, alpha, temperature=1/N)`` or
+            ``baoab.config(lr, alpha, temperature=1/N)``
             with constant lr and temperature and ``beta = 0`` (the correction replaces posteriors' beta).
         structure: ``"low_rank"`` (exact in the b − 1 directions of the batch's gradients; O(d b²) per
             step) or ``"diagonal"`` (per coordinate; O(d b)).
@@ -110,7 +121,10 @@ def config(base: SDEConfig, structure: str = "low_rank", data_size: int | None =
     row, op, kick = _kicked_row(base)
     if not isinstance(op, (Scalar, Diagonal)):
         raise ValueError(f"gradient-noise correction needs a constant Scalar or Diagonal diffusion, got {op!r}")
-    noise = GradientNoise(h, T, kick=kick, num_data=N, structure=structure, data_size=data_size)
+    o_step = {}
+    if type(base.integrator) is Splitting:  # BAOAB: the correction goes into its exact O step
+        o_step = {"friction": op.value, "mass": base.mass.value}  # α > 0: a zero friction has no D block
+    noise = GradientNoise(h, T, kick=kick, num_data=N, structure=structure, data_size=data_size, **o_step)
     recipe = None
     if base.recipe is not None:
         recipe = functools.partial(_recorrected, base.recipe, structure, data_size)
