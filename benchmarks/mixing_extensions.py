@@ -120,9 +120,10 @@ def noise_corrected_preset(module: str, momentum: bool):
     return factory
 
 
-def control_variate_mass_preset(module: str, windows: int = 2):
+def control_variate_mass_preset(module: str, windows: int = 2, corrected: bool = False):
     """Factory: preset ``module`` on control-variate gradients with a dense gradient-informed mass
-    learned in what the mode search leaves of the burn-in (2 gradients a step)."""
+    learned in what the mode search leaves of the burn-in (2 gradients a step); ``corrected``: with
+    the gradient-noise correction of BAOAB's O step through the learned root."""
 
     def factory(problem, step, friction):
         from bayesflow.engine.learned_mass import LearnedMass
@@ -135,9 +136,18 @@ def control_variate_mass_preset(module: str, windows: int = 2):
         mass = LearnedMass("dense", burn_in=int(problem.burn_in - setup) // 2, windows=windows,
                            chains=problem.chains, pool=True, gradients=True)
         safe = 0.25 / math.sqrt(target.curvature[1])
-        transform = preset.build(cv, lr=float(step[0]), alpha=float(friction), temperature=problem.temperature,
-                                 mass=mass, burn_in_lr=min(safe, float(step[0])), check_finite="none")
-        sampler = _Engine(lift(transform, problem.chains, vectorize="batched"), problem.seeds)
+        if corrected:
+            from bayesflow.sgmcmc import noise_corrected
+
+            config = preset.config(lr=float(step[0]), alpha=float(friction), temperature=problem.temperature,
+                                   mass=mass, burn_in_lr=min(safe, float(step[0])), check_finite="none")
+            transform = noise_corrected.build(cv, noise_corrected.config(config), chains=problem.chains,
+                                              chain_batches=True)
+            sampler = _Engine(transform, problem.seeds)
+        else:
+            transform = preset.build(cv, lr=float(step[0]), alpha=float(friction), temperature=problem.temperature,
+                                     mass=mass, burn_in_lr=min(safe, float(step[0])), check_finite="none")
+            sampler = _Engine(lift(transform, problem.chains, vectorize="batched"), problem.seeds)
         sampler.setup_gradients = setup
         return sampler
 
@@ -212,6 +222,11 @@ def register(registry: dict) -> list[str]:
             "bayesflow", "baoab+cv+grad-mass", control_variate_mass_preset("baoab"), order=2, momentum=True,
             grads_per_step=2, per_chain_step=False, curvature=_whitened, applies=_mini_batch, step_range=(1.6, 0.016))
         added.append("bayesflow/baoab+cv+grad-mass")
+        registry["bayesflow/baoab+cv+grad-mass+nc"] = Configuration(
+            "bayesflow", "baoab+cv+grad-mass+nc", control_variate_mass_preset("baoab", corrected=True), order=2,
+            momentum=True, grads_per_step=2, per_chain_step=False, curvature=_whitened, applies=_mini_batch,
+            step_range=(1.6, 0.016))
+        added.append("bayesflow/baoab+cv+grad-mass+nc")
     try:
         importlib.import_module("bayesflow.sgmcmc.noise_corrected")
     except ImportError:

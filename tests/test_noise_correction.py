@@ -129,6 +129,36 @@ def test_baoab_correction_weights_the_o_step_budget():
     assert kind == "diagonal" and math.isclose(float(report.ratio), ratio, rel_tol=1e-12)
 
 
+def test_baoab_correction_through_a_learned_root_uses_s_v_s():
+    """With a learned mass the kick is h·S∇ℓ_B: F Fᵀ = I − ((1 + c)/2)² h² S V̂ S / (Tσ²(1 − c²)),
+    F made at the O step from that step's S and h (a burn-in step may differ from lr)."""
+    from bayesflow.engine.learned_mass import LearnedMass
+    from bayesflow.engine.learned_operators import LearnedRoot
+
+    h, T, alpha, mass, d, b = 0.3, 0.05, 1.5, 2.0, 3, 6
+    root = LearnedRoot(LearnedMass("dense", burn_in=100), 1.0)
+    noise = GradientNoise(1.0, T, kick=1.0, friction=alpha, mass=mass, kick_root=root).bind(None)
+    g = torch.Generator().manual_seed(3)
+    centred = torch.randn(b, d, generator=g, dtype=DTYPE) * 0.6
+    centred -= centred.mean(0)
+    A = torch.randn(d, d, generator=g, dtype=DTYPE)
+    S = torch.linalg.matrix_exp(0.3 * (A + A.T))  # symmetric positive definite
+    state = noise.init([torch.zeros(d, dtype=DTYPE)])
+    noise.receive(centred)
+    pending = noise.update_state(state, [torch.zeros(d, dtype=DTYPE)], 0, inplace=False)
+    noise.finish(S, h)
+    kind, diag_root, P, shrink = noise._factor
+    F = torch.diag(diag_root) @ (torch.eye(d, dtype=DTYPE) - P @ torch.diag(shrink) @ P.T)
+    c = math.exp(-alpha * h / mass)
+    V = centred.T @ centred / (b * (b - 1))
+    expected = torch.eye(d, dtype=DTYPE) - ((1 + c) / 2) ** 2 * h**2 * S @ V @ S / (T * mass * (1 - c * c))
+    assert kind == "low_rank" and torch.linalg.eigvalsh(expected).min() > 0  # unclipped
+    torch.testing.assert_close(F @ F.T, expected)
+    largest = 1.0 - float(torch.linalg.eigvalsh(expected).min())  # the report of this step, written at the O step
+    assert int(pending.clipped) == 0 and math.isclose(float(pending.ratio), largest, rel_tol=1e-9) and largest > 0.2
+    assert int(state.clipped_steps) == 0 and float(state.ratio) == 0.0  # the old state untouched
+
+
 def _per_sample_gradients(X, y, theta, prior):
     return X * (y - X @ theta).unsqueeze(-1) - prior * theta  # ∇ℓ_i in closed form
 

@@ -121,7 +121,8 @@ class GradientNoise:
 
     def __init__(self, step_size: float, temperature: float, kick: float | str = 1.0, num_data: float = 1.0,
                  structure: str = "low_rank", data_size: int | None = None, chains: int | None = None,
-                 chain_batches: bool = False, bound: bool = False, friction: float | None = None, mass: float = 1.0):
+                 chain_batches: bool = False, bound: bool = False, friction: float | None = None, mass: float = 1.0,
+                 kick_root=None):
         self.step_size = _number("step_size", step_size)
         self.temperature = _number("temperature", temperature, positive=False)
         if kick != "diffusion":
@@ -137,18 +138,16 @@ class GradientNoise:
         self.chains, self.chain_batches, self.bound = chains, bool(chain_batches), bound
         self.friction = None if friction is None else _number("friction", friction)
         self.mass = _number("mass", mass)
+        self.kick_root = kick_root  # the LearnedRoot operator the kick goes through (BAOAB with a learned mass)
+        self._pending = None
         self._centred = None  # the step's centred per-sample gradients (from the gradient source)
         self._factor = None  # the step's F (from update_state, for values)
 
     def bind(self, chains: int | None, chain_batches: bool = False) -> GradientNoise:
         """A fresh estimator with these settings for a transform of ``chains`` chains."""
         return GradientNoise(self.step_size, self.temperature, self.kick, self.num_data, self.structure,
-                             self.data_size, chains, chain_batches, bound=True, friction=self.friction, mass=self.mass)
-
-    @property
-    def decay(self) -> float:
-        """c = exp(−αh/σ²) of the O step (BAOAB correction only)."""
-        return math.exp(-self.friction * self.step_size / self.mass)
+                             self.data_size, chains, chain_batches, bound=True, friction=self.friction, mass=self.mass,
+                             kick_root=self.kick_root)
 
     def receive(self, centred: torch.Tensor) -> None:
         """The gradient source's ``sink``: this step's centred per-sample gradients ``([K,] b, d)``."""
@@ -170,13 +169,14 @@ class GradientNoise:
         """V̂ ``([K,] d, d)`` (dense: for tests and small d)."""
         return centred.transpose(-1, -2) @ centred * self._scale(centred.shape[-2])
 
-    def factors(self, centred: torch.Tensor, diffusion) -> tuple[NoiseReport, tuple]:
+    def factors(self, centred: torch.Tensor, diffusion, step_size: float | None = None) -> tuple[NoiseReport, tuple]:
         """``(report, F)`` for base diffusion D (a float or a ``([K,] d)`` tensor) at this step.
 
         F is ``("diagonal", root)`` with root ``([K,] d)``, or ``("low_rank", sqrt D, P, c)`` with
         :math:`F ξ = \\sqrt D (ξ - P (c ⊙ P^\\top ξ))`.
         """
-        h, T = self.step_size, self.temperature
+        h = self.step_size if step_size is None else step_size  # the O step passes its own
+        T = self.temperature
         lead = centred.shape[:-2]
         d = centred.shape[-1]
         if not isinstance(diffusion, torch.Tensor):
@@ -186,7 +186,7 @@ class GradientNoise:
         kick = D if self.kick == "diffusion" else self.kick
         budget, weight = 2.0 * T * h * D, 1.0  # 2ThD, G
         if self.friction is not None:  # BAOAB: the O step's T σ² (1 - c²) and ((1 + c)/2)² G; F relative
-            c = self.decay
+            c = math.exp(-self.friction * h / self.mass)
             D = torch.ones_like(D)
             budget, weight = T * self.mass * (1.0 - c * c) * D, ((1.0 + c) / 2.0) ** 2
         if self.structure == "diagonal":
@@ -222,20 +222,40 @@ class GradientNoise:
         self._factor = None
         if self.temperature == 0.0:  # nothing injected, nothing to correct
             return state
+        if self.kick_root is not None:  # F needs this step's S: made when the O step reads it (finish)
+            self._pending = (centred, state if inplace else NoiseReport(*(t.clone() for t in state)))
+            return self._pending[1]
         report, self._factor = self.factors(centred, self._diffusion)
-        clipped_steps = state.clipped_steps + (report.clipped > 0).to(torch.int64)
-        new = NoiseReport(report.clipped, clipped_steps, report.ratio.to(state.ratio.dtype))
-        if inplace:
-            for old, value in zip(state, new):
-                old.copy_(value)
-            return state
-        return new
+        return _write_report(state, report, inplace)
+
+    def finish(self, root, h: float) -> None:
+        """F of this step for a kick through the learned root S (``root`` = S, read by the caller):
+        the per-sample gradients become S g_i, and the report this step's state holds is written."""
+        centred, state = self._pending
+        self._pending = None
+        self._factor = None
+        if isinstance(root, list):  # diagonal S, per leaf: one flat ([K,] d) vector
+            transformed = centred * _flat(root, self.chains).unsqueeze(-2)
+        else:  # dense S ([K,] d, d), symmetric: S g_i for every row g_i
+            transformed = centred @ root
+        report, self._factor = self.factors(transformed, self._diffusion, h)
+        _write_report(state, report, True)
 
     def values(self, state: NoiseReport, step: int, out=None):
         """F of this step (computed by :meth:`update_state`)."""
         return self._factor
 
     _diffusion = 1.0  # the base D as a flat vector, set by NoiseCorrected.check
+
+
+def _write_report(state: NoiseReport, report: NoiseReport, inplace: bool) -> NoiseReport:
+    clipped_steps = state.clipped_steps + (report.clipped > 0).to(torch.int64)
+    new = NoiseReport(report.clipped, clipped_steps, report.ratio.to(state.ratio.dtype))
+    if inplace:
+        for old, value in zip(state, new):
+            old.copy_(value)
+        return state
+    return new
 
 
 def _left_singular(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,12 +345,18 @@ class NoiseCorrected(Operator):
         """The exact O step's noise ``alpha·F ξ`` (``alpha`` = √(Tσ²(1 − c²)), F from BAOAB's budget)."""
         if self.noise.friction is None:
             raise ValueError("this correction was set up for a kicked row (SGLD / SGHMC), not a BAOAB O step")
-        same = math.isclose(h, self.noise.step_size, rel_tol=1e-6) and math.isclose(
-            alpha * alpha, self.noise.temperature * self.noise.mass * (1.0 - self.noise.decay**2), rel_tol=1e-6)
+        learned = self.noise.kick_root is not None  # a learned mass's burn-in may run other steps: F follows h
+        decay = math.exp(-self.noise.friction * h / self.noise.mass) if isinstance(h, float) else math.nan
+        same = (learned or math.isclose(h, self.noise.step_size, rel_tol=1e-6)) and math.isclose(
+            alpha * alpha, self.noise.temperature * self.noise.mass * (1.0 - decay**2), rel_tol=1e-6)
         if not same:
             raise ValueError(f"the O step runs at h = {h!r} with noise {alpha!r} but the correction was set up for "
                              f"T = {self.noise.temperature:g}, h = {self.noise.step_size:g}: change T or h through "
                              "noise_corrected.config, not on the engine configuration")
+        if self.noise.kick_root is not None:
+            from bayesflow.engine.learned_operators import _read
+
+            self.noise.finish(_read(self.noise.kick_root.mass, ctx), h)  # F needs this step's S and h
         self._inject(out, noise, alpha, ctx)
 
     def _inject(self, out, noise, alpha, ctx):

@@ -9,7 +9,9 @@ with the kicked row's diffusion replaced by :class:`~bayesflow.engine.noise_corr
 
 * BAOAB (Scalar friction and mass): the exact O step's noise :math:`Tσ^2(1 - c^2)` less
   :math:`((1 + c)/2)^2 h^2c^2\hat V` (:mod:`bayesflow.engine.noise_correction`: exact to leading
-  order in ωh — BAOAB's kick noise reaches θ before its O step),
+  order in ωh — BAOAB's kick noise reaches θ before its O step); with a learned mass
+  (``baoab.config(..., mass=LearnedMass(...), burn_in_lr=...)``) the kick is :math:`hS\nabla ℓ_B` and
+  :math:`\hat V` becomes :math:`S\hat VS`, F made at each O step from that step's S and h,
 
 with :math:`\hat V` the covariance of the batch-mean gradient estimated from the batch's own per-sample
 gradients (``structure="low_rank"``: all b − 1 directions exactly; ``"diagonal"``: per coordinate).
@@ -49,6 +51,7 @@ from numbers import Real
 
 from bayesflow.engine import Block, Diagonal, EulerMaruyama, Scalar, SDEConfig, SemiImplicitEuler, Splitting
 from bayesflow.engine import build as engine_build
+from bayesflow.engine.learned_operators import BurnInStep, LearnedRoot
 from bayesflow.engine.noise_correction import GradientNoise, NoiseCorrected, NoiseReport
 from bayesflow.engine.per_sample import per_sample_log_posterior
 from bayesflow.types import LogPosterior, Transform
@@ -82,6 +85,10 @@ def _kicked_row(base: SDEConfig):
                 return "momenta", D["momenta", "momenta"], coupling.value
             if isinstance(D["momenta", "momenta"], Scalar) and isinstance(base.mass, Scalar):
                 return "momenta", D["momenta", "momenta"], coupling.value
+        if splitting and isinstance(coupling, LearnedRoot) and Q["params", "momenta"] == LearnedRoot(
+                coupling.mass, -coupling.scale) and isinstance(D["momenta", "momenta"], Scalar) and isinstance(
+                base.mass, Scalar):  # BAOAB with a learned mass: the kick goes through c·S
+            return "momenta", D["momenta", "momenta"], coupling
     raise ValueError(f"gradient-noise correction supports {_SUPPORTED}; got integrator {base.integrator!r}, "
                      f"diffusion {base.diffusion_block!r}, curl {base.curl_block!r}")
 
@@ -115,7 +122,10 @@ def config(base: SDEConfig, structure: str = "low_rank", data_size: int | None =
                          "the noise operator outside the traced step")
     if base.step_scales:
         raise ValueError("gradient-noise correction needs one constant step size (no step_scales)")
-    h = _constant("step size (lr)", base.step_size)
+    step_size = base.step_size
+    if isinstance(step_size, BurnInStep) and type(base.integrator) is Splitting:
+        step_size = step_size.after  # BAOAB's O step corrects at each step's own h (the learned mass's burn-in)
+    h = _constant("step size (lr)", step_size)
     T = _constant("temperature", base.temperature)
     N = _constant("num_data", base.num_data)
     row, op, kick = _kicked_row(base)
@@ -124,6 +134,8 @@ def config(base: SDEConfig, structure: str = "low_rank", data_size: int | None =
     o_step = {}
     if type(base.integrator) is Splitting:  # BAOAB: the correction goes into its exact O step
         o_step = {"friction": op.value, "mass": base.mass.value}  # α > 0: a zero friction has no D block
+        if isinstance(kick, LearnedRoot):  # S from the learned mass at each step; its scale c as the kick
+            o_step["kick_root"], kick = kick, kick.scale
     noise = GradientNoise(h, T, kick=kick, num_data=N, structure=structure, data_size=data_size, **o_step)
     recipe = None
     if base.recipe is not None:
