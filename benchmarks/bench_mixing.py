@@ -69,8 +69,14 @@ def _groups(config, steps: int, frictions: list) -> list[list[tuple[int, object]
     return [[g for g, k in zip(grid, keys) if k == key] for key in dict.fromkeys(keys)]
 
 
+def friction_factors(config, protocol: dict) -> tuple:
+    """The friction grid f (α = f·√λ_min): the configuration's own, else the protocol's."""
+    return tuple(config.frictions) if config.frictions is not None else tuple(protocol["frictions"])
+
+
 def _run_group(target, config, grid, u, h, frictions, protocol, stream, start) -> list[dict]:
     replicates, gps = protocol["chains"], config.grads_per_step
+    factors = friction_factors(config, protocol)
     samples = (protocol["budget"] - protocol["burn_in"]) // gps
     count = len(grid)
     step = torch.tensor([float(h[i]) for i, _ in grid for _ in range(replicates)], dtype=torch.float64)
@@ -97,11 +103,11 @@ def _run_group(target, config, grid, u, h, frictions, protocol, stream, start) -
         message = f"{type(error).__name__}: {str(error)[:300]}"
         print(f"  {config.name}: a run failed ({message})", flush=True)
         return [{"u": float(u[i]), "step": float(h[i]), "step_index": i, "friction": f, "diverged": True,
-                 "friction_factor": None if f is None else protocol["frictions"][frictions.index(f)],
+                 "friction_factor": None if f is None else factors[frictions.index(f)],
                  "error": message, "w2": math.inf, "w2_chain": math.inf} for i, f in grid]
     result = stats.metrics()
     return [{"u": float(u[i]), "step": float(h[i]), "step_index": i,
-             "friction_factor": None if f is None else protocol["frictions"][frictions.index(f)], "friction": f,
+             "friction_factor": None if f is None else factors[frictions.index(f)], "friction": f,
              "diverged": bool(result["diverged"][s]), "setup_gradients": setup,
              **{k: float(result[k][s]) for k in ("w2", "w2_chain", "mean_bias", "trace_bias", "ess_min")},
              "ess": result["ess"][s].tolist(), "ess_per_gradient": float(result["ess_min"][s]) / (
@@ -116,7 +122,7 @@ def run_configuration(target, name: str, protocol: dict, verbose: bool = True) -
     gps = config.grads_per_step
     u, h = step_grid(target, config, protocol["steps"])
     root = math.sqrt(scales(target, config)[0])
-    frictions = [f * root for f in protocol["frictions"]] if config.momentum else [None]
+    frictions = [f * root for f in friction_factors(config, protocol)] if config.momentum else [None]
     stream = target.batches(protocol["budget"] // gps, protocol["chains"], SEED + 1)
     start = target.initial(protocol["chains"], SEED + 2)
     settings, started = [], time.perf_counter()

@@ -74,6 +74,7 @@ class Configuration:
     curvature: Callable | None = None  # target -> (λ_min, λ_max) scaling the grid (default: the target's)
     applies: Callable | None = None  # target -> bool: run on this target (default: every target)
     step_range: tuple[float, float] | None = None  # (u_hi, u_lo) instead of the target's
+    frictions: tuple[float, ...] | None = None  # friction factors f instead of the protocol's (α = f·√λ_min)
     requires: str = "bayesflow"
     note: str = ""
 

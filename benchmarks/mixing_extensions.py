@@ -17,6 +17,10 @@ r"""Issue 15's new configurations as mixing-benchmark entries, registered only w
   Σ̂ = T·gm(C_θ, C_∇H), exact on a Gaussian from any n > d draws). Full-batch targets.
 * ``bayesflow/baoab+cv+grad-mass`` — both: BAOAB on control-variate gradients with a dense
   gradient-informed mass learned in the burn-in the mode search leaves (two windows).
+* ``bayesflow/baoab+cv+grad-mass+nc`` — all three: control variates, the gradient-informed dense
+  mass and BAOAB's O-step noise correction through the learned root (V̂ → S V̂ S). Its grid is the
+  whitened one around where the coarse grid put its best (u from 1.2 to 0.3, f ∈ {0.25, 1, 4}: on the
+  1.6 … 0.016 × {1, 4, 16} grid the best was u = 0.637, f = 1 and u = 1.6 diverged).
 * ``bayesflow/<sgld|sghmc|baoab>+cv+nc`` — control variates and the per-direction gradient-noise
   correction (:mod:`bayesflow.sgmcmc.noise_corrected`, low rank, per-sample gradients of ℓ_cv by
   ``vmap``): the injected noise is 2ThD − h²V̂ (BAOAB: its O step's, less ((1 + c)/2)² h²V̂). Counted
@@ -225,7 +229,7 @@ def register(registry: dict) -> list[str]:
         registry["bayesflow/baoab+cv+grad-mass+nc"] = Configuration(
             "bayesflow", "baoab+cv+grad-mass+nc", control_variate_mass_preset("baoab", corrected=True), order=2,
             momentum=True, grads_per_step=2, per_chain_step=False, curvature=_whitened, applies=_mini_batch,
-            step_range=(1.6, 0.016))
+            step_range=(1.2, 0.3), frictions=(0.25, 1.0, 4.0))
         added.append("bayesflow/baoab+cv+grad-mass+nc")
     try:
         importlib.import_module("bayesflow.sgmcmc.noise_corrected")

@@ -72,17 +72,24 @@ def matches(W, se, z=4.0) -> bool:
         float(W.trace() / d - 1.0)) <= z * float(trace_se)
 
 
+def corrected_and_plain(base, d, rotated, K, steps, burn_in, structure="low_rank", seed=0):
+    """(W, SE, state) of the noise-corrected ``base`` and (W, SE) of ``base`` itself on mini-batches."""
+    X, y, log_posterior, batched, mean, covariance = regression(d, rotated=rotated, seed=seed)
+    config = noise_corrected.config(base, structure=structure)
+    corrected = noise_corrected.build(log_posterior, config, chains=K, chain_batches=True)
+    W, se, state = whitened_covariance(corrected, X, y, mean, covariance, K, steps=steps, burn_in=burn_in)
+    plain = engine_build(batched, base, chains=K, vectorize="batched")
+    W_plain, se_plain, _ = whitened_covariance(plain, X, y, mean, covariance, K, steps=steps, burn_in=burn_in)
+    return (W, se, state), (W_plain, se_plain)
+
+
 def test_corrected_sgld_samples_the_exact_posterior_where_plain_sgld_is_biased():
-    X, y, log_posterior, batched, mean, covariance = regression(3, rotated=True)
-    K, h = 128, 0.01
-    base = sgld.config(lr=h, temperature=1.0 / N)
-    corrected = noise_corrected.build(log_posterior, noise_corrected.config(base), chains=K, chain_batches=True)
-    W, se, state = whitened_covariance(corrected, X, y, mean, covariance, K, steps=800, burn_in=120)
+    K = 128
+    (W, se, state), (W_plain, se_plain) = corrected_and_plain(sgld.config(lr=0.01, temperature=1.0 / N), 3, True,
+                                                              K, steps=800, burn_in=120)
     assert matches(W, se), (W, se)
     # the same check rejects a reference 15 % off, and the plain SGLD chain (gradient noise uncorrected)
     assert not matches(W / 1.15, se / 1.15)
-    W_plain, se_plain, _ = whitened_covariance(engine_build(batched, base, chains=K, vectorize="batched"),
-                                               X, y, mean, covariance, K, steps=800, burn_in=120)
     assert not matches(W_plain, se_plain)
     assert float(W_plain.trace() / 3) > 1.12  # inflated by ≈ h·N·V/2 per direction
     report = noise_corrected.noise_report(state)
@@ -90,30 +97,20 @@ def test_corrected_sgld_samples_the_exact_posterior_where_plain_sgld_is_biased()
 
 
 def test_corrected_sghmc_with_diagonal_estimate():
-    X, y, log_posterior, batched, mean, covariance = regression(2, rotated=False, seed=1)
-    K, h = 64, 0.03
-    base = sghmc.config(lr=h, alpha=2.0, temperature=1.0 / N)
-    config = noise_corrected.config(base, structure="diagonal")
-    transform = noise_corrected.build(log_posterior, config, chains=K, chain_batches=True)
-    W, se, _ = whitened_covariance(transform, X, y, mean, covariance, K, steps=600, burn_in=100)
+    base = sghmc.config(lr=0.03, alpha=2.0, temperature=1.0 / N)
+    (W, se, _), (W_plain, se_plain) = corrected_and_plain(base, 2, False, 64, steps=600, burn_in=100,
+                                                          structure="diagonal", seed=1)
     assert matches(W, se), (W, se)
-    W_plain, se_plain, _ = whitened_covariance(engine_build(batched, base, chains=K, vectorize="batched"),
-                                               X, y, mean, covariance, K, steps=600, burn_in=100)
     assert not matches(W_plain, se_plain)
 
 
 def test_corrected_baoab_samples_the_exact_posterior_where_plain_baoab_is_biased():
     """BAOAB: the kick's noise enters θ only through the O step's momentum, corrected there with
     ((1 + c)/2)² h² V̂ (exact to leading order in ωh); plain BAOAB at this step is ≈ 21 % too wide."""
-    X, y, log_posterior, batched, mean, covariance = regression(3, rotated=True)
-    K, h = 128, 0.02
-    base = baoab.config(lr=h, alpha=2.0, temperature=1.0 / N)
-    transform = noise_corrected.build(log_posterior, noise_corrected.config(base), chains=K, chain_batches=True)
-    W, se, _ = whitened_covariance(transform, X, y, mean, covariance, K, steps=800, burn_in=120)
+    base = baoab.config(lr=0.02, alpha=2.0, temperature=1.0 / N)
+    (W, se, _), (W_plain, se_plain) = corrected_and_plain(base, 3, True, 128, steps=800, burn_in=120)
     assert matches(W, se), (W, se)
     assert not matches(W / 1.15, se / 1.15)
-    W_plain, se_plain, _ = whitened_covariance(engine_build(batched, base, chains=K, vectorize="batched"),
-                                               X, y, mean, covariance, K, steps=800, burn_in=120)
     assert not matches(W_plain, se_plain) and float(W_plain.trace() / 3) > 1.12
 
 
