@@ -301,3 +301,11 @@ def test_bad_inputs_raise():
     swapped = noise_corrected.build(log_posterior, replace(config, temperature=2.0 / N))
     with pytest.raises(ValueError, match=r"noise_corrected\.config"):
         swapped.update(swapped.init(torch.zeros(2, dtype=DTYPE), seed=0), (X[:B], y[:B]))
+
+
+def test_a_diverged_step_raises_a_floating_point_error_naming_the_cause():
+    noise = GradientNoise(0.1, 0.01, kick=1.0).bind(None)
+    centred = torch.randn(4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    centred[1, 2] = math.inf
+    with pytest.raises(FloatingPointError, match="the chains diverged"):
+        noise.factors(centred, diffusion=1.0)

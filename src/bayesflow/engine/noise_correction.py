@@ -262,10 +262,15 @@ def _left_singular(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, s²)`` of the thin SVD :math:`W = P S R^\top` (``[K,] d × b``) from the smaller Gram matrix's eigh
     (several times cheaper than an SVD for the small side ≤ 64 that mini-batches give)."""
     d, b = W.shape[-2:]
+    gram = W @ W.transpose(-1, -2) if d <= b else W.transpose(-1, -2) @ W
+    try:
+        squared, vectors = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError as error:  # no check per step: the eigh that fails says it
+        raise FloatingPointError("gradient-noise correction: the per-sample gradients of this step have no "
+                                 "eigendecomposition (not finite: the chains diverged — lower the step)") from error
     if d <= b:
-        squared, P = torch.linalg.eigh(W @ W.transpose(-1, -2))
-        return P, squared.clamp(min=0.0)
-    squared, R = torch.linalg.eigh(W.transpose(-1, -2) @ W)
+        return vectors, squared.clamp(min=0.0)
+    R = vectors
     squared = squared.clamp(min=0.0)
     s = squared.sqrt()
     # columns of zero singular value carry no noise (c = 0 there): any direction does, 0 is safe
