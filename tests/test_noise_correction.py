@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bayesflow.engine import build as engine_build
-from bayesflow.engine.noise_correction import GradientNoise, NoiseCorrected
+from bayesflow.engine.noise_correction import GradientNoise, NoiseCorrected, baoab_noise_weight
 from bayesflow.engine.per_sample import per_sample_log_posterior
 from bayesflow.sgmcmc import baoab, noise_corrected, obabo, sghmc, sgld
 
@@ -148,7 +148,8 @@ def test_baoab_correction_through_a_learned_root_uses_s_v_s():
     F = torch.diag(diag_root) @ (torch.eye(d, dtype=DTYPE) - P @ torch.diag(shrink) @ P.T)
     c = math.exp(-alpha * h / mass)
     V = centred.T @ centred / (b * (b - 1))
-    expected = torch.eye(d, dtype=DTYPE) - ((1 + c) / 2) ** 2 * h**2 * S @ V @ S / (T * mass * (1 - c * c))
+    weight = baoab_noise_weight(h, alpha / mass, math.sqrt(T / mass))  # whitened: ω = k√T/σ, k = 1
+    expected = torch.eye(d, dtype=DTYPE) - weight * h**2 * S @ V @ S / (T * mass * (1 - c * c))
     assert kind == "low_rank" and torch.linalg.eigvalsh(expected).min() > 0  # unclipped
     torch.testing.assert_close(F @ F.T, expected)
     largest = 1.0 - float(torch.linalg.eigvalsh(expected).min())  # the report of this step, written at the O step
@@ -309,3 +310,32 @@ def test_a_diverged_step_raises_a_floating_point_error_naming_the_cause():
     centred[1, 2] = math.inf
     with pytest.raises(FloatingPointError, match="the chains diverged"):
         noise.factors(centred, diffusion=1.0)
+
+
+@pytest.mark.parametrize("omega_h", [0.3, 1.0])
+def test_baoab_noise_weight_makes_the_harmonic_variance_exact(omega_h):
+    """Simulated BAOAB on θ'' = −ω²θ (T = 1) with a noisy kick (variance v) and the O noise lowered by
+    κ·h²v: Var θ = 1/ω² within MC error with the exact κ; the leading-order ((1 + c)/2)² misses at ωh = 1."""
+    h, gamma, v, K, steps = 0.5, 1.0, 0.8, 40000, 300
+    omega = omega_h / h
+    c = math.exp(-gamma * h)
+    g = torch.Generator().manual_seed(11)
+
+    def stationary_variance(weight):
+        q = torch.randn(K, dtype=DTYPE, generator=g) / omega
+        p = torch.randn(K, dtype=DTYPE, generator=g)
+        o_noise = math.sqrt(1 - c * c - weight * h * h * v)
+        for _ in range(steps):  # rotated BAOAB: the full kick (its gradient's noise), A, O, A
+            p = p - h * omega**2 * q + h * math.sqrt(v) * torch.randn(K, dtype=DTYPE, generator=g)
+            q = q + 0.5 * h * p
+            p = c * p + o_noise * torch.randn(K, dtype=DTYPE, generator=g)
+            q = q + 0.5 * h * p
+        return float((q * omega).var()), math.sqrt(2.0 / K)  # whitened variance and its standard error
+
+    exact, se = stationary_variance(baoab_noise_weight(h, gamma, omega))
+    assert abs(exact - 1.0) < 4 * se
+    uncorrected, _ = stationary_variance(0.0)
+    assert uncorrected - 1.0 > 10 * se
+    leading, _ = stationary_variance(((1 + c) / 2) ** 2)
+    assert (abs(leading - 1.0) > 4 * se) == (omega_h == 1.0)
+

@@ -11,7 +11,8 @@ with the kicked row's diffusion replaced by :class:`~bayesflow.engine.noise_corr
   :math:`((1 + c)/2)^2 h^2c^2\hat V` (:mod:`bayesflow.engine.noise_correction`: exact to leading
   order in ωh — BAOAB's kick noise reaches θ before its O step); with a learned mass
   (``baoab.config(..., mass=LearnedMass(...), burn_in_lr=...)``) the kick is :math:`hS\nabla ℓ_B` and
-  :math:`\hat V` becomes :math:`S\hat VS`, F made at each O step from that step's S and h,
+  :math:`\hat V` becomes :math:`S\hat VS`, F made at each O step from that step's S and h, and the
+  share of it taken off the exact one for the whitened frequency k√T/σ,
 
 with :math:`\hat V` the covariance of the batch-mean gradient estimated from the batch's own per-sample
 gradients (``structure="low_rank"``: all b − 1 directions exactly; ``"diagonal"``: per coordinate).
