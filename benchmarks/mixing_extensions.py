@@ -18,9 +18,10 @@ r"""Issue 15's new configurations as mixing-benchmark entries, registered only w
 * ``bayesflow/baoab+cv+grad-mass`` — both: BAOAB on control-variate gradients with a dense
   gradient-informed mass learned in the burn-in the mode search leaves (two windows).
 * ``bayesflow/baoab+cv+grad-mass+nc`` — all three: control variates, the gradient-informed dense
-  mass and BAOAB's O-step noise correction through the learned root (V̂ → S V̂ S). Its grid is the
-  whitened one around where the coarse grid put its best (u from 1.2 to 0.3, f ∈ {0.25, 1, 4}: on the
-  1.6 … 0.016 × {1, 4, 16} grid the best was u = 0.637, f = 1 and u = 1.6 diverged).
+  mass and BAOAB's O-step noise correction through the learned root (V̂ → S V̂ S). Its step grid is
+  the whitened one where the coarser grids put their best at an edge (u from 2.0 to 0.5 × f ∈ {1, 4,
+  16}; on 1.6 … 0.016 × {1, 4, 16} the best was u = 0.637, f = 1, and on 1.2 … 0.3 × {0.25, 1, 4}
+  u = 1.2, f = 4).
 * ``bayesflow/<sgld|sghmc|baoab>+cv+nc`` — control variates and the per-direction gradient-noise
   correction (:mod:`bayesflow.sgmcmc.noise_corrected`, low rank, per-sample gradients of ℓ_cv by
   ``vmap``): the injected noise is 2ThD − h²V̂ (BAOAB: its O step's, less ((1 + c)/2)² h²V̂). Counted
@@ -229,7 +230,7 @@ def register(registry: dict) -> list[str]:
         registry["bayesflow/baoab+cv+grad-mass+nc"] = Configuration(
             "bayesflow", "baoab+cv+grad-mass+nc", control_variate_mass_preset("baoab", corrected=True), order=2,
             momentum=True, grads_per_step=2, per_chain_step=False, curvature=_whitened, applies=_mini_batch,
-            step_range=(1.2, 0.3), frictions=(0.25, 1.0, 4.0))
+            step_range=(2.0, 0.5), frictions=(1.0, 4.0, 16.0))
         added.append("bayesflow/baoab+cv+grad-mass+nc")
     try:
         importlib.import_module("bayesflow.sgmcmc.noise_corrected")
