@@ -61,8 +61,8 @@ def markdown(payload: dict) -> str:
                 else "") + ".", ""]
     lines += [f"Note: {note}" for note in payload.get("skipped", [])]
     lines += [f"Re-measured {u['date']} (bayesflow {str(u.get('commit') or '?')[:10]}, same protocol and seeds, "
-              f"`--update`): {', '.join(u['configurations'])} on {', '.join(u['targets'])}." for u in
-              payload.get("updates", [])]
+              f"`--update`): {', '.join(u['configurations'])} on {', '.join(u['targets'])}."
+              + (f" ({u['note']})" if u.get("note") else "") for u in payload.get("updates", [])]
     lines += ["| target | bayesflow best, per chain | posteriors best, per chain | iid floor, per chain | goal | met | "
               "pooled: bayesflow / posteriors / floor | issue: bayesflow / posteriors / floor |",
               "| --- | --- | --- | ---: | ---: | :---: | --- | --- |"]
