@@ -22,6 +22,9 @@ r"""Issue 15's new configurations as mixing-benchmark entries, registered only w
   the whitened one where the coarser grids put their best at an edge (u from 2.0 to 0.5 × f ∈ {1, 4,
   16}; on 1.6 … 0.016 × {1, 4, 16} the best was u = 0.637, f = 1, and on 1.2 … 0.3 × {0.25, 1, 4}
   u = 1.2, f = 4).
+* ``bayesflow/baoab+cvtable+grad-mass+nc`` — the same with the mode's per-datum gradients stored
+  (:mod:`bayesflow.sgmcmc.control_variate_table`): one batch gradient a step; the table costs one
+  pass over the data at θ̂, counted as the full gradient was.
 * ``bayesflow/<sgld|sghmc|baoab>+cv+nc`` — control variates and the per-direction gradient-noise
   correction (:mod:`bayesflow.sgmcmc.noise_corrected`, low rank, per-sample gradients of ℓ_cv by
   ``vmap``): the injected noise is 2ThD − h²V̂ (BAOAB: its O step's, less ((1 + c)/2)² h²V̂). Counted
@@ -104,6 +107,15 @@ def _mode_and_control_variate(problem):
     return control_variate(log_posterior, mode, None), batch_steps + (full_steps + 1) * full
 
 
+def _mode_and_table(problem):
+    """(control-variate table over index batches, setup cost): the mode search of ``MODE_SETUP``, then
+    one pass of per-datum gradients at θ̂ (N/B batch-gradient equivalents, as the full gradient)."""
+    from bayesflow.sgmcmc.control_variate_table import control_variate_table
+
+    cv, setup = _mode_and_control_variate(problem)
+    return control_variate_table(_either(problem.target), cv.mode, problem.target.num_data), setup
+
+
 def noise_corrected_preset(module: str, momentum: bool):
     """Factory: preset ``module`` on control-variate gradients with the per-direction gradient-noise
     correction (:mod:`bayesflow.sgmcmc.noise_corrected`; per-sample gradients of ℓ_cv, one mini-batch
@@ -125,7 +137,7 @@ def noise_corrected_preset(module: str, momentum: bool):
     return factory
 
 
-def control_variate_mass_preset(module: str, windows: int = 2, corrected: bool = False):
+def control_variate_mass_preset(module: str, windows: int = 2, corrected: bool = False, table: bool = False):
     """Factory: preset ``module`` on control-variate gradients with a dense gradient-informed mass
     learned in what the mode search leaves of the burn-in (2 gradients a step); ``corrected``: with
     the gradient-noise correction of BAOAB's O step through the learned root."""
@@ -135,10 +147,10 @@ def control_variate_mass_preset(module: str, windows: int = 2, corrected: bool =
         from bayesflow.ensemble import lift
         from mixing_configs import _Engine
 
-        cv, setup = _mode_and_control_variate(problem)
+        cv, setup = (_mode_and_table if table else _mode_and_control_variate)(problem)
         target = problem.target
         preset = importlib.import_module(f"bayesflow.sgmcmc.{module}")
-        mass = LearnedMass("dense", burn_in=int(problem.burn_in - setup) // 2, windows=windows,
+        mass = LearnedMass("dense", burn_in=int(problem.burn_in - setup) // (1 if table else 2), windows=windows,
                            chains=problem.chains, pool=True, gradients=True)
         safe = 0.25 / math.sqrt(target.curvature[1])
         if corrected:
@@ -232,6 +244,11 @@ def register(registry: dict) -> list[str]:
             momentum=True, grads_per_step=2, per_chain_step=False, curvature=_whitened, applies=_mini_batch,
             step_range=(2.0, 0.5), frictions=(1.0, 4.0, 16.0))
         added.append("bayesflow/baoab+cv+grad-mass+nc")
+        registry["bayesflow/baoab+cvtable+grad-mass+nc"] = Configuration(
+            "bayesflow", "baoab+cvtable+grad-mass+nc", control_variate_mass_preset("baoab", corrected=True, table=True),
+            order=2, momentum=True, grads_per_step=1, per_chain_step=False, curvature=_whitened, applies=_mini_batch,
+            step_range=(2.0, 0.5), frictions=(1.0, 4.0, 16.0))
+        added.append("bayesflow/baoab+cvtable+grad-mass+nc")
     try:
         importlib.import_module("bayesflow.sgmcmc.noise_corrected")
     except ImportError:
