@@ -20,10 +20,11 @@ csghmc      SGHMC, cosine step size, T = 0 while exploring       heavy ball with
 sglrw       D = I, Q = 0, lattice random walk (±δx per coordinate) SGD
 ========== ==================================================== =======================================
 
-:mod:`~bayesflow.sgmcmc.noise_corrected` lowers SGLD's / SGHMC's injected noise by the mini-batch gradient
-noise estimated from per-sample gradients (Chen et al. 2014's B̂, per direction).
+:mod:`~bayesflow.sgmcmc.noise_corrected` lowers SGLD's / SGHMC's / BAOAB's injected noise by the mini-batch
+gradient noise estimated from per-sample gradients (Chen et al. 2014's B̂, per direction).
 :mod:`~bayesflow.sgmcmc.control_variate` makes any of them an SGLD-CV-type sampler: control-variate
-gradients around a mode (Baker et al. 2019), a log posterior to pass to ``build``.
+gradients around a mode (Baker et al. 2019), a log posterior to pass to ``build``;
+:mod:`~bayesflow.sgmcmc.control_variate_table` the same over index batches at one batch gradient a step.
 """
 
 from bayesflow.sgmcmc import (
@@ -31,6 +32,7 @@ from bayesflow.sgmcmc import (
     baoa,
     baoab,
     control_variate,
+    control_variate_table,
     csghmc,
     csgld,
     noise_corrected,
@@ -42,5 +44,5 @@ from bayesflow.sgmcmc import (
     sgnht,
 )
 
-__all__ = ["adam_sghmc", "baoa", "baoab", "control_variate", "csghmc", "csgld", "noise_corrected", "obabo", "psgld",
-           "sghmc", "sgld", "sglrw", "sgnht"]
+__all__ = ["adam_sghmc", "baoa", "baoab", "control_variate", "control_variate_table", "csghmc", "csgld",
+           "noise_corrected", "obabo", "psgld", "sghmc", "sgld", "sglrw", "sgnht"]
