@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from bayesflow.engine import build as engine_build
-from bayesflow.engine.noise_correction import GradientNoise, NoiseCorrected, baoab_noise_weight
+from bayesflow.engine.baoab_noise import baoab_noise_weight
+from bayesflow.engine.noise_correction import GradientNoise, NoiseCorrected
 from bayesflow.engine.per_sample import per_sample_log_posterior
 from bayesflow.sgmcmc import baoab, noise_corrected, obabo, sghmc, sgld
 

@@ -37,8 +37,9 @@ model it is cancelled to leading order in ωh, whatever ω, by lowering the exac
 :math:`Tσ^2(1 - c^2)` (:math:`c = e^{-αh/σ^2}`) by :math:`((1 + c)/2)^2 G` (the discrete Lyapunov
 equation of the step; at ωh = 0.5, α = 1 the residual is 7 % of the uncorrected excess). With a
 learned mass the kick goes through S (V̂ → S V̂ S) and the whitened dynamics have the one frequency
-ω = k√T/σ: κ is then the exact value of that equation, :func:`baoab_noise_weight`. The O step
-then injects :math:`\sqrt{Tσ^2(1 - c^2)}\,F ξ` with F from that budget.
+ω = k√T/σ: κ is then the exact value of that equation
+(:func:`~bayesflow.engine.baoab_noise.baoab_noise_weight`). The O step then injects
+:math:`\sqrt{Tσ^2(1 - c^2)}\,F ξ` with F from that budget.
 
 The estimator is a preconditioner of the engine (state: the report; values: F), the operator a
 diffusion whose drift is the base D and whose square root is F. Build with
@@ -55,7 +56,6 @@ Example (the operator pieces; ``noise_corrected.build`` assembles them):
 
 from __future__ import annotations
 
-import functools
 import math
 from numbers import Real
 from typing import NamedTuple
@@ -63,10 +63,12 @@ from typing import NamedTuple
 import torch
 
 from bayesflow.engine.accumulator import Leaves
+from bayesflow.engine.baoab_noise import baoab_noise_weight
+from bayesflow.engine.learned_operators import _read
 from bayesflow.engine.operators import Diagonal, Operator, Scalar
 from bayesflow.records import record
 
-__all__ = ["STRUCTURES", "GradientNoise", "NoiseCorrected", "NoiseReport", "baoab_noise_weight"]
+__all__ = ["STRUCTURES", "GradientNoise", "NoiseCorrected", "NoiseReport"]
 
 STRUCTURES = ("diagonal", "low_rank")
 
@@ -253,40 +255,6 @@ class GradientNoise:
     _diffusion = 1.0  # the base D as a flat vector, set by NoiseCorrected.check
 
 
-@functools.lru_cache(maxsize=64)
-def baoab_noise_weight(h: float, rate: float, frequency: float) -> float:
-    r"""κ: the share of the kick's noise covariance G to take off BAOAB's O-step noise so that the
-    stationary variance of θ is exact on a harmonic direction of frequency ω (rate γ = α/σ²).
-
-    One step, rotated, is the full kick (noise G) then A, O, A; the stationary covariance of the
-    linear map solves a discrete Lyapunov equation, linear in G and in the O step's noise, and κ is the
-    ratio of their contributions to Var θ. κ → ((1 + c)/2)² as ωh → 0 (c = e^{-γh}); at ωh = 1,
-    γh = 1 it is 1.33 times that.
-
-    Example:
-        >>> import math
-        >>> from bayesflow.engine.noise_correction import baoab_noise_weight
-        >>> c = math.exp(-0.5)                               # h = 0.5, γ = 1
-        >>> round(baoab_noise_weight(0.5, 1.0, 1e-4) / ((1 + c) / 2) ** 2, 6)   # ωh → 0: the leading order
-        1.0
-        >>> round(baoab_noise_weight(0.5, 1.0, 1.0), 4)       # ωh = 0.5
-        0.6883
-    """
-    c = math.exp(-rate * h)
-    dtype = torch.float64
-    kick = torch.tensor([[1.0, 0.0], [-h * frequency**2, 1.0]], dtype=dtype)
-    drift = torch.tensor([[1.0, h / 2], [0.0, 1.0]], dtype=dtype)
-    friction = torch.tensor([[1.0, 0.0], [0.0, c]], dtype=dtype)
-    step = drift @ friction @ drift @ kick
-    unit = torch.tensor([0.0, 1.0], dtype=dtype)
-    lyapunov = torch.eye(4, dtype=dtype) - torch.kron(step, step)
-
-    def variance(noise):  # Var θ of the stationary law with this one noise column
-        return torch.linalg.solve(lyapunov, torch.outer(noise, noise).reshape(-1))[0]
-
-    return float(variance(drift @ friction @ drift @ unit) / variance(drift @ unit))
-
-
 def _write_report(state: NoiseReport, report: NoiseReport, inplace: bool) -> NoiseReport:
     clipped_steps = state.clipped_steps + (report.clipped > 0).to(torch.int64)
     new = NoiseReport(report.clipped, clipped_steps, report.ratio.to(state.ratio.dtype))
@@ -398,8 +366,6 @@ class NoiseCorrected(Operator):
                              f"T = {self.noise.temperature:g}, h = {self.noise.step_size:g}: change T or h through "
                              "noise_corrected.config, not on the engine configuration")
         if self.noise.kick_root is not None:
-            from bayesflow.engine.learned_operators import _read
-
             self.noise.finish(_read(self.noise.kick_root.mass, ctx), h)  # F needs this step's S and h
         self._inject(out, noise, alpha, ctx)
 
