@@ -180,6 +180,40 @@ def test_unknown_compile_modes_are_refused():
         SDEConfig(step_size=0.1, compile=1)
 
 
+def test_compile_options_reach_torch_compile_and_bad_ones_are_refused(monkeypatch):
+    """``compile_options`` go to ``torch.compile`` (here its ``eager`` backend: no C++ build in CI) and the
+    step computes what the eager step computes; unknown keys or modes, a non-dict, and options where
+    nothing is compiled are refused at build time."""
+    seen = []
+    real = torch.compile
+
+    def spy(fn, **kwargs):
+        seen.append(kwargs)
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    eager = sgld.build(gaussian, lr=0.1, temperature=1.0)
+    fused = sgld.build(gaussian, lr=0.1, temperature=1.0, compile=True,
+                       compile_options={"backend": "eager", "mode": "default"})
+    a, b = eager.init(torch.ones(6), seed=3), fused.init(torch.ones(6), seed=3)
+    for _ in range(3):
+        a, _ = eager.update(a, None)
+        b, _ = fused.update(b, None)
+    torch.testing.assert_close(b.params, a.params)
+    assert seen and seen[0]["backend"] == "eager" and seen[0]["mode"] == "default"
+    assert seen[0]["fullgraph"] is True and seen[0]["dynamic"] is False
+    assert adam.build(gaussian, lr=0.1, compile="auto", compile_options={"mode": "reduce-overhead"})
+    for bad, error, match in (({"mode": "fast"}, ValueError, "mode 'fast'"),
+                              ({"fullgraph": False}, ValueError, r"unknown compile_options \['fullgraph'\]"),
+                              (["reduce-overhead"], TypeError, "must be a dict"),
+                              ({"options": "max"}, TypeError, "inductor settings")):
+        with pytest.raises(error, match=match):
+            adam.build(gaussian, lr=0.1, compile=True, compile_options=bad)
+    for compile in (False, "replay"):
+        with pytest.raises(ValueError, match="need compile=True or 'auto'"):
+            sgld.build(gaussian, lr=0.1, compile=compile, compile_options={"mode": "reduce-overhead"})
+
+
 # ----- compiled with inductor: a few small graphs ---------------------------------------------------
 def test_compiled_adam_and_nesterov_equal_torch_optim():
     torch.manual_seed(0)

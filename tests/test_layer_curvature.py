@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from bayesflow.ekf import diag_fisher as ekf_diag_fisher
 from bayesflow.laplace import diag_fisher, diag_ggn
-from bayesflow.utils.layer_curvature import layer_diagonal, output_hessian
+from bayesflow.utils.layer_curvature import hessian_root, layer_diagonal, output_hessian
 
 DTYPE = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-13}
@@ -172,6 +172,25 @@ def test_output_hessian_is_the_per_row_block_of_the_full_hessian():
     full = torch.func.hessian(lambda v: -_cross_entropy(v, (None, y)))(z.detach())   # (3, 4, 3, 4)
     for n in range(3):
         torch.testing.assert_close(hess[n], full[n, :, n], **TOL)
+
+
+def test_trimmed_hessian_root_leaves_out_only_the_shared_null_directions():
+    torch.manual_seed(3)
+    p = torch.softmax(torch.randn(6, 5, dtype=torch.float64), -1)
+    softmax = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)   # null vector 1 for every row
+    root = hessian_root(softmax, trim=True)
+    assert root.shape == (6, 5, 4)
+    torch.testing.assert_close(root @ root.mT, softmax, atol=1e-12, rtol=0)
+    # a datum without the null direction keeps every column: nothing is left out that is not zero
+    mixed = torch.cat([softmax, torch.eye(5, dtype=torch.float64).unsqueeze(0)])
+    assert hessian_root(mixed, trim=True).shape == (7, 5, 5)
+    # rank 3 for every datum (two null directions): two columns go
+    u = torch.randn(4, 5, 3, dtype=torch.float64)
+    low = u @ u.mT
+    trimmed = hessian_root(low, trim=True)
+    assert trimmed.shape == (4, 5, 3)
+    torch.testing.assert_close(trimmed @ trimmed.mT, low, atol=1e-10, rtol=0)
+    assert hessian_root(softmax).shape == (6, 5, 5)   # untrimmed by default
 
 
 def test_parameter_subsets_unused_layers_and_no_grad():

@@ -24,6 +24,30 @@ POLICIES = ("raise", "reject")
 MOMENTA_INIT = ("temperature", "zero")
 
 
+COMPILE_OPTIONS = ("mode", "backend", "options")
+"""The ``torch.compile`` arguments ``compile_options`` may set (the graph is always whole and static)."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_options(compile, options) -> None:
+    """Refuses ``compile_options`` that are not a dict of :data:`COMPILE_OPTIONS`, an unknown ``mode``,
+    or options given where nothing is compiled (``compile`` False or ``"replay"``)."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise TypeError(f"compile_options must be a dict of torch.compile arguments, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown compile_options {unknown}; expected some of {COMPILE_OPTIONS}")
+    if "mode" in options and options["mode"] not in COMPILE_MODES:
+        raise ValueError(f"unknown compile_options mode {options['mode']!r}; expected one of {COMPILE_MODES}")
+    if "options" in options and not isinstance(options["options"], dict):
+        raise TypeError("compile_options['options'] must be a dict of inductor settings, got "
+                        f"{type(options['options']).__name__}")
+    if compile not in (True, "auto"):
+        raise ValueError(f"compile_options {options} need compile=True or 'auto', got compile={compile!r}")
+
+
 @dataclass(frozen=True)
 class SDEConfig:
     r"""One point in the family :math:`dz = -[D+Q]\nabla H\,dt + TΓ\,dt + \sqrt{2TD}\,dW`.
@@ -56,6 +80,10 @@ class SDEConfig:
             Python) or ``"auto"`` (compiled for large layouts, the eager step for small ones); see
             :mod:`bayesflow.engine.compiled`. The numbers a step computes do not change (up to
             floating-point reordering), nor the noise it draws.
+        compile_options: keyword arguments of ``torch.compile`` for ``compile=True``: ``mode``
+            (``"reduce-overhead"``: CUDA graphs for small, launch-bound models on a GPU;
+            ``"max-autotune"``, ...), ``backend``, ``options`` (inductor's settings). None (default): the
+            traced graph goes to inductor directly, without a dynamo frame (the fastest call on the CPU).
         recipe: set by presets (:func:`preset`): the preset's ``config`` with its arguments bound, so
             that an overridden temperature or learning rate (ensembles, sweeps) is configured *by the
             preset* — with its schedules and corrections — instead of written over them. Not compared.
@@ -86,6 +114,7 @@ class SDEConfig:
     check_finite: Literal["auto", "full", "value", "none"] = "auto"
     on_nonfinite: Literal["raise", "reject"] = "raise"
     compile: bool | Literal["auto", "replay"] = False
+    compile_options: dict | None = field(default=None, hash=False)
     recipe: Callable[..., SDEConfig] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -96,6 +125,7 @@ class SDEConfig:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if not (self.compile is True or self.compile is False or self.compile in ("auto", "replay")):
             raise ValueError(f"unknown compile {self.compile!r}; expected True, False, 'auto' or 'replay'")
+        check_compile_options(self.compile, self.compile_options)
         if not isinstance(self.integrator, Integrator):
             raise TypeError(f"integrator must be an Integrator, got {type(self.integrator).__name__}")
         if not isinstance(self.mass, Operator) or self.mass.diagonal is Operator.diagonal:

@@ -139,7 +139,8 @@ class _Engine:
         self.numel = 0
         self.buffers: dict = {}
         # the compiled step (engine.compiled), when config.compile asks for it
-        self.compiled = CompiledStep(config.compile) if config.compile is not False else None
+        self.compiled = (CompiledStep(config.compile, config.compile_options) if config.compile is not False
+                         else None)
 
     def _use(self, layout: Layout) -> None:
         self.layout, self.spec, self.signature = layout, layout.spec, layout.signature

@@ -25,7 +25,8 @@ Two choices of the :math:`g_{n,c}` (``fisher_type``):
   generalised Gauss-Newton, which for exponential-family likelihoods in their natural parameter
   (softmax cross-entropy, Gaussian) *is* the Fisher :math:`E_{\hat y \sim p(\cdot \mid z_n)}[g g^\top]`
   with the expectation over labels taken exactly instead of by sampling labels.
-  It costs ``dz`` batched backward passes (``dz`` the output size).
+  It costs one batched backward column per non-null direction of the :math:`H_n` (``dz``, the output
+  size, less the directions null for every datum: ``dz - 1`` for softmax cross-entropy).
 * ``"mc"``: :math:`g_{n,s} = J_{s_n}^\top R_n \varepsilon_{n,s} / \sqrt{S}` with
   :math:`\varepsilon_{n,s} \sim N(0, I)`, :math:`s = 1..S` (``mc_samples``): an unbiased estimate of the
   same GGN (:math:`E[R \varepsilon \varepsilon^\top R^\top] = H_\ell`) at the cost of ``S`` backward
@@ -314,39 +315,54 @@ def update(state: KFACLaplaceState, batch: Any, model: torch.nn.Module,
         if fisher_type == "empirical":
             grads = torch.autograd.grad(loss, outs, allow_unused=True)   # (n, out) each
         else:   # the columns of R_n R_nᵀ = H_n: Σ_c g_c g_cᵀ = J_sᵀ H J_s
-            root = hessian_root(output_hessian(loss, output))   # (n, dz, dz)
+            hess = output_hessian(loss, output)   # (n, dz, dz)
             if fisher_type == "mc":   # S random combinations of the columns: E[R ε εᵀ Rᵀ] = H
+                root = hessian_root(hess)
                 root = root @ _mc_draws(state, root, _check_mc_samples(mc_samples))
-            grads = backward_columns(output, outs, root.permute(2, 0, 1))
+            else:   # the null directions of every H_n (softmax's 1) cost a backward column and add nothing
+                root = hessian_root(hess, trim=True)   # (n, dz, r)
+            # columns contiguous: the batched backward's matmuls and ReLU masks then run on dense rows
+            grads = backward_columns(output, outs, root.permute(2, 0, 1).contiguous())
     m = torch.as_tensor(n, dtype=torch.int64)
     total = state.num_data + m
+    # the running mean A + (S - m A)/(seen + m) = (seen/total) A + S/total, folded into the Gram product
+    # (addmm's beta and alpha) so that no factor-sized temporaries are made
+    keep, scale = int(state.num_data) / int(total), 1.0 / int(total)
     new_A, new_G = {}, {}
     for (name, layer), grad in zip(layers.items(), grads):
         a = layer_input(layer, captured[name][0].detach().to(state.A[name].dtype))   # (n, in) / (n, D, L)
         conv = isinstance(layer, torch.nn.Conv2d)
         if conv:   # Σ_n (1/L) Σ_l ã ãᵀ: L = 1 is the Linear layer's Σ_n ã ãᵀ
-            sum_a = input_moment(a, layer.bias is not None)
+            new_A[name] = _fold(state.A[name], input_moment(a, layer.bias is not None), keep, scale, inplace)
         else:
             if layer.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-            sum_a = a.mT @ a
+            new_A[name] = _fold_gram(state.A[name], a, keep, scale, inplace)
         if grad is None:   # the layer does not reach the output
-            sum_g = torch.zeros_like(state.G[name])
+            new_G[name] = _fold(state.G[name], torch.zeros_like(state.G[name]), keep, scale, inplace)
         elif conv:   # Σ over columns, data and positions of g gᵀ
             sum_g = output_moment(grad.detach().to(state.G[name].dtype).flatten(-2))
+            new_G[name] = _fold(state.G[name], sum_g, keep, scale, inplace)
         else:
             g = grad.detach().to(state.G[name].dtype).reshape(-1, grad.shape[-1])
-            sum_g = g.mT @ g
-        weight = 1.0 / total.to(sum_a.dtype)
-        step_a, step_g = (sum_a - n * state.A[name]) * weight, (sum_g - n * state.G[name]) * weight
-        if inplace:
-            state.A[name].add_(step_a)
-            state.G[name].add_(step_g)
-        else:
-            new_A[name], new_G[name] = state.A[name] + step_a, state.G[name] + step_g
+            new_G[name] = _fold_gram(state.G[name], g, keep, scale, inplace)
     aux = output.detach()
     if inplace:
         state.num_data.add_(m)
         state.step.add_(1)
         return state, aux
     return state._replace(A=new_A, G=new_G, num_data=total, step=state.step + 1), aux
+
+
+def _fold_gram(mean: torch.Tensor, rows: torch.Tensor, keep: float, scale: float, inplace: bool) -> torch.Tensor:
+    """``keep · mean + scale · rowsᵀ rows`` (in place into ``mean`` when asked)."""
+    if inplace:
+        return mean.addmm_(rows.mT, rows, beta=keep, alpha=scale)
+    return torch.addmm(mean, rows.mT, rows, beta=keep, alpha=scale)
+
+
+def _fold(mean: torch.Tensor, total: torch.Tensor, keep: float, scale: float, inplace: bool) -> torch.Tensor:
+    """``keep · mean + scale · total`` (in place into ``mean`` when asked)."""
+    if inplace:
+        return mean.mul_(keep).add_(total, alpha=scale)
+    return torch.add(mean * keep, total, alpha=scale)

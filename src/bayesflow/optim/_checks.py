@@ -8,7 +8,7 @@ import torch
 
 __all__ = ["check_beta", "check_lr", "check_nonnegative", "check_unit", "engine_options"]
 
-ENGINE_OPTIONS = ("check_finite", "on_nonfinite", "momenta_init", "compile")
+ENGINE_OPTIONS = ("check_finite", "on_nonfinite", "momenta_init", "compile", "compile_options")
 """SDEConfig fields an optimizer preset passes through; the rest define the optimizer itself."""
 
 

@@ -18,7 +18,7 @@ from bayesflow.engine.groups import TemperatureGroups
 from bayesflow.tree import tree_map
 from bayesflow.types import Transform
 
-ENGINE_OPTIONS = ("num_data", "check_finite", "on_nonfinite", "momenta_init", "compile")
+ENGINE_OPTIONS = ("num_data", "check_finite", "on_nonfinite", "momenta_init", "compile", "compile_options")
 """Engine fields a preset passes through unchanged (``**options`` of every ``config``)."""
 
 

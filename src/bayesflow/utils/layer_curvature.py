@@ -97,8 +97,15 @@ def output_hessian(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return hess.reshape(dz, n, dz).permute(1, 2, 0)   # H[n, i, c] = ∂²ℓ / ∂z_{n,i} ∂z_{n,c}
 
 
-def hessian_root(hess: torch.Tensor) -> torch.Tensor:
-    r"""A root :math:`R_n R_n^\top = H_n` of ``(n, C, C)`` Hessians (eigenvalues clamped at 0).
+def hessian_root(hess: torch.Tensor, trim: bool = False) -> torch.Tensor:
+    r"""A root :math:`R_n R_n^\top = H_n` of ``(n, C, C)`` Hessians (eigenvalues clamped at 0), ``(n, C, r)``.
+
+    ``trim``: leave out the eigen-directions that are null, to working precision (eigenvalue at most
+    :math:`C\,\epsilon \max_i |\lambda_{n,i}|`), for *every* datum of the batch: their columns are zero, and
+    every column costs one batched backward pass and a share of each Gram product. The softmax
+    cross-entropy Hessian :math:`\mathrm{diag}(p) - pp^\top` has the null vector :math:`\mathbf 1`, so its
+    root has ``r = C - 1`` columns. (The count is read on the host: one synchronisation per call.)
+    Without ``trim``, ``r = C``.
 
     Example:
         >>> import torch
@@ -106,8 +113,18 @@ def hessian_root(hess: torch.Tensor) -> torch.Tensor:
         >>> root = hessian_root(torch.tensor([[[2.0, 1.0], [1.0, 2.0]]]))
         >>> torch.allclose(root @ root.mT, torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
         True
+        >>> p = torch.tensor([[0.2, 0.3, 0.5]])
+        >>> softmax_hessian = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        >>> trimmed = hessian_root(softmax_hessian, trim=True)
+        >>> trimmed.shape, torch.allclose(trimmed @ trimmed.mT, softmax_hessian, atol=1e-7)
+        (torch.Size([1, 3, 2]), True)
     """
     values, vectors = torch.linalg.eigh(0.5 * (hess + hess.mT))
+    if trim and values.numel():
+        # eigh sorts ascending: the null directions shared by all data are the leading columns
+        tol = values.shape[-1] * torch.finfo(values.dtype).eps * values.abs().amax(-1, keepdim=True)
+        null = int((values <= tol).sum(-1).min())
+        values, vectors = values[..., null:], vectors[..., null:]
     return vectors * values.clamp(min=0).sqrt().unsqueeze(-2)
 
 
