@@ -29,6 +29,12 @@ Example:
     (tensor([-0.0010, -0.0010, -0.0010]),)
     >>> params = torchopt.apply_updates(params, updates, inplace=False)
 
+Where the caller only wants the parameters advanced (as ``torch.optim`` does), the increments are
+wasted work: ``init(params, share=True)`` makes the engine's θ the caller's tensors, and
+``update(grads, opt_state, params=params, write_params=True)`` writes :math:`θ_{t+1}` straight into
+them (returning ``None`` for the updates) — four passes over the parameters fewer per step.
+``bayesflow.vi`` does this with every optimizer that has ``writes_params``.
+
 To use one in ``torchopt.Optimizer``, wrap it: ``torchopt.Optimizer(model.parameters(),
 torchopt.GradientTransformation(tx.init, tx.update))`` (torchopt checks the class).
 """
@@ -67,6 +73,10 @@ class GradientTransformation(NamedTuple):
     init: Callable[..., SDEState]
     update: Callable[..., tuple[TensorTree, SDEState]]
 
+    writes_params = True
+    """``init(..., share=True)`` and ``update(..., write_params=True)`` are available (a torchopt
+    transformation has neither: callers test ``getattr(tx, "writes_params", False)``)."""
+
 
 def _no_log_posterior(params, batch):
     raise RuntimeError("a gradient transformation is driven by update(grads, ...); it never evaluates "
@@ -82,11 +92,14 @@ def as_gradient_transformation(config: SDEConfig) -> GradientTransformation:
             non-zero temperature the increments include the sampler's noise.
 
     Returns:
-        A :class:`GradientTransformation`. Its ``init(params, seed=None)`` copies params (the caller's
-        tensors are never written); ``update(updates, opt_state, params=None, inplace=True)`` maps
-        loss gradients (a tree like params; None leaves count as zero) to increments. With
-        ``inplace=True`` the increments are written into the ``updates`` tensors and the state is
-        advanced in place, as torchopt does.
+        A :class:`GradientTransformation`. Its ``init(params, seed=None, share=False)`` copies params
+        (the caller's tensors are never written; ``share=True`` keeps them as the engine's θ);
+        ``update(updates, opt_state, params=None, inplace=True, write_params=False)`` maps loss
+        gradients (a tree like params; None leaves count as zero) to increments. With ``inplace=True``
+        the increments are written into the ``updates`` tensors and the state is advanced in place, as
+        torchopt does. ``write_params=True`` (with ``params`` and ``inplace=True``) writes
+        :math:`θ_{t+1}` into ``params`` instead and returns ``(None, opt_state)``; the state's θ is then
+        ``params`` itself (a new state record when it was not already).
 
     Example:
         >>> import torch
@@ -103,15 +116,21 @@ def as_gradient_transformation(config: SDEConfig) -> GradientTransformation:
     transform = engine_build(_no_log_posterior, config)
     cold = is_zero(as_schedule(config.temperature, "temperature"))
 
-    def init(params: TensorTree, seed: int | torch.Generator | None = None) -> SDEState:
+    def init(params: TensorTree, seed: int | torch.Generator | None = None, share: bool = False) -> SDEState:
         leaves, spec = flatten(params)
-        own = unflatten(spec, [leaf.detach().clone() for leaf in leaves])
+        if share is not False and share is not True:
+            raise TypeError(f"share must be True or False, got {share!r}")
+        # share: the engine's θ is the caller's tensors (for update(..., write_params=True), which
+        # advances them in place); otherwise a copy, which the caller's tensors never see written
+        own = params if share else unflatten(spec, [leaf.detach().clone() for leaf in leaves])
         # At T = 0 nothing is random: seed 0 keeps torch's global generator untouched.
         return transform.init(own, seed=0 if seed is None and cold else seed)
 
     def update(updates: TensorTree, opt_state: SDEState, params: TensorTree | None = None,
-               inplace: bool = True) -> tuple[TensorTree, SDEState]:
+               inplace: bool = True, write_params: bool = False) -> tuple[TensorTree | None, SDEState]:
         with torch.no_grad():
+            if write_params is not False:
+                return _write_params(transform, updates, opt_state, params, inplace, write_params)
             return _update(transform, updates, opt_state, params, inplace)
 
     return GradientTransformation(init, update)
@@ -156,19 +175,55 @@ def _update(transform, updates: Any, state: SDEState, params: Any, inplace: bool
     return optree.tree_unflatten(spec, out), state
 
 
+def _write_params(transform, updates: Any, state: SDEState, params: Any, inplace: bool, write_params: Any):
+    """``update(..., write_params=True)``: θ_{t+1} written into ``params`` (the engine's θ from now on)."""
+    if write_params is not True:
+        raise TypeError(f"write_params must be True or False, got {write_params!r}")
+    if params is None or inplace is not True:
+        raise ValueError("write_params=True writes the step into params: pass params= and inplace=True")
+    given, _ = optree.tree_flatten(updates, none_is_leaf=True, namespace="bayesflow")
+    theta, theta_spec = flatten(state.params)
+    current, _ = flatten(params)
+    if len(given) != len(theta) or len(current) != len(theta):
+        raise ValueError(f"updates has {len(given)} leaves and params {len(current)}, the optimizer state "
+                         f"{len(theta)}")
+    for p, t in zip(current, theta):
+        if not isinstance(p, torch.Tensor) or p.dtype != t.dtype or p.shape != t.shape:
+            raise ValueError(f"params must match the optimizer state's leaves: got "
+                             f"{getattr(p, 'dtype', type(p).__name__)} {tuple(getattr(p, 'shape', ()))}, "
+                             f"expected {t.dtype} {tuple(t.shape)}")
+    if any(p is not t for p, t in zip(current, theta)):
+        state = state._replace(params=unflatten(theta_spec, current))   # no copy: the step writes params
+    if _writable_gradients(given, current):   # the caller's gradient tensors hold the ascent gradient
+        ascent = [torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)]
+        torch._foreach_neg_(ascent)   # the engine takes the ascent ∇ℓ = -∇loss
+    else:
+        ascent = torch._foreach_neg([torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)])
+    return None, transform.step(state, unflatten(theta_spec, ascent), inplace=True)
+
+
 def _reusable(given: list, current: list, theta: list) -> bool:
     """Whether the in-place update may hold the gradient in the caller's ``updates`` tensors and take
-    θ_t from ``params``: every update a distinct contiguous tensor of its parameter's dtype (an
-    update given twice, as autograd returns for ``(p + p).sum()``, would be negated twice), and no
-    parameter sharing memory with the engine's own θ (it would change with the step)."""
+    θ_t from ``params``: the updates writable (:func:`_writable_gradients`), and no parameter sharing
+    memory with the engine's own θ (it would change with the step)."""
+    if not _writable_gradients(given, theta):
+        return False
+    if any(p.dtype != t.dtype or p.shape != t.shape for p, t in zip(current, theta)):
+        return False
+    engine = {t.untyped_storage().data_ptr() for t in theta}
+    return not any(p.untyped_storage().data_ptr() in engine for p in current)
+
+
+def _writable_gradients(given: list, theta: list) -> bool:
+    """Every update a distinct contiguous tensor of its parameter's dtype and shape (an update given
+    twice, as autograd returns for ``(p + p).sum()``, would be negated twice), none sharing memory
+    with θ (writing it would move the parameters)."""
     pointers = set()
-    for g, p, t in zip(given, current, theta):
+    for g, t in zip(given, theta):
         if g is not None:
             if (not isinstance(g, torch.Tensor) or g.dtype != t.dtype or g.shape != t.shape
                     or not g.is_contiguous() or g.data_ptr() in pointers):
                 return False
             pointers.add(g.data_ptr())
-        if p.dtype != t.dtype or p.shape != t.shape:
-            return False
-    engine = {t.untyped_storage().data_ptr() for t in theta}
-    return not any(p.untyped_storage().data_ptr() in engine for p in current)
+    storages = {t.untyped_storage().data_ptr() for t in theta}
+    return not any(g is not None and g.untyped_storage().data_ptr() in storages for g in given)

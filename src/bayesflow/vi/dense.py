@@ -61,6 +61,7 @@ from bayesflow.vi.nelbo import (
     log_posterior_and_gradient,
     nelbo_value,
     noise_generator,
+    optimizer_init,
     optimizer_step,
     standard_normal,
     value_and_aux,
@@ -202,7 +203,7 @@ def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0,
     first = leaves[0]
     d = sum(leaf.numel() for leaf in leaves)
     L_factor = L_to_flat(_initial_L(init_L, d, first.dtype, first.device))
-    opt_state = optimizer.init([params, L_factor])
+    opt_state = optimizer_init(optimizer, [params, L_factor])
     return VIDenseState(params, L_factor, opt_state, torch.full((), math.nan, dtype=first.dtype, device=first.device),
                         torch.zeros((), dtype=torch.int64), initial_key(seed))
 

@@ -58,6 +58,7 @@ from bayesflow.vi.nelbo import (
     log_posterior_and_gradient,
     nelbo_value,
     noise_generator,
+    optimizer_init,
     optimizer_step,
     standard_normal,
     value_and_aux,
@@ -178,7 +179,7 @@ def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 
         if not all(bool(torch.isfinite(s).all()) for s in given):
             raise ValueError("init_log_sds must be finite (log standard deviations)")
         log_sds = init_log_sds
-    opt_state = optimizer.init([params, log_sds])
+    opt_state = optimizer_init(optimizer, [params, log_sds])
     first = leaves[0]
     return VIDiagState(params, log_sds, opt_state, torch.full((), math.nan, dtype=first.dtype, device=first.device),
                        torch.zeros((), dtype=torch.int64), initial_key(seed))

@@ -245,8 +245,14 @@ def optimizer_step(optimizer, grads: list, opt_state, variational: list, inplace
     L_factor]``, the structure ``optimizer.init`` was called on). The increments are added with one
     ``torch._foreach_add`` (torchopt is not needed). ``inplace``: the variational tensors and the
     optimizer state's tensors are written in place (an optimizer that returns new state tensors has
-    them copied into the old ones), and ``variational`` itself is returned.
+    them copied into the old ones), and ``variational`` itself is returned; an optimizer with
+    ``writes_params`` (bayesflow.optim's) then writes the new values itself (``update(...,
+    write_params=True)``), with no increments made.
     """
+    if inplace and getattr(optimizer, "writes_params", False):
+        # an optimizer that advances the tensors itself (bayesflow.optim's): no increments to make and add
+        _, new_opt_state = optimizer.update(grads, opt_state, params=variational, inplace=True, write_params=True)
+        return variational, _keep_in_place(opt_state, new_opt_state)
     updates, new_opt_state = optimizer.update(grads, opt_state, params=variational, inplace=inplace)
     leaves, spec = flatten(variational)
     increments, increments_spec = flatten(updates)
@@ -255,6 +261,12 @@ def optimizer_step(optimizer, grads: list, opt_state, variational: list, inplace
     if not inplace:
         return unflatten(spec, torch._foreach_add(leaves, increments)), new_opt_state
     torch._foreach_add_(leaves, increments)
+    return variational, _keep_in_place(opt_state, new_opt_state)
+
+
+def _keep_in_place(opt_state, new_opt_state):
+    """The old optimizer state with the new one's values (an in-place update keeps the state's tensors):
+    tensors the optimizer replaced are copied into the old ones."""
     if new_opt_state is not opt_state:
         old, old_spec = flatten(opt_state)
         new, new_spec = flatten(new_opt_state)
@@ -267,7 +279,15 @@ def optimizer_step(optimizer, grads: list, opt_state, variational: list, inplace
                              "in place); use inplace=False")
         if changed:
             torch._foreach_copy_(*map(list, zip(*changed)))
-    return variational, opt_state
+    return opt_state
+
+
+def optimizer_init(optimizer, variational: list):
+    """``optimizer.init(variational)``; an optimizer with ``writes_params`` keeps the variational tensors
+    as its own parameters (``share=True``) so that in-place steps write them directly."""
+    if getattr(optimizer, "writes_params", False):
+        return optimizer.init(variational, share=True)
+    return optimizer.init(variational)
 
 
 def finish(state, inplace: bool, value: torch.Tensor, **fields):
