@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from bayesflow.engine.gradients import autograd_gradient, unpack, vmapped_gradient
-from bayesflow.engine.noise import STEP, NoiseStream, derive
+from bayesflow.engine.noise import STEP, NoiseStream, derive, fill_normal
 from bayesflow.tree import flatten, tree_leaves, tree_map, unflatten
 
 # the helpers of diag.py and dense.py; these four are documented for reuse
@@ -153,11 +153,9 @@ def standard_normal(like: list, sample_shape: tuple, generator: torch.Generator 
     first = like[0]
     count = math.prod(sample_shape)
     sizes = [count * leaf.numel() for leaf in like]
-    if reuse:
-        flat = torch.randn(sum(sizes), generator=generator, dtype=first.dtype, device=first.device,
-                           out=_scratch(sum(sizes), first.dtype, first.device))
-    else:
-        flat = torch.randn(sum(sizes), generator=generator, dtype=first.dtype, device=first.device)
+    flat = (_scratch(sum(sizes), first.dtype, first.device) if reuse
+            else torch.empty(sum(sizes), dtype=first.dtype, device=first.device))
+    fill_normal(flat, generator)   # torch.randn's numbers, drawn cache-sized chunks at a time
     views = [part.view((*sample_shape, *leaf.shape)) for part, leaf in zip(flat.split(sizes), like)]
     views = [view if leaf.dtype == first.dtype and leaf.device == first.device
              else view.to(dtype=leaf.dtype, device=leaf.device) for view, leaf in zip(views, like)]
