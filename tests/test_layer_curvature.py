@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from bayesflow.ekf import diag_fisher as ekf_diag_fisher
 from bayesflow.laplace import diag_fisher, diag_ggn
-from bayesflow.utils.layer_curvature import hessian_root, layer_diagonal, output_hessian
+from bayesflow.utils.layer_curvature import hessian_root, layer_diagonal, output_hessian, signed_hessian_root
 
 DTYPE = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-13}
@@ -191,6 +191,20 @@ def test_trimmed_hessian_root_leaves_out_only_the_shared_null_directions():
     assert trimmed.shape == (4, 5, 3)
     torch.testing.assert_close(trimmed @ trimmed.mT, low, atol=1e-10, rtol=0)
     assert hessian_root(softmax).shape == (6, 5, 5)   # untrimmed by default
+
+
+def test_trimmed_signed_root_is_exact_for_indefinite_hessians():
+    torch.manual_seed(5)
+    q, _ = torch.linalg.qr(torch.randn(4, 3, 3, dtype=torch.float64))
+    hess = q @ torch.diag_embed(torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64).expand(4, 3)) @ q.mT
+    root, sign = signed_hessian_root(hess, trim=True)
+    assert root.shape == (4, 3, 2) and sign.shape == (4, 2)
+    torch.testing.assert_close((root * sign.unsqueeze(-2)) @ root.mT, hess, atol=1e-12, rtol=0)
+    # the zero sits at another eigenvalue rank for another datum: no rank is zero for all, none goes
+    other = q[:1] @ torch.diag(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)) @ q[:1].mT
+    mixed = torch.cat([hess, other])
+    assert signed_hessian_root(mixed, trim=True)[0].shape == (5, 3, 3)
+    assert signed_hessian_root(hess)[0].shape == (4, 3, 3)
 
 
 def test_parameter_subsets_unused_layers_and_no_grad():

@@ -128,10 +128,12 @@ def hessian_root(hess: torch.Tensor, trim: bool = False) -> torch.Tensor:
     return vectors * values.clamp(min=0).sqrt().unsqueeze(-2)
 
 
-def signed_hessian_root(hess: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def signed_hessian_root(hess: torch.Tensor, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(root, sign)`` with :math:`\sum_c \sigma_{n,c}\, r_{n,:,c} r_{n,:,c}^\top = H_n` for ``(n, C, C)``
     Hessians, :math:`r = V |\Lambda|^{1/2}`, :math:`\sigma = \operatorname{sign} \Lambda` ``(n, C)``: exact for
     indefinite :math:`H_n` (no clamping), so a sum of signed squares of the columns is the exact diagonal.
+    ``trim``: leave out the columns (eigenvalue ranks) that are zero to working precision for every datum,
+    as :func:`hessian_root` does (one host read per call).
 
     Example:
         >>> import torch
@@ -142,6 +144,11 @@ def signed_hessian_root(hess: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         (tensor([[-1.,  1.]]), True)
     """
     values, vectors = torch.linalg.eigh(0.5 * (hess + hess.mT))
+    if trim and values.numel():
+        tol = values.shape[-1] * torch.finfo(values.dtype).eps * values.abs().amax(-1, keepdim=True)
+        keep = (values.abs() > tol).any(0)   # a column stays if any datum's eigenvalue there is not zero
+        if not bool(keep.all()):
+            values, vectors = values[:, keep], vectors[..., keep]
     return vectors * values.abs().sqrt().unsqueeze(-2), torch.sign(values)
 
 
@@ -267,8 +274,9 @@ def layer_diagonal(model: torch.nn.Module, params: dict[str, torch.Tensor], batc
             if curvature == "empirical":
                 columns = [None if g is None else g.unsqueeze(0) for g in grads]
             else:   # Σ_c σ_c r_c r_cᵀ = H exactly (indefinite H as it is): one backward batched over C columns
-                root, signs = signed_hessian_root(output_hessian(-value, output))
-                columns = backward_columns(output, outs, root.permute(2, 0, 1))
+                # the null directions of every H_n (softmax's 1) cost a backward column and add nothing
+                root, signs = signed_hessian_root(output_hessian(-value, output), trim=True)
+                columns = backward_columns(output, outs, root.permute(2, 0, 1).contiguous())
     inputs = {name: layer_input(layers[name], a) for name, (a, _) in captured.items()}
     diagonal = _by_key(params, {name: _layer_diagonal(layers[name], inputs[name], c, signs)
                                 for name, c in zip(captured, columns) if c is not None})
