@@ -22,7 +22,7 @@ Baseline: one plain torch training step of the same model and loss (the negative
   (``fisher_type="ggn"`` and ``"empirical"``, ``prior_prec=1``) update per batch: target ≤ 3× each.
   posteriors has no such routes (its rows above are the reference for the same precisions). KFAC's GGN
   costs more than the diagonal GGN: its factor G = Σ g gᵀ of a 512-wide layer is a
-  (512 × 1280) · (1280 × 512) product (10 output columns × 128 rows), 10× a weight gradient.
+  (512 × 1152) · (1152 × 512) product (9 non-null output columns × 128 rows), 9× a weight gradient.
 
 Every method is used through its public ``build`` / ``init`` / ``update`` (``inplace=True``); posteriors
 0.1.3's same methods are timed in the same interleaved run as reference rows when it is importable.

@@ -25,13 +25,13 @@ Two choices of the :math:`g_{n,c}` (``fisher_type``):
   generalised Gauss-Newton, which for exponential-family likelihoods in their natural parameter
   (softmax cross-entropy, Gaussian) *is* the Fisher :math:`E_{\hat y \sim p(\cdot \mid z_n)}[g g^\top]`
   with the expectation over labels taken exactly instead of by sampling labels.
-  It costs one batched backward column per non-null direction of the :math:`H_n` (``dz``, the output
+  It costs one batched backward column per non-null direction of the :math:`H_n` (``r``: ``dz``, the output
   size, less the directions null for every datum: ``dz - 1`` for softmax cross-entropy).
 * ``"mc"``: :math:`g_{n,s} = J_{s_n}^\top R_n \varepsilon_{n,s} / \sqrt{S}` with
   :math:`\varepsilon_{n,s} \sim N(0, I)`, :math:`s = 1..S` (``mc_samples``): an unbiased estimate of the
   same GGN (:math:`E[R \varepsilon \varepsilon^\top R^\top] = H_\ell`) at the cost of ``S`` backward
-  columns instead of ``dz`` — the ``G`` factor's Gram matrix, which dominates ``"ggn"`` on wide layers
-  (``dz·n`` rows), shrinks to ``S·n`` rows. The draws come from the state's noise key and step.
+  columns instead of ``r`` — the ``G`` factor's Gram matrix, which dominates ``"ggn"`` on wide layers
+  (``r·n`` rows), shrinks to ``S·n`` rows. The draws come from the state's noise key and step.
 * ``"empirical"``: one :math:`g_n` per datum from the true labels (the empirical Fisher).
 
 **Conv2d** (``groups=1``; any kernel, stride, padding, dilation, padding mode): KFC (Grosse & Martens
