@@ -30,6 +30,23 @@ def per_chain(values: torch.Tensor, like: Leaves) -> Leaves:
     return [values.view(-1, *([1] * (leaf.ndim - 1))).to(leaf.dtype) for leaf in like]
 
 
+def flat_leaves(leaves: Leaves, chains: int | None) -> torch.Tensor:
+    """The leaves as one (d,) vector, or (K, d) with K chains (a copy, except for one leaf)."""
+    if len(leaves) == 1:
+        return leaves[0].reshape(-1) if chains is None else leaves[0].reshape(chains, -1)
+    if chains is None:
+        return torch.cat([leaf.reshape(-1) for leaf in leaves])
+    return torch.cat([leaf.reshape(chains, -1) for leaf in leaves], 1)
+
+
+def leaf_views(vector: torch.Tensor, like: Leaves) -> Leaves:
+    """A (d,) or (K, d) vector cut into pieces shaped like ``like`` (views where the strides allow)."""
+    if len(like) == 1:
+        return [vector.reshape(like[0].shape)]
+    sizes = [leaf[0].numel() if vector.ndim == 2 else leaf.numel() for leaf in like]
+    return [part.reshape(leaf.shape) for part, leaf in zip(vector.split(sizes, dim=-1), like)]
+
+
 class Accumulator:
     """Leaves of one state component, updated with ``torch._foreach_*`` kernels.
 

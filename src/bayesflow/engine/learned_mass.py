@@ -75,7 +75,7 @@ from numbers import Real
 
 import torch
 
-from bayesflow.engine.accumulator import Leaves
+from bayesflow.engine.accumulator import Leaves, flat_leaves, leaf_views
 from bayesflow.engine.block import Block
 from bayesflow.engine.matrices import _check_matrix, check_finite_matrix
 from bayesflow.engine.moments import geometric_mean, symmetric_root, welford_dense, welford_diag
@@ -85,23 +85,6 @@ __all__ = ["LearnedMass"]
 KINDS = ("dense", "diag")
 SHRINKAGE = 5.0
 """Stan's pseudo-count: the weight of the regularising identity is 5 / (n + 5)."""
-
-
-def _flat(leaves: Leaves, chains: int | None) -> torch.Tensor:
-    """θ as a (d,) vector, or (K, d) with K chains."""
-    if len(leaves) == 1:
-        return leaves[0].reshape(-1) if chains is None else leaves[0].reshape(chains, -1)
-    if chains is None:
-        return torch.cat([leaf.reshape(-1) for leaf in leaves])
-    return torch.cat([leaf.reshape(chains, -1) for leaf in leaves], 1)
-
-
-def _split(vector: torch.Tensor, like: Leaves) -> Leaves:
-    """A (d,) or (K, d) vector cut into views shaped like ``like``."""
-    if len(like) == 1:
-        return [vector.reshape(like[0].shape)]
-    sizes = [leaf[0].numel() if vector.ndim == 2 else leaf.numel() for leaf in like]
-    return [part.reshape(leaf.shape) for part, leaf in zip(vector.split(sizes, dim=-1), like)]
 
 
 class LearnedMass:
@@ -193,7 +176,7 @@ class LearnedMass:
         d = sum(leaf.numel() for leaf in params) // (K or 1)
         root = self._initial_root(d, like)
         if self.kind == "diag":
-            parts = _split(root if K is None else root.expand(K, d), params)
+            parts = leaf_views(root if K is None else root.expand(K, d), params)
             moments = [[torch.zeros_like(p) for p in params] for _ in range(4 if self.gradients else 2)]
             return (*moments[:2], [part.clone() for part in parts], *moments[2:])
         batch = () if K is None else (K,)
@@ -241,7 +224,7 @@ class LearnedMass:
         if sum(g.numel() for g in grads) != d * (chains or 1):
             raise ValueError(f"LearnedMass(kind='dense', chains={self.chains}) got a gradient of "
                              f"{sum(g.numel() for g in grads)} entries for {chains or 1} chain(s) of {d} parameters")
-        welford_dense(mean, scatter, _flat(list(grads), chains), n, self.pool)
+        welford_dense(mean, scatter, flat_leaves(list(grads), chains), n, self.pool)
 
     def _window_start(self, step: int) -> int:
         window = bisect.bisect_right(self.ends, step)
@@ -266,7 +249,7 @@ class LearnedMass:
         n = step - self._window_start(step) + 1
         mean, scatter, root = statistics[:3]
         if self.kind == "dense":
-            welford_dense(mean, scatter, _flat(params, chains), n, self.pool)
+            welford_dense(mean, scatter, flat_leaves(params, chains), n, self.pool)
         else:
             welford_diag(mean, scatter, params, n, self.pool)
         if step + 1 in self.ends:
@@ -288,7 +271,7 @@ class LearnedMass:
     def _regularised_diag(self, scatter: Leaves, samples: int, chains: int | None) -> Leaves:
         """Per-element variances shrunk towards ε times their mean, as :meth:`_regularised` does."""
         variances = torch._foreach_div(scatter, float(samples - 1))
-        mean_variance = _flat(variances, chains).mean(-1)
+        mean_variance = flat_leaves(variances, chains).mean(-1)
         weight = samples / (samples + SHRINKAGE)
         out = []
         for v in variances:

@@ -24,9 +24,9 @@ from numbers import Real
 
 import torch
 
-from bayesflow.engine.accumulator import Leaves
+from bayesflow.engine.accumulator import Leaves, flat_leaves, leaf_views
 from bayesflow.engine.context import Context
-from bayesflow.engine.learned_mass import LearnedMass, _flat, _split
+from bayesflow.engine.learned_mass import LearnedMass
 from bayesflow.engine.operators import Operator
 
 __all__ = ["BurnInStep", "LearnedCovariance", "LearnedRoot", "learned_operators"]
@@ -56,9 +56,9 @@ class _Learned(Operator):
         """S v."""
         if self.mass.kind == "diag":
             return torch._foreach_mul(root, v)
-        vector = _flat(v, None if root.ndim == 2 else root.shape[0])
+        vector = flat_leaves(v, None if root.ndim == 2 else root.shape[0])
         product = root @ vector if root.ndim == 2 else (root @ vector.unsqueeze(-1)).squeeze(-1)
-        return _split(product, v)
+        return leaf_views(product, v)
 
     def __eq__(self, other):
         return type(other) is type(self) and other.mass is self.mass and other.scale == self.scale

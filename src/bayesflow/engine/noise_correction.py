@@ -62,7 +62,7 @@ from typing import NamedTuple
 
 import torch
 
-from bayesflow.engine.accumulator import Leaves
+from bayesflow.engine.accumulator import Leaves, flat_leaves, leaf_views
 from bayesflow.engine.baoab_noise import baoab_noise_weight
 from bayesflow.engine.learned_operators import _read
 from bayesflow.engine.operators import Diagonal, Operator, Scalar
@@ -242,7 +242,7 @@ class GradientNoise:
         self._pending = None
         self._factor = None
         if isinstance(root, list):  # diagonal S, per leaf: one flat ([K,] d) vector
-            transformed = centred * _flat(root, self.chains).unsqueeze(-2)
+            transformed = centred * flat_leaves(root, self.chains).unsqueeze(-2)
         else:  # dense S ([K,] d, d), symmetric: S g_i for every row g_i
             transformed = centred @ root
         report, self._factor = self.factors(transformed, self._diffusion, h)
@@ -294,15 +294,6 @@ def _positive_diffusion(value) -> None:
 def _report(ratio: torch.Tensor, lead) -> NoiseReport:
     clipped = (ratio > 1.0).sum(-1)
     return NoiseReport(clipped, torch.zeros(lead, dtype=torch.int64, device=ratio.device), ratio.amax(-1))
-
-
-def _flat(leaves: Leaves, chains: int | None) -> torch.Tensor:
-    return torch.cat([leaf.reshape(-1) if chains is None else leaf.reshape(chains, -1) for leaf in leaves], -1)
-
-
-def _split(vector: torch.Tensor, like: Leaves) -> Leaves:
-    sizes = [leaf[0].numel() if vector.ndim == 2 else leaf.numel() for leaf in like]
-    return [part.reshape(leaf.shape) for part, leaf in zip(vector.split(sizes, dim=-1), like)]
 
 
 class NoiseCorrected(Operator):
@@ -373,13 +364,13 @@ class NoiseCorrected(Operator):
         factor = ctx.values(self.noise)
         chains = self.noise.chains
         if factor[0] == "diagonal":
-            out.addcmul(_split(factor[1], noise), noise, value=alpha)
+            out.addcmul(leaf_views(factor[1], noise), noise, value=alpha)
             return
         _, root, P, c = factor
-        xi = _flat(noise, chains)
+        xi = flat_leaves(noise, chains)
         projected = (P.transpose(-1, -2) @ xi.unsqueeze(-1)).squeeze(-1) * c
         shaped = root * (xi - (P @ projected.unsqueeze(-1)).squeeze(-1))
-        out.add(_split(shaped, noise), alpha=alpha)
+        out.add(leaf_views(shaped, noise), alpha=alpha)
 
     def diagonal(self, ctx):
         return None
@@ -391,7 +382,7 @@ class NoiseCorrected(Operator):
         if isinstance(self.base, Scalar):
             self.noise._diffusion = self.base.value
         else:
-            self.noise._diffusion = _flat([torch.broadcast_to(v, s) for v, s in zip(self.base.values, shapes)],
+            self.noise._diffusion = flat_leaves([torch.broadcast_to(v, s) for v, s in zip(self.base.values, shapes)],
                                           self.noise.chains)
         _positive_diffusion(self.noise._diffusion)
 

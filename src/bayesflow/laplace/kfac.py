@@ -339,7 +339,7 @@ def update(state: KFACLaplaceState, batch: Any, model: torch.nn.Module,
                 a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
             new_A[name] = _fold_gram(state.A[name], a, keep, scale, inplace)
         if grad is None:   # the layer does not reach the output
-            new_G[name] = _fold(state.G[name], torch.zeros_like(state.G[name]), keep, scale, inplace)
+            new_G[name] = _fold(state.G[name], None, keep, scale, inplace)
         elif conv:   # Σ over columns, data and positions of g gᵀ
             sum_g = output_moment(grad.detach().to(state.G[name].dtype).flatten(-2))
             new_G[name] = _fold(state.G[name], sum_g, keep, scale, inplace)
@@ -361,8 +361,7 @@ def _fold_gram(mean: torch.Tensor, rows: torch.Tensor, keep: float, scale: float
     return torch.addmm(mean, rows.mT, rows, beta=keep, alpha=scale)
 
 
-def _fold(mean: torch.Tensor, total: torch.Tensor, keep: float, scale: float, inplace: bool) -> torch.Tensor:
-    """``keep · mean + scale · total`` (in place into ``mean`` when asked)."""
-    if inplace:
-        return mean.mul_(keep).add_(total, alpha=scale)
-    return torch.add(mean * keep, total, alpha=scale)
+def _fold(mean: torch.Tensor, total: torch.Tensor | None, keep: float, scale: float, inplace: bool) -> torch.Tensor:
+    """``keep · mean + scale · total`` (``total`` None: zero; in place into ``mean`` when asked)."""
+    kept = mean.mul_(keep) if inplace else mean * keep
+    return kept if total is None else kept.add_(total, alpha=scale)

@@ -187,18 +187,18 @@ def _write_params(transform, updates: Any, state: SDEState, params: Any, inplace
     if len(given) != len(theta) or len(current) != len(theta):
         raise ValueError(f"updates has {len(given)} leaves and params {len(current)}, the optimizer state "
                          f"{len(theta)}")
-    for p, t in zip(current, theta):
-        if not isinstance(p, torch.Tensor) or p.dtype != t.dtype or p.shape != t.shape:
-            raise ValueError(f"params must match the optimizer state's leaves: got "
-                             f"{getattr(p, 'dtype', type(p).__name__)} {tuple(getattr(p, 'shape', ()))}, "
-                             f"expected {t.dtype} {tuple(t.shape)}")
-    if any(p is not t for p, t in zip(current, theta)):
+    if any(p is not t for p, t in zip(current, theta)):   # (a shared state: the same tensors, nothing to check)
+        for p, t in zip(current, theta):
+            if not isinstance(p, torch.Tensor) or p.dtype != t.dtype or p.shape != t.shape:
+                raise ValueError(f"params must match the optimizer state's leaves: got "
+                                 f"{getattr(p, 'dtype', type(p).__name__)} {tuple(getattr(p, 'shape', ()))}, "
+                                 f"expected {t.dtype} {tuple(t.shape)}")
         state = state._replace(params=unflatten(theta_spec, current))   # no copy: the step writes params
+    ascent = [torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)]
     if _writable_gradients(given, current):   # the caller's gradient tensors hold the ascent gradient
-        ascent = [torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)]
         torch._foreach_neg_(ascent)   # the engine takes the ascent ∇ℓ = -∇loss
     else:
-        ascent = torch._foreach_neg([torch.zeros_like(t) if g is None else g for g, t in zip(given, theta)])
+        ascent = torch._foreach_neg(ascent)
     return None, transform.step(state, unflatten(theta_spec, ascent), inplace=True)
 
 

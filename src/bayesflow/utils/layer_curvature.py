@@ -120,12 +120,10 @@ def hessian_root(hess: torch.Tensor, trim: bool = False) -> torch.Tensor:
         (torch.Size([1, 3, 2]), True)
     """
     values, vectors = torch.linalg.eigh(0.5 * (hess + hess.mT))
-    if trim and values.numel():
-        # eigh sorts ascending: the null directions shared by all data are the leading columns
-        tol = values.shape[-1] * torch.finfo(values.dtype).eps * values.abs().amax(-1, keepdim=True)
-        null = int((values <= tol).sum(-1).min())
-        values, vectors = values[..., null:], vectors[..., null:]
-    return vectors * values.clamp(min=0).sqrt().unsqueeze(-2)
+    values = values.clamp(min=0)
+    if trim:
+        values, vectors = _without_null_columns(values, vectors)
+    return vectors * values.sqrt().unsqueeze(-2)
 
 
 def signed_hessian_root(hess: torch.Tensor, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,12 +142,22 @@ def signed_hessian_root(hess: torch.Tensor, trim: bool = False) -> tuple[torch.T
         (tensor([[-1.,  1.]]), True)
     """
     values, vectors = torch.linalg.eigh(0.5 * (hess + hess.mT))
-    if trim and values.numel():
-        tol = values.shape[-1] * torch.finfo(values.dtype).eps * values.abs().amax(-1, keepdim=True)
-        keep = (values.abs() > tol).any(0)   # a column stays if any datum's eigenvalue there is not zero
-        if not bool(keep.all()):
-            values, vectors = values[:, keep], vectors[..., keep]
+    if trim:
+        values, vectors = _without_null_columns(values, vectors)
     return vectors * values.abs().sqrt().unsqueeze(-2), torch.sign(values)
+
+
+def _without_null_columns(values: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The eigenvalue ranks (columns) that are zero to working precision, :math:`|\lambda| \le C\epsilon
+    \max_i |\lambda_{n,i}|`, for every datum left out of ``(n, C)`` values and ``(n, C, C)`` vectors: a
+    column stays if any datum's eigenvalue there is not zero (one host read)."""
+    if not values.numel():
+        return values, vectors
+    tol = values.shape[-1] * torch.finfo(values.dtype).eps * values.abs().amax(-1, keepdim=True)
+    keep = (values.abs() > tol).any(0)
+    if bool(keep.all()):
+        return values, vectors
+    return values[:, keep], vectors[..., keep]
 
 
 def backward_columns(output: torch.Tensor, outs: list[torch.Tensor], columns: torch.Tensor,
