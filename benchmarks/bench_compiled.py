@@ -12,6 +12,8 @@
 * ``update`` of a trivial log posterior at 1e4 parameters (dispatch-bound): the replayed plan
   (``compile="replay"``) and the eager step vs plain autograd + a hand-written foreach SGD step —
   target ≤ 1.05×.
+* Many leaves: Adam over 200 equal leaves (a deep model's layout) vs torch's ``fused=True`` at 1e7 —
+  target ≤ 1.1×; its first step shows how trace + compile time grows with the number of leaves.
 * The first step's trace + compile time is reported in every compiled row.
 
 Run: ``python benchmarks/bench_compiled.py [--quick]`` (writes benchmarks/results/compiled.json).
@@ -32,9 +34,12 @@ LEAVES = 10
 LR, TEMPERATURE, ALPHA = 1e-3, 1e-6, 0.1
 
 
-def make_params(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+MANY_LEAVES = 200
+
+
+def make_params(n: int, seed: int = 0, leaves: int = LEAVES) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {f"w{i}": torch.randn(n // LEAVES, generator=g) for i in range(LEAVES)}
+    return {f"w{i}": torch.randn(n // leaves, generator=g) for i in range(leaves)}
 
 
 def linear_lp(params, batch):
@@ -82,14 +87,16 @@ def _rmsprop_reference(params, grads):
     return lambda: step(params, grads, square)
 
 
-def optimizer_rows(n: int, repeats: int) -> tuple[list[Row], dict]:
+def optimizer_rows(n: int, repeats: int, leaves: int = LEAVES, names=None) -> tuple[list[Row], dict]:
     rows, raw = [], {}
-    grads = {k: 1e-3 * torch.randn_like(v) for k, v in make_params(n, 1).items()}
+    grads = {k: 1e-3 * torch.randn_like(v) for k, v in make_params(n, 1, leaves).items()}
     cases = dict(OPTIMIZERS, rmsprop=(rmsprop, dict(lr=LR), None))
+    cases = {k: v for k, v in cases.items() if names is None or k in names}
+    suffix = "" if leaves == LEAVES else f", {leaves} leaves"
     for name, (module, hyper, reference) in cases.items():
         transform = module.build(linear_lp, **hyper, compile=True)
-        state, first = _first_step(transform, make_params(n), grads)
-        params = [torch.nn.Parameter(v) for v in make_params(n).values()]
+        state, first = _first_step(transform, make_params(n, 0, leaves), grads)
+        params = [torch.nn.Parameter(v) for v in make_params(n, 0, leaves).values()]
         for p, g in zip(params, grads.values()):
             p.grad = g.clone()
         if reference is None:
@@ -104,10 +111,10 @@ def optimizer_rows(n: int, repeats: int) -> tuple[list[Row], dict]:
 
         result = compare({"ours": ours, "baseline": baseline}, repeats=repeats, ratios={"r": ("ours", "baseline")})
         ratio, note = row_ratio(result, "ours", "baseline")
-        rows.append(Row(f"{name} compile=True (first step {first:.1f} s)", fmt_size(n),
+        rows.append(Row(f"{name}{suffix} compile=True (first step {first:.1f} s)", fmt_size(n),
                         result["times"]["ours"]["median_s"], result["times"]["baseline"]["median_s"], ratio,
                         1.1, baseline_name=baseline_name, note=note))
-        raw[f"{name}/{n}"] = {"times": result["times"], "ratios": result["ratios"], "first_step_s": first}
+        raw[f"{name}{suffix}/{n}"] = {"times": result["times"], "ratios": result["ratios"], "first_step_s": first}
     return rows, raw
 
 
@@ -282,6 +289,9 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[Row]:
         found, found_raw = optimizer_rows(n, repeats)
         rows += found
         raw.update(found_raw)
+    found, found_raw = optimizer_rows(10_000 if quick else 10_000_000, repeats, MANY_LEAVES, ("adam",))
+    rows += found
+    raw.update(found_raw)
     for n in ((10_000,) if quick else (10_000_000,)):
         found, found_raw = sampler_rows(n, repeats)
         rows += found

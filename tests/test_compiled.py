@@ -214,6 +214,31 @@ def test_compile_options_reach_torch_compile_and_bad_ones_are_refused(monkeypatc
             sgld.build(gaussian, lr=0.1, compile=compile, compile_options={"mode": "reduce-overhead"})
 
 
+def test_inductor_settings_reach_every_compile_and_the_users_win(monkeypatch):
+    """Every compiled plan gets :data:`INDUCTOR_SETTINGS` (one leaf per C++ loop: see its docstring), through
+    ``compile_fx`` by default and through ``torch.compile``'s ``options`` with ``compile_options``, where the
+    user's own inductor settings override them and a ``mode`` (which torch.compile refuses with options)
+    leaves them out. The spies run the graph as traced: nothing is built here."""
+    import torch._inductor.compile_fx as inductor
+
+    from bayesflow.engine.compiled import INDUCTOR_SETTINGS
+
+    patches, compiles = [], []
+    monkeypatch.setattr(inductor, "compile_fx", lambda graph, example, config_patches: patches.append(
+        config_patches) or graph)
+    monkeypatch.setattr(torch, "compile", lambda graph, **kwargs: compiles.append(kwargs) or graph)
+    cases = (None, {"backend": "inductor"}, {"options": {"cpp.max_horizontal_fusion_size": 4}},
+             {"mode": "max-autotune-no-cudagraphs"})
+    for options in cases:
+        transform = adam.build(gaussian, lr=0.1, compile=True, compile_options=options)
+        state, _ = transform.update(transform.init(torch.ones(4)), None)
+        assert torch.isfinite(state.params).all()
+    assert patches == [{"size_asserts": False, **INDUCTOR_SETTINGS}]
+    assert compiles[0]["options"] == INDUCTOR_SETTINGS
+    assert compiles[1]["options"] == {"cpp.max_horizontal_fusion_size": 4}
+    assert "options" not in compiles[2] and compiles[2]["mode"] == "max-autotune-no-cudagraphs"
+
+
 # ----- compiled with inductor: a few small graphs ---------------------------------------------------
 def test_compiled_adam_and_nesterov_equal_torch_optim():
     torch.manual_seed(0)
