@@ -13,7 +13,9 @@
   (``compile="replay"``) and the eager step vs plain autograd + a hand-written foreach SGD step —
   target ≤ 1.05×.
 * Many leaves: Adam over 200 equal leaves (a deep model's layout) vs torch's ``fused=True`` at 1e7 —
-  target ≤ 1.1×; its first step shows how trace + compile time grows with the number of leaves.
+  target ≤ 1.1×; its first step shows how trace + compile time grows with the number of leaves. Beside
+  it (reference) the flat-buffer alternative: the gradients gathered by ``torch.cat`` into one buffer,
+  then one compiled Adam pass over flat buffers — the gather is the pass per-leaf plans avoid.
 * The first step's trace + compile time is reported in every compiled row.
 
 Run: ``python benchmarks/bench_compiled.py [--quick]`` (writes benchmarks/results/compiled.json).
@@ -28,7 +30,7 @@ import torch
 
 from bayesflow.optim import adam, adamw, rmsprop, sgd
 from bayesflow.sgmcmc import adam_sghmc, baoab, sghmc, sgld
-from common import Row, cli, compare, fmt_size, row_ratio, write_json
+from common import Row, cli, compare, fmt_size, fmt_time, row_ratio, write_json
 
 LEAVES = 10
 LR, TEMPERATURE, ALPHA = 1e-3, 1e-6, 0.1
@@ -116,6 +118,38 @@ def optimizer_rows(n: int, repeats: int, leaves: int = LEAVES, names=None) -> tu
                         1.1, baseline_name=baseline_name, note=note))
         raw[f"{name}{suffix}/{n}"] = {"times": result["times"], "ratios": result["ratios"], "first_step_s": first}
     return rows, raw
+
+
+def flat_buffer_row(n: int, repeats: int, leaves: int) -> tuple[list[Row], dict]:
+    """The flat-buffer alternative to per-leaf plans (reference): gradients arrive as separate tensors, so
+    a flat plan first gathers them (``torch.cat``), then runs one compiled Adam pass over flat buffers."""
+    grads = list(make_params(n, 1, leaves).values())
+    flat = [torch.randn(n), torch.zeros(n), torch.zeros(n)]
+    gathered = torch.empty(n)
+
+    @torch.compile(fullgraph=True)
+    def flat_adam(params, m, v, g):
+        m.lerp_(g, 0.1)
+        v.mul_(0.999).addcmul_(g, g, value=1e-3)
+        params.addcdiv_(m, (v / 0.5).sqrt() + 1e-8, value=-LR / 0.5)
+
+    def gather_and_step():
+        torch.cat(grads, out=gathered)
+        flat_adam(*flat, gathered)
+
+    params = [torch.nn.Parameter(v) for v in make_params(n, 0, leaves).values()]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    fused = torch.optim.Adam(params, lr=LR, fused=True)
+    result = compare({"flat": gather_and_step, "gather": lambda: torch.cat(grads, out=gathered),
+                      "baseline": fused.step}, repeats=repeats)
+    ratio, note = row_ratio(result, "flat", "baseline")
+    gather = result["times"]["gather"]["median_s"]
+    row = Row(f"adam, {leaves} leaves, flat buffers: gather ({fmt_time(gather)}) + one compiled flat pass",
+              fmt_size(n), result["times"]["flat"]["median_s"], result["times"]["baseline"]["median_s"], ratio,
+              None, baseline_name="torch fused=True", note="; ".join(x for x in (
+                  note, "reference: why plans keep per-leaf loops") if x))
+    return [row], {f"flat buffers, {leaves} leaves/{n}": {"times": result["times"]}}
 
 
 # ----- samplers vs normal_ + one compiled pass -------------------------------------------------------
@@ -290,6 +324,9 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[Row]:
         rows += found
         raw.update(found_raw)
     found, found_raw = optimizer_rows(10_000 if quick else 10_000_000, repeats, MANY_LEAVES, ("adam",))
+    rows += found
+    raw.update(found_raw)
+    found, found_raw = flat_buffer_row(10_000 if quick else 10_000_000, repeats, MANY_LEAVES)
     rows += found
     raw.update(found_raw)
     for n in ((10_000,) if quick else (10_000_000,)):

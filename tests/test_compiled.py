@@ -265,6 +265,26 @@ def test_compiled_adam_and_nesterov_equal_torch_optim():
                 torch.testing.assert_close(state.params[k], params[k].detach(), rtol=0, atol=FLOAT32_RTOL * scale)
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_compiled_presets_equal_torch_optim_on_the_hypothesis_strategies(name):
+    """Every T = 0 preset compiled (inductor) on test_optim_equivalence's problems and hyper-parameters, in
+    float32 against torch.optim within FLOAT32_RTOL plus torch.optim's own rounding sensitivity. Each
+    example is a new transform and so one compile: a few examples keep CI's compile time small."""
+    module, optimizer_class, hyper_strategy = OPTIMIZERS[name]
+
+    @settings(max_examples=3, deadline=None)
+    @given(problem=problems(torch.float32), hyper=hyper_strategy, inplace=st.booleans())
+    def check(problem, hyper, inplace):
+        reference = torch_trajectory(problem, optimizer_class, hyper)
+        dev = rounding_sensitivity(problem, optimizer_class, hyper, reference)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # compiled: no fallback to eager
+            ours = engine_trajectory(module.build(problem.log_posterior, **hyper, compile=True), problem, inplace)
+        assert_trajectories_close(ours, reference, FLOAT32_RTOL, f"{name} compiled", dev)
+
+    check()
+
+
 def test_compiled_sampler_draws_the_eager_noise_and_keeps_its_law():
     """BAOAB on N(0, 1) is exact in θ at any step size: Var θ = 1 (ENGINE.md). 20 000 coordinates are
     20 000 independent chains; the variance of 20 000 N(0, 1) draws has standard error sqrt(2/n) = 0.01

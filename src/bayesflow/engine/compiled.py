@@ -28,6 +28,11 @@ What stays outside the graph, by design:
 * **the scalars**: temperature, step size, schedule values and the step count enter as 0-dim tensors,
   so schedules never recompile.
 
+Plans keep the parameters' own leaves (one fused loop per leaf, :data:`INDUCTOR_SETTINGS`), not flat
+buffers: gradients arrive as separate tensors, and gathering them into a flat buffer costs a pass of its
+own (measured at 1e7 over 200 leaves: ``torch.cat`` of the gradient 5.1 ms, gather + one flat Adam pass
+1.19× torch's fused step, per-leaf plan 0.99×). Many leaves lengthen the first step's compile instead.
+
 A configuration the tracer cannot follow (an operator that reads tensor values in Python) falls back to
 the eager step with a warning naming why; so does compilation without a C++ compiler.
 
