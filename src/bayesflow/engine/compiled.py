@@ -30,8 +30,9 @@ What stays outside the graph, by design:
 
 Plans keep the parameters' own leaves (one fused loop per leaf, :data:`INDUCTOR_SETTINGS`), not flat
 buffers: gradients arrive as separate tensors, and gathering them into a flat buffer costs a pass of its
-own (measured at 1e7 over 200 leaves: ``torch.cat`` of the gradient 5.1 ms, gather + one flat Adam pass
-1.19× torch's fused step, per-leaf plan 0.99×). Many leaves lengthen the first step's compile instead.
+own (measured at 1e7 over 200 leaves: ``torch.cat`` of the gradient 5.7 ms, gather + one flat Adam pass
+1.31× torch's fused step, the per-leaf plan 1.04×: benchmarks/bench_compiled.py). Many leaves lengthen
+the first step's compile instead (≈ 0.1 s per leaf, once per layout).
 
 A configuration the tracer cannot follow (an operator that reads tensor values in Python) falls back to
 the eager step with a warning naming why; so does compilation without a C++ compiler.
@@ -100,8 +101,8 @@ Inductor's C++ backend fuses loops of equal length that share no data into one l
 default): the per-leaf loops of a model whose layers have equal sizes. Each iteration of such a loop
 then reads and writes a few streams per leaf — 4 × 50 = 200 concurrent memory streams for Adam over 50
 leaves — which the hardware prefetchers cannot follow. Measured (Adam, 1e7 parameters in 200 equal
-leaves, 1 thread): 1.49× torch's fused step with the default, 0.96× with one leaf per loop; 10 leaves of
-1e6: 1.03× and 1.01× (benchmarks/bench_compiled.py's many-leaves row)."""
+leaves, 1 thread): 1.49× torch's fused step with the default, 0.96–1.04× over runs with one leaf per
+loop; 10 leaves of 1e6: 1.03× and 1.01× (benchmarks/bench_compiled.py's many-leaves row)."""
 
 _STRIDE = operator.methodcaller("stride")
 _STATS = {"traces": 0, "compiles": 0, "fallbacks": 0}
