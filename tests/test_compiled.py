@@ -130,19 +130,35 @@ def test_replayed_chains_per_chain_values_and_caller_gradients():
     assert float(b.log_posterior) == -2.0
 
 
-def test_refused_steps_leave_the_state_as_it_was():
+@pytest.mark.parametrize("mode", ["replay", True])
+@pytest.mark.parametrize("name", ["baoab", "obabo"])
+def test_refused_steps_leave_the_state_as_it_was(name, mode):
+    """BAOAB / OBABO evaluate after moving: an in-place step has written θ and m when the evaluation
+    fails, and puts back the copies the plan took (compiled: fused into its first loop)."""
     def nan_when_asked(params, batch):
+        if batch == "raise":
+            raise ValueError("the user's log posterior failed")
         return -0.5 * (params**2).sum() * (math.nan if batch else 1.0), None
 
-    transform = baoab.build(nan_when_asked, lr=0.1, on_nonfinite="reject", compile="replay")
-    state, _ = transform.update(transform.init(torch.ones(3), seed=0), False, inplace=True)
-    before = (state.params.clone(), state.momenta.clone())
-    state, _ = transform.update(state, True, inplace=True)  # BAOAB evaluates after moving: restored
-    assert int(state.rejected) == 1 and int(state.step) == 2
-    assert torch.equal(state.params, before[0]) and torch.equal(state.momenta, before[1])
-    with pytest.raises(FloatingPointError):
-        raising = baoab.build(nan_when_asked, lr=0.1, compile="replay")
-        raising.update(raising.init(torch.ones(3), seed=0), True)
+    module = importlib.import_module(f"bayesflow.sgmcmc.{name}")
+    for policy in ("reject", "raise"):
+        transform = module.build(nan_when_asked, lr=0.1, temperature=1.0, on_nonfinite=policy, compile=mode)
+        state = transform.init(torch.linspace(-1.0, 1.0, 5), seed=0)
+        for _ in range(2):
+            state, _ = transform.update(state, False, inplace=True)
+        before = (state.params.clone(), state.momenta.clone())
+        if policy == "reject":
+            state, _ = transform.update(state, True, inplace=True)
+            assert int(state.rejected) == 1 and int(state.step) == 3
+        else:
+            with pytest.raises(FloatingPointError, match="not finite"):
+                transform.update(state, True, inplace=True)
+        assert torch.equal(state.params, before[0]) and torch.equal(state.momenta, before[1])
+        with pytest.raises(ValueError, match="failed"):
+            transform.update(state, "raise", inplace=True)
+        assert torch.equal(state.params, before[0]) and torch.equal(state.momenta, before[1])
+        state, _ = transform.update(state, False, inplace=True)  # and the chain goes on
+        assert not torch.equal(state.params, before[0]) and torch.isfinite(state.params).all()
 
 
 def test_schedules_never_retrace():

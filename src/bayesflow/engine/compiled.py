@@ -77,7 +77,7 @@ from bayesflow.engine.plan_inputs import (
     given_gradient,
     zero_gradient,
 )
-from bayesflow.engine.rollback import guarded, refused, snapshot
+from bayesflow.engine.rollback import guarded, refused
 from bayesflow.engine.schedules import Constant
 from bayesflow.engine.step import accumulators, arithmetic, cached, finish, gradient_cache, scalars
 from bayesflow.engine.system import StepInputs
@@ -194,8 +194,11 @@ class CompiledStep:
         inputs = self._inputs(engine, params, momenta, xi, statistics, cache, state.log_posterior, given,
                               noise, temperature, h, step)
         ctx = Context(accumulators(params, momenta, xi, inplace), step, {}, engine.numel, engine.buffers)
-        saved = snapshot(ctx) if inplace and engine._evaluates_mid_step and given is None else None
-        ACTIVE.append(active(checked))
+        # an in-place plan that evaluates after moving hands the gradient operator copies of the state as
+        # it was (see _plan); a failed evaluation writes them back (engine.rollback)
+        stash: list = []
+        saved = [(list(itertools.chain(params, momenta, xi)), stash)] if inplace and given is None else None
+        ACTIVE.append(active(checked, stash))
         try:
             outputs, refusal = guarded(lambda: plan.fn(inputs, self._python_values(engine, temperature, h, step)),
                                        saved, state, inplace)
@@ -230,8 +233,15 @@ class CompiledStep:
             p, m, x, stats_, cache_, (value_like,), given_, noise_, scalars_ = parts
             T, step_size, count, scales = _scalars_of(engine, temperature, h, scalars_)
             if given is None:
+                # the state before the step moves it, as inputs of the evaluation that may fail: they
+                # hold the old values whenever it runs, and a failure writes them back. Inductor writes
+                # an input it mutates in the plan's last loop, after the evaluation, and so hands the
+                # state's own tensors here instead of copies (no pass at all, where copying before the
+                # plan read and wrote θ and m once more); a replayed plan makes the copies
+                before = [t.clone() for t in (*p, *m, *x)] if inplace else []
+
                 def gradient_fn(leaves):
-                    out = torch.ops.bayesflow.gradient(list(leaves), value_like)
+                    out = torch.ops.bayesflow.gradient(list(leaves), value_like, before)
                     return out[:-1], out[-1], True
             else:
                 grads_, value_ = list(given_[:len(p)]), (given_[len(p)] if len(given_) > len(p) else None)

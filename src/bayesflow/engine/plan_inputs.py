@@ -38,12 +38,17 @@ ACTIVE: list = []
 
 
 @torch.library.custom_op("bayesflow::gradient", mutates_args=())
-def gradient_operator(params: list[torch.Tensor], value_like: torch.Tensor) -> list[torch.Tensor]:
+def gradient_operator(params: list[torch.Tensor], value_like: torch.Tensor,
+                      before: list[torch.Tensor]) -> list[torch.Tensor]:
     """∇ℓ at ``params`` and ℓ (shaped like ``value_like``): the running step's gradient function.
 
     Opaque to the tracer and the compiler, so the user's log posterior runs with ordinary autograd.
+    ``before``: copies of the in-place state taken before the step moved it (or none); as inputs of
+    this operator they are complete when it runs, and it leaves them in the running step's stash,
+    from which a failed evaluation restores the state (:mod:`bayesflow.engine.rollback`).
     """
-    gradient_fn, include, exclude = ACTIVE[-1]
+    gradient_fn, include, exclude, stash = ACTIVE[-1]
+    stash[:] = before
     # an operator's kernel runs below autograd; the user's log posterior runs with the dispatch state
     # of the step that called the plan (autograd included), captured when the step began
     with torch._C._ForceDispatchKeyGuard(include, exclude):
@@ -58,12 +63,15 @@ def gradient_operator(params: list[torch.Tensor], value_like: torch.Tensor) -> l
 
 
 @gradient_operator.register_fake
-def _(params, value_like):
+def _(params, value_like, before):
     return [torch.empty_like(p) for p in params] + [torch.empty_like(value_like)]
 
 
-def active(gradient_fn) -> tuple:
-    return gradient_fn, torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
+def active(gradient_fn, stash: list | None = None) -> tuple:
+    """An :data:`ACTIVE` entry: the gradient function, the dispatch state it runs with, and the stash
+    of the state's copies that the gradient operator fills (see :func:`gradient_operator`)."""
+    return (gradient_fn, torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set(),
+            [] if stash is None else stash)
 
 
 def given_gradient(given, owned):

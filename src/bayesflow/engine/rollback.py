@@ -3,8 +3,10 @@ record of a refusal.
 
 An in-place step of a word that evaluates ∇ℓ after moving (BAOAB, OBABO) has written θ and m when
 that evaluation fails (a non-finite value under ``on_nonfinite="reject"`` or ``"raise"``, or an
-exception from the user's log posterior): it takes copies first, into reused scratch buffers, and
-writes them back (two copies per step, only for those words and only in place).
+exception from the user's log posterior): the eager step takes copies first, into reused scratch
+buffers, and writes them back (two copies per step, only for those words and only in place). A
+compiled plan hands the gradient operator the state as it was instead (``bayesflow::gradient``'s
+``before``), which inductor serves without copying: its plans write the state only after evaluating.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ def snapshot(ctx: Context) -> list:
 
 
 def restore(saved: list | None) -> None:
-    """Write the copies of :func:`snapshot` back into the state's tensors (nothing when None)."""
+    """Write the copies of :func:`snapshot` back into the state's tensors (nothing when None).
+
+    A compiled plan's copies arrive while it runs (the gradient operator's stash); a plan interrupted
+    before its evaluation has none to write back."""
     if saved:
         for leaves, copy in saved:
-            torch._foreach_copy_(leaves, copy)
+            if copy:
+                torch._foreach_copy_(leaves, copy)
 
 
 def refused(state: SDEState, inplace: bool) -> SDEState:
