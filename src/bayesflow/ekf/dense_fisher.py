@@ -48,6 +48,7 @@ import torch
 from torch.func import grad_and_value, jacrev
 
 from bayesflow.ekf._common import check_lr, check_state, current_lr, per_sample_log_likelihood, ravel, write_counters
+from bayesflow.engine.validation import check_finite_params
 from bayesflow.records import record
 from bayesflow.tree import flatten
 from bayesflow.tree_utils import tree_insert_
@@ -173,6 +174,10 @@ def init(params: TensorTree, init_cov: torch.Tensor | float = 1.0) -> EKFDenseSt
         init_cov: Σ₀: a number s > 0 (s I), a positive vector (the diagonal) or a symmetric positive definite
             ``(d, d)`` matrix (copied, in the parameters' dtype and device).
 
+    Raises:
+        ValueError: ``params`` holds NaN or ±inf (the message names the leaf), or a bad initial
+            spread.
+
     Returns:
         An :class:`EKFDenseState` at step 0.
 
@@ -183,9 +188,10 @@ def init(params: TensorTree, init_cov: torch.Tensor | float = 1.0) -> EKFDenseSt
         tensor([[1., 0.],
                 [0., 3.]])
     """
-    leaves = flatten(params)[0]
+    leaves, spec = flatten(params)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
         raise TypeError(f"params must be a tensor or a tree of tensors, got {type(params).__name__}")
+    check_finite_params(leaves, spec)
     flat = ravel(params)[0]
     d, options = flat.numel(), {"dtype": flat.dtype, "device": flat.device}
     value = _number(init_cov)

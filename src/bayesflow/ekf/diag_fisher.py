@@ -43,6 +43,7 @@ import torch
 from torch.func import jacrev
 
 from bayesflow.ekf._common import check_lr, check_state, current_lr, per_sample_log_likelihood, ravel, write_counters
+from bayesflow.engine.validation import check_finite_params
 from bayesflow.records import record
 from bayesflow.tree import flatten, tree_map
 from bayesflow.tree_utils import tree_insert_
@@ -129,6 +130,10 @@ def init(params: TensorTree, init_sds: TensorTree | float = 1.0) -> EKFDiagState
         init_sds: the initial standard deviations, a number > 0 or a tree like ``params`` of positive values
             (copied).
 
+    Raises:
+        ValueError: ``params`` holds NaN or ±inf (the message names the leaf), or a bad initial
+            spread.
+
     Returns:
         An :class:`EKFDiagState` at step 0.
 
@@ -143,6 +148,7 @@ def init(params: TensorTree, init_sds: TensorTree | float = 1.0) -> EKFDiagState
     leaves, spec = flatten(params)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
         raise TypeError(f"params must be a tensor or a tree of tensors, got {type(params).__name__}")
+    check_finite_params(leaves, spec)
     if is_scalar(init_sds) and not isinstance(init_sds, bool):
         value = float(init_sds)
         if not math.isfinite(value) or value <= 0:

@@ -110,7 +110,7 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, init_sds: Tens
 
     Raises:
         TypeError / ValueError: a key that is no Linear/Conv2d weight or bias of the model, a wrong shape,
-            a grouped Conv2d, bad sds.
+            a grouped Conv2d, bad sds, a parameter holding NaN or ±inf.
 
     Example:
         >>> import torch

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from bayesflow.engine.validation import check_finite_params
 from bayesflow.records import record
 from bayesflow.tree import flat_layout, flatten, ravel, unraveller  # noqa: F401  (re-exported to the methods)
 from bayesflow.types import TensorTree
@@ -206,6 +207,7 @@ def _is_number(value: Any) -> bool:
 def init_diag(params: TensorTree, init_prec_diag: TensorTree | float) -> DiagLaplaceState:
     """A :class:`DiagLaplaceState` with ``prec_diag`` the (checked, copied) initial diagonal."""
     leaves, spec = param_leaves("init", params)
+    check_finite_params(leaves, spec)
     if _is_number(init_prec_diag):
         check_scalar_precision("init_prec_diag", float(init_prec_diag))
         value = float(init_prec_diag)
@@ -233,7 +235,8 @@ def init_diag(params: TensorTree, init_prec_diag: TensorTree | float) -> DiagLap
 
 def init_dense(params: TensorTree, init_prec: torch.Tensor | float) -> DenseLaplaceState:
     """A :class:`DenseLaplaceState` with ``prec`` the (checked, copied) initial ``(d, d)`` precision."""
-    leaves, _ = param_leaves("init", params)
+    leaves, spec = param_leaves("init", params)
+    check_finite_params(leaves, spec)
     dtype, device = flat_layout(leaves)
     d = sum(leaf.numel() for leaf in leaves)
     if _is_number(init_prec):

@@ -91,6 +91,7 @@ def init(params: TensorTree, init_prec: torch.Tensor | float = 0.0) -> DenseLapl
 
     Raises:
         ValueError: a negative number, a tensor of another shape, or one that is not symmetric PSD.
+        ValueError: ``params`` holds NaN or ±inf (the message names the leaf).
 
     Example:
         >>> import torch

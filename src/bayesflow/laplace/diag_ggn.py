@@ -93,6 +93,7 @@ def init(params: TensorTree, init_prec_diag: TensorTree | float = 0.0) -> DiagLa
 
     Raises:
         ValueError: a negative or non-finite precision, or a tree that does not match params.
+        ValueError: ``params`` holds NaN or ±inf (the message names the leaf).
 
     Example:
         >>> import torch

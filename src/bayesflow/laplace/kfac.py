@@ -103,8 +103,10 @@ from typing import Any
 import torch
 
 from bayesflow.engine.noise import STEP, NoiseStream, derive
+from bayesflow.engine.validation import check_finite_params
 from bayesflow.laplace._common import check_callable, scalar_value
 from bayesflow.laplace.kfac_posterior import KFACLaplaceState, _key, precision_dense, sample
+from bayesflow.tree import flatten
 from bayesflow.types import Transform
 from bayesflow.utils.conv_curvature import check_conv_layer, input_moment, output_moment
 from bayesflow.utils.layer_capture import (
@@ -221,7 +223,7 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, prior_prec: fl
 
     Raises:
         TypeError / ValueError: no Linear/Conv2d layer, a grouped Conv2d, a missing or wrongly shaped
-            parameter of a covered layer.
+            parameter of a covered layer, or a parameter holding NaN or ±inf.
 
     Example:
         >>> import torch
@@ -254,6 +256,7 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, prior_prec: fl
         width = weight[0].numel() + (layer.bias is not None)   # in, or C_in·kh·kw, [+ 1]
         A[name] = torch.zeros(width, width, dtype=weight.dtype, device=weight.device)
         G[name] = torch.zeros(weight.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device)
+    check_finite_params(*flatten({key: params[key] for key in sorted(params)}))
     first = next(iter(A.values()))
     zero = torch.zeros((), dtype=torch.int64)
     rng = NoiseStream(torch.device("cpu"), None).initial_state(seed)

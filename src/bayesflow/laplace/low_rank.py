@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 
+from bayesflow.engine.validation import check_finite_params
 from bayesflow.laplace._common import (
     check_callable,
     flat_layout,
@@ -132,8 +133,8 @@ def init(params: TensorTree, rank: int, prior_prec: float = 1.0) -> LowRankLapla
         prior_prec: :math:`\lambda > 0`.
 
     Raises:
-        ValueError: ``rank`` is not in ``1..d`` or ``prior_prec`` is not positive. TypeError: a leaf of
-            ``params`` is not a floating-point tensor.
+        ValueError: ``rank`` is not in ``1..d``, ``prior_prec`` is not positive, or ``params`` holds NaN or
+            ±inf. TypeError: a leaf of ``params`` is not a floating-point tensor.
 
     Example:
         >>> import torch
@@ -143,7 +144,8 @@ def init(params: TensorTree, rank: int, prior_prec: float = 1.0) -> LowRankLapla
             ...
         ValueError: rank must be at most the number of parameters (3), got 4
     """
-    leaves, _ = param_leaves("init", params)
+    leaves, spec = param_leaves("init", params)
+    check_finite_params(leaves, spec)
     dtype, device = flat_layout(leaves)
     d, rank = sum(leaf.numel() for leaf in leaves), _check_rank(rank)
     if rank > d:

@@ -177,7 +177,7 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module,
 
     Raises:
         TypeError / ValueError: a key that is no Linear/Conv2d weight or bias of the model, a wrong shape, a
-            grouped Conv2d, a bad precision.
+            grouped Conv2d, a bad precision, a parameter holding NaN or ±inf.
 
     Example:
         >>> import torch

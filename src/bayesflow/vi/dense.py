@@ -46,11 +46,13 @@ from typing import Any, NamedTuple
 
 import torch
 
+from bayesflow.engine.validation import check_finite_params
 from bayesflow.records import record
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
 from bayesflow.utils import L_from_flat, L_to_flat, is_scalar
 from bayesflow.vi.nelbo import (
+    check_draws,
     check_n_samples,
     check_optimizer,
     check_stl,
@@ -186,6 +188,7 @@ def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0,
 
     Raises:
         ValueError: ``init_L`` has the wrong shape, is not lower triangular, or its diagonal is not positive.
+        ValueError: ``params`` holds NaN or ±inf (the message names the leaf).
 
     Example:
         >>> import torch, torchopt
@@ -200,6 +203,7 @@ def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0,
     leaves, spec = flatten(params)
     if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.is_floating_point() for leaf in leaves):
         raise ValueError(f"params must be a floating-point tensor or a tree of them, got {spec}")
+    check_finite_params(leaves, spec)
     first = leaves[0]
     d = sum(leaf.numel() for leaf in leaves)
     L_factor = L_to_flat(_initial_L(init_L, d, first.dtype, first.device))
@@ -254,6 +258,7 @@ def update(
         theta = torch.addmv(mu, L, eps) if n_samples == 1 else torch.addmm(mu, eps, L.T)   # μ + Lε
         grads, log_p, aux = log_posterior_and_gradient(
             log_posterior, spec, _unravel(theta, mean, sample_shape), batch, n_samples)
+        check_draws(log_p, grads, spec, state.step)
         v = _ravel(grads, sample_shape).to(mu.dtype).neg_()                               # -g
         if stl:                                                                            # - T L^{-T} ε
             solved = torch.linalg.solve_triangular(L.T, eps.reshape(-1, d).T, upper=True)

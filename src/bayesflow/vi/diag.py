@@ -43,11 +43,13 @@ from typing import Any, NamedTuple
 
 import torch
 
+from bayesflow.engine.validation import check_finite_params
 from bayesflow.records import record
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
 from bayesflow.utils import diag_normal_log_prob, is_scalar
 from bayesflow.vi.nelbo import (
+    check_draws,
     check_n_samples,
     check_optimizer,
     check_stl,
@@ -149,6 +151,7 @@ def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 
 
     Raises:
         ValueError: ``init_log_sds`` does not match ``params``, or holds non-finite values.
+        ValueError: ``params`` holds NaN or ±inf (the message names the leaf).
 
     Example:
         >>> import torch, torchopt
@@ -162,6 +165,7 @@ def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 
     leaves, spec = flatten(params)
     if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.is_floating_point() for leaf in leaves):
         raise ValueError(f"params must be a floating-point tensor or a tree of them, got {spec}")
+    check_finite_params(leaves, spec)
     if is_scalar(init_log_sds) and not (isinstance(init_log_sds, torch.Tensor) and spec.num_leaves == 1
                                         and init_log_sds.shape == leaves[0].shape):
         value = float(init_log_sds)
@@ -237,6 +241,7 @@ def update(
         flat_eps, eps = standard_normal(mean, sample_shape, generator, reuse=True)
         theta = torch._foreach_addcmul(mean, eps, sd)                     # θ = μ + σ ⊙ ε
         grads, log_p, aux = log_posterior_and_gradient(log_posterior, spec, theta, batch, n_samples)
+        check_draws(log_p, grads, spec, state.step)
         del theta  # dead after the backward: its memory is free again before the optimizer allocates
         value = nelbo_value(log_p, temperature, torch.stack([s.sum() for s in log_sd]).sum(), flat_eps, n_samples)
         if stl:

@@ -33,10 +33,11 @@ import torch
 
 from bayesflow.engine.gradients import autograd_gradient, unpack, vmapped_gradient
 from bayesflow.engine.noise import STEP, NoiseStream, derive, fill_normal
+from bayesflow.engine.validation import SMALL_CHECK_NUMEL, check_finite
 from bayesflow.tree import flatten, tree_leaves, tree_map, unflatten
 
 # the helpers of diag.py and dense.py; these four are documented for reuse
-__all__ = ["check_temperature", "nelbo_value", "noise_generator", "standard_normal"]
+__all__ = ["check_draws", "check_temperature", "nelbo_value", "noise_generator", "standard_normal"]
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -180,6 +181,30 @@ def log_posterior_and_gradient(log_posterior, spec, leaves: list, batch, n_sampl
         return _writable(grads), value, _detached(aux_box[0])
     grads, value, _ = vmapped_gradient(log_posterior, spec, batch, n_samples, aux_box)(leaves)
     return _writable(grads), value, aux_box[0]
+
+
+def check_draws(value: torch.Tensor, grads: list, spec, step: torch.Tensor) -> None:
+    """A FloatingPointError naming the step and the first non-finite quantity unless the log posterior's
+    value(s) and gradients at the draws are finite (one host read), before the state is written.
+
+    NaN or ±inf there would reach μ and σ through the optimizer and every later step: the engine's
+    finiteness test (:func:`~bayesflow.engine.validation.check_finite`), as an SDE preset's ``update``.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.tree import flatten
+        >>> from bayesflow.vi.nelbo import check_draws
+        >>> check_draws(torch.tensor(-1.0), [torch.ones(2)], flatten(torch.zeros(2))[1], torch.tensor(0))
+        >>> check_draws(torch.tensor(float("nan")), [torch.ones(2)], flatten(torch.zeros(2))[1], torch.tensor(3))
+        Traceback (most recent call last):
+            ...
+        FloatingPointError: the log posterior's value is nan at step 3: the value is not finite (at the draws ...)
+    """
+    small = sum(g.numel() for g in grads) <= SMALL_CHECK_NUMEL
+    problem = check_finite(value, grads, spec, int(step), small)
+    if problem is not None:
+        raise FloatingPointError(problem.replace(" (the params are finite: init checked them)", "")
+                                 + " (at the draws θ = μ + Aε, A = diag σ or L)")
 
 
 def _writable(grads: list) -> list:

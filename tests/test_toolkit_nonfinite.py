@@ -1,0 +1,107 @@
+"""Non-finite numbers at the boundaries of the non-SDE methods.
+
+* VI, Laplace and EKF refuse initial parameters holding NaN or ±inf, naming the leaf (the engine's own
+  init check), and take finite ones unchanged.
+* A VI step whose log posterior or gradient is not finite at the draws raises a FloatingPointError
+  naming the step and the leaf before anything is written (in place or not); the next finite step runs.
+* A per-sample map (the Fisher's route) refuses a batch with no leading sample dimension."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchopt
+
+from bayesflow import ekf, laplace, vi
+from bayesflow.utils import per_samplify
+
+
+def log_posterior(params, batch):
+    return -0.5 * sum((v**2).sum() for v in params.values()), None
+
+
+MODEL = torch.nn.Linear(2, 1)
+
+TREE_INITS = {
+    "vi.diag": lambda p: vi.diag.build(log_posterior, torchopt.adam(1e-2)).init(p, seed=0),
+    "vi.dense": lambda p: vi.dense.build(log_posterior, torchopt.adam(1e-2)).init(p, seed=0),
+    "laplace.diag_fisher": lambda p: laplace.diag_fisher.build(log_posterior).init(p),
+    "laplace.diag_ggn": lambda p: laplace.diag_ggn.init(p),
+    "laplace.dense_fisher": lambda p: laplace.dense_fisher.build(log_posterior).init(p),
+    "laplace.dense_ggn": lambda p: laplace.dense_ggn.init(p),
+    "laplace.dense_hessian": lambda p: laplace.dense_hessian.build(log_posterior).init(p),
+    "laplace.low_rank": lambda p: laplace.low_rank.init(p, rank=1),
+    "ekf.diag_fisher": lambda p: ekf.diag_fisher.build(log_posterior, lr=0.1).init(p),
+    "ekf.dense_fisher": lambda p: ekf.dense_fisher.build(log_posterior, lr=0.1).init(p),
+}
+
+MODULE_INITS = {
+    "laplace.kfac": lambda p: laplace.kfac.init(p, MODEL),
+    "laplace.module_diag": lambda p: laplace.module_diag.init(p, MODEL),
+    "ekf.module_diag": lambda p: ekf.module_diag.init(p, MODEL),
+}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", list(TREE_INITS))
+def test_non_finite_initial_params_are_refused_naming_the_leaf(name, bad):
+    params = {"w": torch.tensor([0.5, bad]), "b": torch.ones(1)}
+    with pytest.raises(ValueError, match=r"params leaf 'w' holds NaN or infinite values"):
+        TREE_INITS[name](params)
+    state = TREE_INITS[name]({"w": torch.tensor([0.5, 1.0]), "b": torch.ones(1)})  # finite: taken as given
+    assert torch.equal(state.params["w"], torch.tensor([0.5, 1.0]))
+
+
+@pytest.mark.parametrize("name", list(MODULE_INITS))
+def test_non_finite_module_params_are_refused_naming_the_leaf(name):
+    params = {"weight": torch.tensor([[0.5, math.nan]]), "bias": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"params leaf 'weight' holds NaN"):
+        MODULE_INITS[name](params)
+    state = MODULE_INITS[name]({"weight": torch.tensor([[0.5, 1.0]]), "bias": torch.zeros(1)})
+    assert torch.equal(state.params["weight"], torch.tensor([[0.5, 1.0]]))
+
+
+def test_per_sample_maps_need_a_batch_dimension():
+    f = per_samplify(lambda params, batch: (params * batch["x"]).sum())
+    torch.testing.assert_close(f(torch.tensor(2.0), {"x": torch.arange(3.0)}), torch.tensor([0.0, 2.0, 4.0]))
+    with pytest.raises(ValueError, match="holds no tensors"):
+        f(torch.tensor(2.0), None)
+    with pytest.raises(ValueError, match="got a 0-dim tensor"):
+        f(torch.tensor(2.0), {"x": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="got int 3"):
+        f(torch.tensor(2.0), {"x": torch.arange(3.0), "n": 3})
+    with pytest.raises(ValueError, match=r"different leading \(sample\) sizes \[3, 2\]"):
+        f(torch.tensor(2.0), {"x": torch.arange(3.0), "y": torch.arange(2.0)})
+    # a Laplace fit of the Fisher maps its log posterior over the batch: the same message at its boundary
+    transform = laplace.diag_fisher.build(lambda p, b: (-0.5 * ((p - b) ** 2).sum(), None))
+    with pytest.raises(ValueError, match="holds no tensors"):
+        transform.update(transform.init(torch.zeros(2)), None)
+
+
+def _nan_when_asked(params, batch):
+    value = -0.5 * (params["w"] ** 2).sum()
+    if batch == "value":
+        value = value * math.nan
+    if batch == "gradient":  # a finite value, 0, whose gradient is 0/0
+        value = value + torch.sqrt(params["w"] - params["w"]).sum()
+    return value, None
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("n_samples", [1, 3])
+@pytest.mark.parametrize("method", ["diag", "dense"])
+def test_a_non_finite_vi_step_raises_before_writing(method, n_samples, inplace):
+    module = getattr(vi, method)
+    transform = module.build(_nan_when_asked, torchopt.adam(1e-1), n_samples=n_samples)
+    state = transform.init({"w": torch.linspace(-1.0, 1.0, 4)}, seed=0)
+    state, _ = transform.update(state, None, inplace=inplace)
+    before = [t.clone() for t in (state.params["w"], state.nelbo, state.step)]
+    for batch, message in (("value", "the log posterior's value is .* at step 1"),
+                           ("gradient", "gradient of the log posterior is not finite at step 1 in leaf 'w'")):
+        with pytest.raises(FloatingPointError, match=message):
+            transform.update(state, batch, inplace=inplace)
+        assert all(torch.equal(a, b) for a, b in zip((state.params["w"], state.nelbo, state.step), before))
+    state, _ = transform.update(state, None, inplace=inplace)
+    assert int(state.step) == 2 and torch.isfinite(state.params["w"]).all()
