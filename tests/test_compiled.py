@@ -87,17 +87,28 @@ def test_replayed_plan_equals_the_eager_step(name, inplace):
     assert replayed.log_posterior == pytest.approx(float(eager.log_posterior), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_replayed_presets_equal_torch_optim(name):
-    module, optimizer_class, hyper_strategy = OPTIMIZERS[name]
+# replayed plans run the eager step's ATen calls (float64, test_optim_equivalence's tolerance, 15
+# examples); compiled ones reorder float32 roundings (FLOAT32_RTOL) and compile once per example (3)
+TRACED_CHECKS = {"replay": (torch.float64, FLOAT64_RTOL, 15), True: (torch.float32, FLOAT32_RTOL, 3)}
 
-    @settings(max_examples=15, deadline=None)
-    @given(problem=problems(torch.float64), hyper=hyper_strategy, inplace=st.booleans())
+
+@pytest.mark.parametrize("mode", list(TRACED_CHECKS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_traced_presets_equal_torch_optim_on_the_hypothesis_strategies(name, mode):
+    """Every T = 0 preset replayed and compiled (inductor) on test_optim_equivalence's problems and
+    hyper-parameters, against torch.optim within the tolerance plus torch.optim's own rounding sensitivity."""
+    module, optimizer_class, hyper_strategy = OPTIMIZERS[name]
+    dtype, rtol, examples = TRACED_CHECKS[mode]
+
+    @settings(max_examples=examples, deadline=None)
+    @given(problem=problems(dtype), hyper=hyper_strategy, inplace=st.booleans())
     def check(problem, hyper, inplace):
         reference = torch_trajectory(problem, optimizer_class, hyper)
         dev = rounding_sensitivity(problem, optimizer_class, hyper, reference)
-        ours = engine_trajectory(module.build(problem.log_posterior, **hyper, compile="replay"), problem, inplace)
-        assert_trajectories_close(ours, reference, FLOAT64_RTOL, f"{name} replayed", dev)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+            ours = engine_trajectory(module.build(problem.log_posterior, **hyper, compile=mode), problem, inplace)
+        assert_trajectories_close(ours, reference, rtol, f"{name} compile={mode!r}", dev)
 
     check()
 
@@ -279,26 +290,6 @@ def test_compiled_adam_and_nesterov_equal_torch_optim():
                 # test_optim_equivalence) relative to the parameters' scale
                 scale = params[k].detach().abs().max()
                 torch.testing.assert_close(state.params[k], params[k].detach(), rtol=0, atol=FLOAT32_RTOL * scale)
-
-
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_compiled_presets_equal_torch_optim_on_the_hypothesis_strategies(name):
-    """Every T = 0 preset compiled (inductor) on test_optim_equivalence's problems and hyper-parameters, in
-    float32 against torch.optim within FLOAT32_RTOL plus torch.optim's own rounding sensitivity. Each
-    example is a new transform and so one compile: a few examples keep CI's compile time small."""
-    module, optimizer_class, hyper_strategy = OPTIMIZERS[name]
-
-    @settings(max_examples=3, deadline=None)
-    @given(problem=problems(torch.float32), hyper=hyper_strategy, inplace=st.booleans())
-    def check(problem, hyper, inplace):
-        reference = torch_trajectory(problem, optimizer_class, hyper)
-        dev = rounding_sensitivity(problem, optimizer_class, hyper, reference)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # compiled: no fallback to eager
-            ours = engine_trajectory(module.build(problem.log_posterior, **hyper, compile=True), problem, inplace)
-        assert_trajectories_close(ours, reference, FLOAT32_RTOL, f"{name} compiled", dev)
-
-    check()
 
 
 def test_compiled_sampler_draws_the_eager_noise_and_keeps_its_law():
