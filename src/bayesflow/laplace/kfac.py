@@ -238,12 +238,13 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, prior_prec: fl
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of tensors by name (dict(model.named_parameters())), "
                         f"got {type(params).__name__}")
-    A, G = {}, {}
+    A, G, covered = {}, {}, []
     for name, layer in layers.items():
         for leaf, value in (("weight", layer.weight), ("bias", layer.bias)):
             if value is None:
                 continue
             key = _key(name, leaf)
+            covered.append(key)
             if key not in params:
                 raise ValueError(f"params has no {key!r}, a parameter of the {_kind(layer)} layer {name!r}")
             given = params[key]
@@ -256,7 +257,7 @@ def init(params: dict[str, torch.Tensor], model: torch.nn.Module, prior_prec: fl
         width = weight[0].numel() + (layer.bias is not None)   # in, or C_in·kh·kw, [+ 1]
         A[name] = torch.zeros(width, width, dtype=weight.dtype, device=weight.device)
         G[name] = torch.zeros(weight.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device)
-    check_finite_params(*flatten({key: params[key] for key in sorted(params)}))
+    check_finite_params(*flatten({key: params[key] for key in covered}))
     first = next(iter(A.values()))
     zero = torch.zeros((), dtype=torch.int64)
     rng = NoiseStream(torch.device("cpu"), None).initial_state(seed)
