@@ -43,11 +43,14 @@ FLOAT32_RTOL = 1e-5
 # dev(t): on well-conditioned problems dev(t) ≪ rtol, so this is rtol; it loosens only where torch's
 # own trajectory is that sensitive, and after the first step it adds just 120 machine epsilons
 # (dev(0) = 4 eps), so a wrong update rule is caught there. Observed error / dev(t) ≤ 7 while the
-# trajectories still agree; once torch.optim's own jittered run has moved by CHAOTIC (1 %), two
-# implementations follow unrelated trajectories of a chaotic map (seen: Adam with β₂ = 0, error/dev
-# = 31 at dev = 0.22), and the steps from there on are not compared.
+# map is tame. Where torch.optim amplifies its 4-eps jitter over CHAOTIC_GAIN-fold, the map is chaotic
+# (seen: Adam with β₂ = 0 on an MLP, error / dev = 30–90 from dev ≈ 3e-4 on, in float64): two
+# implementations that round differently then follow unrelated trajectories, and torch.optim's own
+# does not define the values to compare, so the steps from there on are not compared. On tame
+# problems dev(t) stays within a few hundred jitters over 50 steps, far below the cut.
 SENSITIVITY = 30.0
-CHAOTIC = 1e-2
+CHAOTIC_GAIN = 1e4
+JITTER_RUNS = 3  # one jittered run can happen to stay close where the map is chaotic: the largest of three
 
 
 # ----- problems ---------------------------------------------------------------------------------
@@ -156,12 +159,12 @@ def _copy(params):
     return {k: v.detach().clone() for k, v in params.items()}
 
 
-def torch_trajectory(problem, optimizer_class, hyper, jitter=0.0):
+def torch_trajectory(problem, optimizer_class, hyper, jitter=0.0, seed=0):
     """torch.optim's trajectory; ``jitter`` > 0 multiplies θ by (1 + jitter·r), r ~ N(0, 1), after
     every step (a rounding-sized perturbation: how much the optimizer itself amplifies rounding)."""
     params = {k: v.clone().requires_grad_(True) for k, v in problem.params.items()}
     optimizer = optimizer_class(list(params.values()), **hyper)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     trajectory = []
     for step in range(problem.steps):
         optimizer.zero_grad()
@@ -211,18 +214,22 @@ def assert_trajectories_close(ours, reference, rtol, what, sensitivity=None):
     for step, (a, b) in enumerate(zip(ours, reference)):
         for k in b:
             assert torch.isfinite(b[k]).all(), f"reference diverged at step {step}"
-        if sensitivity and sensitivity[step] > CHAOTIC:
-            break  # torch.optim itself no longer reproduces its trajectory (see CHAOTIC)
+        if sensitivity and sensitivity[step] > CHAOTIC_GAIN * 4 * torch.finfo(next(iter(b.values())).dtype).eps:
+            break  # torch.optim itself no longer reproduces its trajectory (see CHAOTIC_GAIN)
         tolerance = rtol + (SENSITIVITY * sensitivity[step] if sensitivity else 0.0)
         error = relative_error(a, b)
         assert error <= tolerance, f"{what}: step {step} relative error {error:.3g} > {tolerance:.3g}"
 
 
-def rounding_sensitivity(problem, optimizer_class, hyper, reference):
-    """dev(t): how far torch.optim's own trajectory moves under rounding-sized jitter."""
+def rounding_sensitivity(problem, optimizer_class, hyper, reference, runs: int = JITTER_RUNS):
+    """dev(t): how far torch.optim's own trajectory moves under rounding-sized jitter, the largest of
+    ``runs`` jittered runs (independent jitter draws)."""
     dtype = next(iter(problem.params.values())).dtype
-    jittered = torch_trajectory(problem, optimizer_class, hyper, jitter=4 * torch.finfo(dtype).eps)
-    return [relative_error(a, b) for a, b in zip(jittered, reference)]
+    devs = []
+    for seed in range(runs):
+        jittered = torch_trajectory(problem, optimizer_class, hyper, jitter=4 * torch.finfo(dtype).eps, seed=seed)
+        devs.append([relative_error(a, b) for a, b in zip(jittered, reference)])
+    return [max(step) for step in zip(*devs)]
 
 
 def assert_bitwise(ours, reference, what):
@@ -484,8 +491,8 @@ def test_transformation_rejects_integrators_needing_mid_step_gradients():
 @pytest.mark.parametrize("beta2", [0.999, 0.0])
 def test_the_comparison_catches_a_slightly_wrong_update_rule(beta2):
     """A learning rate 0.1 % off fails assert_trajectories_close within its first steps, also where the
-    trajectory is chaotic (β₂ = 0: a sign-like map, whose later steps CHAOTIC leaves uncompared); the
-    right one passes on the same problem."""
+    trajectory is chaotic (β₂ = 0: a sign-like map, whose later steps CHAOTIC_GAIN leaves uncompared);
+    the right one passes on the same problem."""
     generator = torch.Generator().manual_seed(3)
     target = torch.randn(6, dtype=torch.float64, generator=generator)
     noise = 0.1 * torch.randn(50, 6, dtype=torch.float64, generator=generator)
