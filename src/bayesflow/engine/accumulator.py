@@ -94,6 +94,19 @@ class Accumulator:
             self.leaves = torch._foreach_addcdiv(self.leaves, a, b, value=value)
             self.owned = True
 
+    def lerp(self, end: Leaves, weight: float) -> None:
+        """``self += weight * (end - self)``, rounded as ``torch.lerp`` (torch.optim's running means);
+        a per-chain tensor weight falls back to ``self * (1 - weight) + weight * end``."""
+        if isinstance(weight, torch.Tensor):
+            self.mul(1.0 - weight)
+            self.add(end, alpha=weight)
+            return
+        if self.owned:
+            torch._foreach_lerp_(self.leaves, end, weight)
+        else:
+            self.leaves = torch._foreach_lerp(self.leaves, end, weight)
+            self.owned = True
+
     def mul(self, factor: float | Leaves) -> None:
         """``self *= factor`` (a float, one tensor per leaf, or a tensor with one value per chain)."""
         if isinstance(factor, torch.Tensor):

@@ -96,8 +96,7 @@ class SquaredGradientAverage:
         new_state = [average.leaves]
         if self.centered:
             mean = Accumulator(state[1], inplace)
-            mean.mul(self.decay)
-            mean.add(grads, alpha=1.0 - self.decay)
+            mean.lerp(grads, 1.0 - self.decay)  # torch's rounding: v - mean² cancels, and amplifies any other
             new_state.append(mean.leaves)
         if self.amsgrad:
             second = average.leaves
