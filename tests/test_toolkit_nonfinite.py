@@ -66,17 +66,17 @@ def test_non_finite_module_params_are_refused_naming_the_leaf(name):
 def test_per_sample_maps_need_a_batch_dimension():
     f = per_samplify(lambda params, batch: (params * batch["x"]).sum())
     torch.testing.assert_close(f(torch.tensor(2.0), {"x": torch.arange(3.0)}), torch.tensor([0.0, 2.0, 4.0]))
-    with pytest.raises(ValueError, match="holds no tensors"):
+    with pytest.raises(TypeError, match=r"\(no tensors\)"):
         f(torch.tensor(2.0), None)
-    with pytest.raises(ValueError, match="got a 0-dim tensor"):
+    with pytest.raises(ValueError, match=r"needs 1 leading dimension\(s\); got shapes \[\(\)\]"):
         f(torch.tensor(2.0), {"x": torch.tensor(1.0)})
-    with pytest.raises(ValueError, match="got int 3"):
+    with pytest.raises(TypeError, match=r"leaves of type \['int'\]"):
         f(torch.tensor(2.0), {"x": torch.arange(3.0), "n": 3})
-    with pytest.raises(ValueError, match=r"different leading \(sample\) sizes \[3, 2\]"):
+    with pytest.raises(ValueError, match=r"must share their leading size\(s\), got \[\(2,\), \(3,\)\]"):
         f(torch.tensor(2.0), {"x": torch.arange(3.0), "y": torch.arange(2.0)})
     # a Laplace fit of the Fisher maps its log posterior over the batch: the same message at its boundary
     transform = laplace.diag_fisher.build(lambda p, b: (-0.5 * ((p - b) ** 2).sum(), None))
-    with pytest.raises(ValueError, match="holds no tensors"):
+    with pytest.raises(TypeError, match="the batch of a per-sample map must be a tensor"):
         transform.update(transform.init(torch.zeros(2)), None)
 
 

@@ -12,6 +12,7 @@ import torch
 from bayesflow.types import TensorTree
 
 __all__ = [
+    "batch_leaves",
     "flat_layout",
     "flatten",
     "load_state_dict",
@@ -41,6 +42,33 @@ def tree_leaves(tree) -> list:
 
 def tree_map(fn, tree: TensorTree, *rest: TensorTree) -> TensorTree:
     return optree.tree_map(fn, tree, *rest, none_is_leaf=NONE_IS_LEAF, namespace="bayesflow")
+
+
+def batch_leaves(batch: Any, lead: int = 1, what: str = "a batch") -> tuple[list, optree.PyTreeSpec, tuple]:
+    """The tensors of a batch, its spec and the leading sizes they share (``lead`` dimensions), checked.
+
+    Raises:
+        TypeError: the batch holds no tensors, or a leaf that is not a tensor.
+        ValueError: a tensor with fewer than ``lead`` dimensions, or tensors of different leading sizes.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.tree import batch_leaves
+        >>> batch_leaves((torch.ones(4, 2), torch.zeros(4)))[2]
+        (4,)
+    """
+    leaves, spec = flatten(batch)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        kinds = sorted({type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)})
+        raise TypeError(f"{what} must be a tensor or a tree of tensors with a leading sample dimension, got {spec}"
+                        + (f" (leaves of type {kinds})" if kinds else " (no tensors)"))
+    if any(leaf.ndim < lead for leaf in leaves):
+        raise ValueError(f"every tensor of {what} needs {lead} leading dimension(s); got shapes "
+                         f"{[tuple(leaf.shape) for leaf in leaves]}")
+    heads = {tuple(leaf.shape[:lead]) for leaf in leaves}
+    if len(heads) != 1:
+        raise ValueError(f"the tensors of {what} must share their leading size(s), got {sorted(heads)}")
+    return leaves, spec, heads.pop()
 
 
 def flat_layout(leaves: list[torch.Tensor]) -> tuple[torch.dtype, torch.device]:

@@ -37,25 +37,15 @@ import math
 
 import torch
 
-from bayesflow.tree import flatten, tree_map, unflatten
+from bayesflow.tree import batch_leaves, flatten, tree_map, unflatten
 
 __all__ = ["per_sample_log_posterior"]
 
 
 def _batch_leaves(batch, chains: int | None, chain_batches: bool) -> tuple[list, object, int]:
     """The batch's tensors, its spec and the batch size b, checked."""
-    leaves, spec = flatten(batch)
-    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-        raise TypeError(f"per-sample gradients need the batch to be a tensor or a tree of tensors, got {spec}")
-    lead = 2 if chain_batches else 1
-    if any(leaf.ndim < lead for leaf in leaves):
-        raise ValueError(f"every batch tensor needs {'(chains, batch)' if chain_batches else 'a batch'} "
-                         f"leading dimension(s); got shapes {[tuple(leaf.shape) for leaf in leaves]}")
-    heads = {tuple(leaf.shape[:lead]) for leaf in leaves}
-    if len(heads) != 1:
-        what = "(chains, batch) sizes" if chain_batches else "batch size"
-        raise ValueError(f"the batch tensors must share their leading {what}, got {sorted(heads)}")
-    (head,) = heads
+    leaves, spec, head = batch_leaves(batch, 2 if chain_batches else 1,
+                                      "a (chains, batch) batch" if chain_batches else "the batch")
     if chain_batches and head[0] != chains:
         raise ValueError(f"chain_batches=True needs one mini-batch per chain: leading size {chains}, got {head[0]}")
     b = head[-1]

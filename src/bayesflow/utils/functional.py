@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from bayesflow.tree import flatten, tree_map
+from bayesflow.tree import batch_leaves, tree_map
 from bayesflow.types import TensorTree
 
 __all__ = ["NON_TENSOR_AUX_ERROR_MSG", "NO_AUX_ERROR_MSG", "CatchAuxError", "is_scalar", "model_to_function",
@@ -137,8 +137,8 @@ def per_samplify(f: Callable[[TensorTree, TensorTree], Any]) -> Callable[[Tensor
 
     Raises:
         TypeError: ``f`` is not callable.
-        ValueError: (when called) ``batch`` holds no tensor, a leaf that is not a tensor with a leading
-            dimension, or leaves of different leading sizes: there is no batch dimension to map over.
+        TypeError / ValueError: (when called) ``batch`` holds no tensor or a leaf that is not one, a 0-dim
+            tensor, or tensors of different leading sizes: there is no batch dimension to map over.
 
     Example:
         >>> import torch
@@ -159,7 +159,7 @@ def per_samplify(f: Callable[[TensorTree, TensorTree], Any]) -> Callable[[Tensor
 
     @functools.wraps(f)
     def f_per_sample(params: TensorTree, batch: TensorTree) -> Any:
-        _check_batch(batch)
+        batch_leaves(batch, what="the batch of a per-sample map")
         return on_each_sample(params, batch)  # positional: vmap's in_dims do not cover keywords
 
     return f_per_sample
@@ -184,22 +184,3 @@ def is_scalar(x: Any) -> bool:
         (True, True, True, False, False)
     """
     return isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.numel() == 1)
-
-
-def _check_batch(batch: TensorTree) -> None:
-    """The batch of a per-sample map: tensors sharing a leading (sample) dimension."""
-    leaves, _ = flatten(batch)
-    if not leaves:
-        raise ValueError(f"the per-sample map runs f on each sample along the batch's leading dimension, but the "
-                         f"batch ({type(batch).__name__}) holds no tensors; pass the data as tensors of shape "
-                         "(batch size, ...)")
-    sizes = []
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor) or leaf.ndim == 0:
-            what = "a 0-dim tensor" if isinstance(leaf, torch.Tensor) else f"{type(leaf).__name__} {leaf!r}"
-            raise ValueError(f"every batch leaf must be a tensor with a leading sample dimension for the per-sample "
-                             f"map, got {what}")
-        sizes.append(leaf.shape[0])
-    if len(set(sizes)) > 1:
-        raise ValueError(f"the batch's leaves have different leading (sample) sizes {sizes}; the per-sample map "
-                         "needs one batch size")
