@@ -95,12 +95,8 @@ class Accumulator:
             self.owned = True
 
     def lerp(self, end: Leaves, weight: float) -> None:
-        """``self += weight * (end - self)``, rounded as ``torch.lerp`` (torch.optim's running means);
-        a per-chain tensor weight falls back to ``self * (1 - weight) + weight * end``."""
-        if isinstance(weight, torch.Tensor):
-            self.mul(1.0 - weight)
-            self.add(end, alpha=weight)
-            return
+        """``self += weight * (end - self)`` (a float weight), rounded as ``torch.lerp``: torch.optim's
+        running means."""
         if self.owned:
             torch._foreach_lerp_(self.leaves, end, weight)
         else:

@@ -203,8 +203,7 @@ def check_draws(value: torch.Tensor, grads: list, spec, step: torch.Tensor) -> N
     small = sum(g.numel() for g in grads) <= SMALL_CHECK_NUMEL
     problem = check_finite(value, grads, spec, int(step), small)
     if problem is not None:
-        raise FloatingPointError(problem.replace(" (the params are finite: init checked them)", "")
-                                 + " (at the draws θ = μ + Aε, A = diag σ or L)")
+        raise FloatingPointError(f"{problem} (at the draws θ = μ + Aε, A = diag σ or L)")
 
 
 def _writable(grads: list) -> list:
