@@ -248,7 +248,7 @@ def test_inductor_settings_reach_every_compile_and_the_users_win(monkeypatch):
     leaves them out. The spies run the graph as traced: nothing is built here."""
     import torch._inductor.compile_fx as inductor
 
-    from bayesflow.engine.compiled import INDUCTOR_SETTINGS
+    from bayesflow.engine.inductor import INDUCTOR_SETTINGS
 
     patches, compiles = [], []
     monkeypatch.setattr(inductor, "compile_fx", lambda graph, example, config_patches: patches.append(

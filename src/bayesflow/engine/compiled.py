@@ -65,6 +65,7 @@ from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.context import Context
 from bayesflow.engine.groups import LeafTemperature, is_hot
 from bayesflow.engine.hoist import HoistedStep
+from bayesflow.engine.inductor import INDUCTOR_SETTINGS, compile_graph
 from bayesflow.engine.noise import STEP, views_of
 from bayesflow.engine.plan_inputs import (
     ACTIVE,
@@ -93,16 +94,6 @@ AUTO_NUMEL = 100_000
 """``compile="auto"`` compiles layouts of at least this many scalars (summed over chains) and runs the
 eager step below: a compiled call costs tens of µs of fixed overhead (guards, wrappers), more than the
 eager step of a small model (benchmarks/bench_compiled.py)."""
-
-INDUCTOR_SETTINGS = {"cpp.max_horizontal_fusion_size": 1}
-"""Inductor settings of every compiled plan (``compile_options["options"]`` overrides them).
-
-Inductor's C++ backend fuses loops of equal length that share no data into one loop (up to 16 by
-default): the per-leaf loops of a model whose layers have equal sizes. Each iteration of such a loop
-then reads and writes a few streams per leaf — 4 × 50 = 200 concurrent memory streams for Adam over 50
-leaves — which the hardware prefetchers cannot follow. Measured (Adam, 1e7 parameters in 200 equal
-leaves, 1 thread): 1.49× torch's fused step with the default, 0.96–1.04× over runs with one leaf per
-loop; 10 leaves of 1e6: 1.03× and 1.01× (benchmarks/bench_compiled.py's many-leaves row)."""
 
 _STRIDE = operator.methodcaller("stride")
 _STATS = {"traces": 0, "compiles": 0, "fallbacks": 0}
@@ -310,7 +301,7 @@ class CompiledStep:
             hoisted = [t.clone() for t in fn.hoisted(example, values)]
             with warnings.catch_warnings():  # torch's own deprecations inside inductor are not the user's
                 warnings.simplefilter("ignore", DeprecationWarning)
-                fn.main = _compile_graph(replayed, [copy_like(t) for t in example] + hoisted, self.options)
+                fn.main = compile_graph(replayed, [copy_like(t) for t in example] + hoisted, self.options)
             ACTIVE.append(active(zero_gradient))
             try:
                 fn([copy_like(t) for t in example], values)  # compile now, on copies: the step's time stays the step's
@@ -382,23 +373,6 @@ class CompiledStep:
             return advance(engine, state, params, gradient_fn, inplace, caller_gradient, value_given)
         finally:
             engine.compiled = compiled
-
-
-def _compile_graph(graph, example, options):
-    """Inductor's compiled callable of an ATen graph.
-
-    ``compile_fx`` takes the traced graph directly: no dynamo frame, guards or module call around it
-    (measured: 28 µs per call against 83–160 µs for ``torch.compile(graph)`` on a 1e4-parameter Adam
-    step, the difference between 1.5× and 1.1× of torch's fused step at 1e6 parameters). The plan is
-    its own guard: it is looked up by layout and kind of step before it is called.
-    """
-    from torch._inductor.compile_fx import compile_fx
-
-    if options:
-        if "mode" not in options and options.get("backend", "inductor") == "inductor":
-            options = dict(options, options={**INDUCTOR_SETTINGS, **options.get("options", {})})
-        return torch.compile(graph, fullgraph=True, dynamic=False, **options)
-    return compile_fx(graph, example, config_patches={"size_asserts": False, **INDUCTOR_SETTINGS})
 
 
 def _split(flat, counts):
