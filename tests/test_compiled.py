@@ -194,8 +194,9 @@ def test_untraceable_steps_fall_back_to_eager_with_a_warning():
 
     config = SDEConfig(step_size=0.1, temperature=0.0, integrator=ReadsValues())
     eager, traced = build(gaussian, config), build(gaussian, replace(config, compile="replay"))
-    with pytest.warns(RuntimeWarning, match="could not be traced"):
+    with pytest.warns(RuntimeWarning, match="could not be traced") as caught:
         state, _ = traced.update(traced.init(torch.ones(2)), None)
+    assert [w.filename for w in caught] == [__file__]  # the warning names the caller's line
     reference, _ = eager.update(eager.init(torch.ones(2)), None)
     assert torch.equal(state.params, reference.params)
 
@@ -333,8 +334,9 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", unavailable)
     transform = sghmc.build(gaussian, lr=0.1, temperature=1.0, compile=True)
-    with pytest.warns(RuntimeWarning, match="compilation .* is unavailable"):
+    with pytest.warns(RuntimeWarning, match="compilation .* is unavailable") as caught:
         state, _ = transform.update(transform.init(torch.ones(3), seed=0), None)
+    assert [w.filename for w in caught] == [__file__]
     reference = sghmc.build(gaussian, lr=0.1, temperature=1.0)
     expected, _ = reference.update(reference.init(torch.ones(3), seed=0), None)
     assert torch.equal(state.params, expected.params)
@@ -349,3 +351,64 @@ def test_compiled_plans_follow_the_strides_of_their_inputs():
         a, _ = eager.update(a, None)
         b, _ = fused.update(b, None)
     torch.testing.assert_close(b.params, a.params, rtol=1e-6, atol=1e-7)
+
+
+def test_a_gradient_evaluated_inside_the_plan_keeps_a_strided_leafs_layout():
+    """BAOAB evaluates ∇ℓ inside its plan (the opaque gradient operator): at a transposed leaf
+    autograd's gradient has the leaf's strides, the operator's declared output is contiguous, and the
+    kernels after it must read the copy it makes, not the raw strides (a wrong read moved θ wrongly)."""
+    def quartic(params, batch):
+        return -0.5 * (params**2).sum() - 0.1 * (params**4).sum(), None
+
+    leaf = torch.linspace(-1.0, 1.0, 6).reshape(2, 3).t()  # strides (1, 3): dense, not contiguous
+    eager = baoab.build(quartic, lr=0.05, temperature=0.0)
+    fused = baoab.build(quartic, lr=0.05, temperature=0.0, compile=True)
+    a, b = eager.init(leaf.clone().t().contiguous().t()), fused.init(leaf.clone().t().contiguous().t())
+    for _ in range(3):
+        a, _ = eager.update(a, None)
+        b, _ = fused.update(b, None)
+    torch.testing.assert_close(b.params, a.params, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.momenta, a.momenta, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", [False, "replay"])
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_refuses_a_non_finite_step_in_place_without_writing(name, mode):
+    """Raised or rejected, a non-finite gradient leaves every tensor of an in-place state as it was
+    (Nesterov's momenta row wrote m before it read the gradient, until the gradient came first)."""
+    from optree import tree_leaves
+
+    def nan_when_asked(params, batch):
+        value = log_posterior(params, batch)[0]
+        return value * (math.nan if batch else 1.0), None
+
+    module = importlib.import_module(f"bayesflow.{name}")
+    for policy in ("raise", "reject"):
+        transform = module.build(nan_when_asked, **PRESETS[name], on_nonfinite=policy, compile=mode)
+        state = transform.init(start(), seed=0)
+        for _ in range(2):
+            state, _ = transform.update(state, False, inplace=True)
+        held = [t for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
+        before = [t.clone() for t in held]
+        if policy == "raise":
+            with pytest.raises(FloatingPointError, match="not finite"):
+                transform.update(state, True, inplace=True)
+        else:
+            state, _ = transform.update(state, True, inplace=True)
+            assert int(state.rejected) == 1
+        changed = [i for i, (old, new) in enumerate(zip(before, held)) if not torch.equal(old, new)]
+        counters = {i for i, t in enumerate(held) if t is state.step or t is state.rejected}
+        assert set(changed) <= counters, f"{name} ({policy}) wrote state tensors {changed}"
+
+
+def test_a_state_whose_tensors_do_not_fit_the_plan_is_not_read_with_its_layout():
+    """Shapes and dtypes are part of a plan's key (its kernels index memory without size checks): momenta
+    of another size fail as in the eager step, not as reads past the end of a buffer."""
+    eager, fused = sghmc.build(gaussian, lr=0.1, temperature=0.0), sghmc.build(gaussian, lr=0.1, temperature=0.0,
+                                                                             compile=True)
+    for transform in (eager, fused):
+        state, _ = transform.update(transform.init(torch.ones(5)), None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the compiled transform: the new layout cannot be traced)
+            with pytest.raises(RuntimeError, match="size of tensor"):
+                transform.update(state._replace(momenta=torch.ones(3)), None)

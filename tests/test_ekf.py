@@ -333,3 +333,25 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="Auxiliary output"):
         diag_fisher.update(diag_fisher.init(params), batch, lambda p, b: (-((b - p) ** 2).sum(-1), None), lr=1.0,
                            per_sample=True)
+
+
+@pytest.mark.parametrize("module", [diag_fisher, dense_fisher])
+@pytest.mark.parametrize(("schedule", "error"), [
+    (lambda step: -1.0, ValueError), (lambda step: float("nan"), ValueError),
+    (lambda step: torch.tensor(-0.5), ValueError), (lambda step: "fast", TypeError)])
+def test_a_schedules_bad_lr_is_refused_naming_the_step_before_anything_is_written(module, schedule, error):
+    """A negative inverse temperature would grow the covariance and move the mean backwards; NaN or
+    inf would poison the state: each is refused when the schedule gives it, the state left whole."""
+    params, batch = torch.zeros(2), torch.ones(1, 2)
+    transform = module.build(_flat_log_likelihood, lr=lambda step: 1.0 if int(step) == 0 else schedule(step))
+    state, _ = transform.update(transform.init(params), batch)
+    before = [t.clone() for t in tree_leaves(state)]
+    with pytest.raises(error, match=r"lr schedule returned .* at step 1"):
+        transform.update(state, batch, inplace=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, tree_leaves(state)))
+
+
+@pytest.mark.parametrize("module", [diag_fisher, dense_fisher])
+def test_integer_params_are_refused_at_init_naming_the_leaf(module):
+    with pytest.raises(TypeError, match=r"'b' has dtype torch.int64.*floating point"):
+        module.init({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.int64)})

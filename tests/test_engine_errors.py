@@ -367,3 +367,13 @@ def test_states_of_the_wrong_chain_count_say_so_in_chain_terms():
         four.update(single.init(params(), seed=0), None)
     with pytest.raises(ValueError, match=r"holds 4 chains but the transform advances 3"):
         three.update(batched, None)
+
+
+def test_update_under_inference_mode_names_inference_mode():
+    """The log posterior does depend on its params; inference mode is what switched autograd off."""
+    from bayesflow.sgmcmc import sghmc
+
+    transform = sghmc.build(lambda p, batch: (-0.5 * (p**2).sum(), None), lr=0.1, temperature=1.0)
+    state = transform.init(torch.ones(4), seed=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch.inference_mode\(\)"):
+        transform.update(state, None)

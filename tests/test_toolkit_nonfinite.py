@@ -15,6 +15,7 @@ import torch
 import torchopt
 
 from bayesflow import ekf, laplace, vi
+from bayesflow.tree import tree_leaves
 from bayesflow.utils import per_samplify
 
 
@@ -105,3 +106,34 @@ def test_a_non_finite_vi_step_raises_before_writing(method, n_samples, inplace):
         assert all(torch.equal(a, b) for a, b in zip((state.params["w"], state.nelbo, state.step), before))
     state, _ = transform.update(state, None, inplace=inplace)
     assert int(state.step) == 2 and torch.isfinite(state.params["w"]).all()
+
+
+def test_flags_given_as_strings_are_refused_not_read_as_true():
+    """``inplace="no"`` would be truthy and write the caller's state; ``per_sample="no"`` would change
+    what the log posterior is asked to return."""
+    def log_posterior(p, b):
+        return (-0.5 * (b - p) ** 2).sum(), torch.tensor([])
+
+    params, batch = torch.zeros(2), torch.ones(3, 2)
+    with pytest.raises(TypeError, match="per_sample must be True or False, got 'no'"):
+        laplace.diag_fisher.build(log_posterior, per_sample="no")
+    with pytest.raises(TypeError, match="per_sample must be True or False"):
+        laplace.dense_fisher.build(log_posterior, per_sample=1)
+    cases = [(laplace.diag_fisher.update, laplace.diag_fisher.init(params), (log_posterior,)),
+             (laplace.dense_fisher.update, laplace.dense_fisher.init(params), (log_posterior,)),
+             (ekf.diag_fisher.update, ekf.diag_fisher.init(params), (log_posterior, 1.0)),
+             (ekf.dense_fisher.update, ekf.dense_fisher.init(params), (log_posterior, 1.0)),
+             (vi.diag.update, vi.diag.init(params, torchopt.adam()), (log_posterior, torchopt.adam()))]
+    for update, state, args in cases:
+        before = [t.clone() for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
+        with pytest.raises(TypeError, match="inplace must be True or False, got 'no'"):
+            update(state, batch, *args, inplace="no")
+        after = [t for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
+        for old, new in zip(before, after):  # (a fresh VI state's nelbo is NaN)
+            torch.testing.assert_close(new, old, rtol=0, atol=0, equal_nan=True)
+
+
+def test_dense_vi_refuses_params_of_several_dtypes():
+    params = {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"several dtypes \['torch.float32', 'torch.float64'\]"):
+        vi.dense.init(params, torchopt.adam())

@@ -22,12 +22,31 @@ from typing import Any
 
 import torch
 
+from bayesflow.engine.validation import check_finite_params, leaf_paths
 from bayesflow.tree import flatten, unraveller
 from bayesflow.tree import ravel as tree_ravel
 from bayesflow.tree_utils import tree_insert_
 from bayesflow.types import TensorTree
 
-__all__ = ["check_lr", "check_state", "current_lr", "per_sample_log_likelihood", "ravel", "write_counters"]
+__all__ = ["check_lr", "check_params", "check_state", "current_lr", "per_sample_log_likelihood", "ravel",
+           "write_counters"]
+
+
+def check_params(params: TensorTree) -> tuple[list, Any]:
+    """The leaves and tree spec of initial parameters: floating-point tensors holding finite values.
+
+    Raises:
+        TypeError: ``params`` is not a tree of tensors, or a leaf is not floating point (naming it).
+        ValueError: a leaf holds NaN or ±inf (naming it).
+    """
+    leaves, spec = flatten(params)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        raise TypeError(f"params must be a tensor or a tree of tensors, got {type(params).__name__}")
+    for path, leaf in zip(leaf_paths(spec, leaves), leaves):
+        if not leaf.is_floating_point():
+            raise TypeError(f"params leaf {path!r} has dtype {leaf.dtype}; parameters must be floating point")
+    check_finite_params(leaves, spec)
+    return leaves, spec
 
 
 def check_lr(lr: Any) -> Any:
@@ -37,8 +56,11 @@ def check_lr(lr: Any) -> Any:
         TypeError: ``lr`` is neither a number nor callable.
         ValueError: ``lr`` is negative or not finite.
     """
-    if callable(lr):
-        return lr
+    return lr if callable(lr) else _checked_value(lr)
+
+
+def _checked_value(lr: Any) -> Any:
+    """``lr`` unchanged if it is a finite number ≥ 0 or a 1-element tensor holding one."""
     if isinstance(lr, torch.Tensor) and lr.numel() == 1:
         value = float(lr)
     elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
@@ -53,11 +75,22 @@ def check_lr(lr: Any) -> Any:
 def current_lr(lr: Any, step: torch.Tensor) -> Any:
     """The inverse temperature of this step: ``lr(step)`` for a schedule (posteriors passes the step tensor).
 
-    A number is checked (:func:`check_lr`); a tensor is not (that would be a host sync on an accelerator).
+    The value is checked before anything is written (:func:`check_lr`): a schedule's value names the
+    step it was evaluated at. A tensor on an accelerator is not read (that would be a host sync).
+
+    Raises:
+        TypeError / ValueError: the value is not a finite number ≥ 0.
     """
-    if callable(lr):
-        return lr(step)
-    return lr if isinstance(lr, torch.Tensor) else check_lr(lr)
+    value = lr(step) if callable(lr) else lr
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        return value
+    try:
+        return _checked_value(value)
+    except (TypeError, ValueError) as error:
+        if not callable(lr):
+            raise
+        raise type(error)(f"the lr schedule returned {value!r} at step {int(step)}; expected a finite number "
+                          "≥ 0 (the inverse temperature of the update)") from None
 
 
 def check_state(state: Any, cls: type, module: str) -> None:

@@ -47,10 +47,17 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import grad_and_value, jacrev
 
-from bayesflow.ekf._common import check_lr, check_state, current_lr, per_sample_log_likelihood, ravel, write_counters
-from bayesflow.engine.validation import check_finite_params
+from bayesflow.ekf._common import (
+    check_lr,
+    check_params,
+    check_state,
+    current_lr,
+    per_sample_log_likelihood,
+    ravel,
+    write_counters,
+)
+from bayesflow.engine.validation import check_bool
 from bayesflow.records import record
-from bayesflow.tree import flatten
 from bayesflow.tree_utils import tree_insert_
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
 
@@ -188,10 +195,7 @@ def init(params: TensorTree, init_cov: torch.Tensor | float = 1.0) -> EKFDenseSt
         tensor([[1., 0.],
                 [0., 3.]])
     """
-    leaves, spec = flatten(params)
-    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-        raise TypeError(f"params must be a tensor or a tree of tensors, got {type(params).__name__}")
-    check_finite_params(leaves, spec)
+    check_params(params)
     flat = ravel(params)[0]
     d, options = flat.numel(), {"dtype": flat.dtype, "device": flat.device}
     value = _number(init_cov)
@@ -260,6 +264,7 @@ def update(state: EKFDenseState, batch: Any, log_likelihood: LogProbFn, lr: floa
         (tensor([0.3333, 0.3333]), tensor([[ 0.6667, -0.3333],
                 [-0.3333,  0.6667]]))
     """
+    check_bool(inplace, "inplace")
     from bayesflow.utils import CatchAuxError, empirical_fisher
 
     check_state(state, EKFDenseState, "dense_fisher")

@@ -42,8 +42,16 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import jacrev
 
-from bayesflow.ekf._common import check_lr, check_state, current_lr, per_sample_log_likelihood, ravel, write_counters
-from bayesflow.engine.validation import check_finite_params
+from bayesflow.ekf._common import (
+    check_lr,
+    check_params,
+    check_state,
+    current_lr,
+    per_sample_log_likelihood,
+    ravel,
+    write_counters,
+)
+from bayesflow.engine.validation import check_bool
 from bayesflow.records import record
 from bayesflow.tree import flatten, tree_map
 from bayesflow.tree_utils import tree_insert_
@@ -145,10 +153,7 @@ def init(params: TensorTree, init_sds: TensorTree | float = 1.0) -> EKFDiagState
     """
     from bayesflow.utils import is_scalar
 
-    leaves, spec = flatten(params)
-    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-        raise TypeError(f"params must be a tensor or a tree of tensors, got {type(params).__name__}")
-    check_finite_params(leaves, spec)
+    leaves, spec = check_params(params)
     if is_scalar(init_sds) and not isinstance(init_sds, bool):
         value = float(init_sds)
         if not math.isfinite(value) or value <= 0:
@@ -202,6 +207,7 @@ def update(state: EKFDiagState, batch: Any, log_likelihood: LogProbFn, lr: float
         >>> state.params, state.sd_diag ** 2    # σ̃² = 2, precision 1/2 + 1
         (tensor([0.6667]), tensor([0.6667]))
     """
+    check_bool(inplace, "inplace")
     check_state(state, EKFDiagState, "diag_fisher")
     values_and_aux = per_sample_log_likelihood(log_likelihood, per_sample)
     _check_transition_sd(transition_sd)

@@ -38,6 +38,7 @@ import torch
 from bayesflow.ekf._common import check_lr, check_state, current_lr, write_counters
 from bayesflow.ekf.diag_fisher import EKFDiagState, _check_transition_sd
 from bayesflow.ekf.diag_fisher import init as init_diag
+from bayesflow.engine.validation import check_bool
 from bayesflow.tree import flatten
 from bayesflow.tree_utils import tree_insert_
 from bayesflow.types import Schedule, TensorTree, Transform
@@ -150,6 +151,7 @@ def update(state: EKFDiagState, batch: Any, model: torch.nn.Module, outer_log_li
         >>> state.params, state.sd_diag   # σ̃² = 2, precision 1/2 + 1
         ({'weight': tensor([[0.6667]])}, {'weight': tensor([[0.8165]])})
     """
+    check_bool(inplace, "inplace")
     check_state(state, EKFDiagState, "diag_fisher")
     _check_transition_sd(transition_sd)
     lr = current_lr(lr, state.step)

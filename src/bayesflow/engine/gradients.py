@@ -117,6 +117,10 @@ _FUNCTIONAL_CALL_HINT = (
 
 def require_graph(value: torch.Tensor) -> None:
     if not value.requires_grad:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("update evaluates the log posterior's gradient, which torch.inference_mode() "
+                               "switches off: call update outside inference mode (sampling and predictions "
+                               "may use it)")
         raise ValueError("log_posterior's value does not depend on the params it was given (no autograd graph "
                          "to differentiate): was it computed under torch.no_grad(), from .detach()/.item() "
                          f"values, or from tensors other than the params passed in? {_FUNCTIONAL_CALL_HINT}")

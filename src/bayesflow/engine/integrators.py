@@ -140,6 +140,9 @@ class Nesterov(Integrator):
     def advance(self, system, ctx, inputs, scales):
         h_momenta = _h(inputs, scales, "momenta", ctx.step)
         h_params = _h(inputs, scales, "params", ctx.step)
+        # ∇ℓ first: a failed (non-finite) evaluation must find the in-place state unwritten, and the
+        # momenta row writes m (friction) before it reads the gradient
+        system.potential(ctx, inputs)
         system.row(ctx, inputs, "momenta", h_momenta)
         coefficients = _scalar_momentum_system(system)
         if coefficients is not None:

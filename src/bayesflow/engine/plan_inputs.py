@@ -53,8 +53,9 @@ def gradient_operator(params: list[torch.Tensor], value_like: torch.Tensor,
     # of the step that called the plan (autograd included), captured when the step began
     with torch._C._ForceDispatchKeyGuard(include, exclude):
         grads, value, _ = gradient_fn(params)
-    # an operator's outputs own their memory: autograd may hand out views of one buffer (the backward
-    # of a concatenation) or broadcast views (the gradient of a sum); those are copied
+    # an operator's outputs own their memory and are contiguous (its fake below): autograd may hand out
+    # views of one buffer (the backward of a concatenation), broadcast views (the gradient of a sum) or a
+    # strided leaf's layout; those are copied
     storages = {g.untyped_storage().data_ptr() for g in grads}
     if len(storages) != len(grads) or not _exclusive(grads) or any(
             g.dtype != p.dtype or g.shape != p.shape for g, p in zip(grads, params)):
@@ -64,7 +65,10 @@ def gradient_operator(params: list[torch.Tensor], value_like: torch.Tensor,
 
 @gradient_operator.register_fake
 def _(params, value_like, before):
-    return [torch.empty_like(p) for p in params] + [torch.empty_like(value_like)]
+    # contiguous, as the real operator's outputs always are: the compiled kernels index them with these
+    # strides (``empty_like`` would keep a transposed leaf's strides, which autograd's output may not have)
+    return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params] + [
+        torch.empty_like(value_like, memory_format=torch.contiguous_format)]
 
 
 def active(gradient_fn, stash: list | None = None) -> tuple:

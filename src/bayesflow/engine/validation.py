@@ -10,6 +10,19 @@ import torch
 from bayesflow.tree import flatten
 
 
+def check_bool(value, name: str) -> bool:
+    """``value`` if it is a bool: a flag given as ``"no"`` or ``0`` would be read as its truth value.
+
+    Example:
+        >>> from bayesflow.engine.validation import check_bool
+        >>> check_bool(True, "inplace")
+        True
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_params(leaves: list) -> None:
     """Parameters must be floating-point tensors on one device."""
     if not leaves:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from bayesflow.engine.validation import check_bool
 from bayesflow.laplace._common import (
     DenseLaplaceState,
     add_dense,
@@ -74,6 +75,7 @@ def build(log_posterior: LogProbFn, per_sample: bool = False, init_prec: torch.T
         tensor([[10.,  2.],
                 [ 2.,  4.]])
     """
+    check_bool(per_sample, "per_sample")
     check_callable("log_posterior", log_posterior)
     check_scalar_precision("init_prec", init_prec)
     return Transform(partial(init, init_prec=init_prec),
@@ -133,6 +135,8 @@ def update(state: DenseLaplaceState, batch: Any, log_posterior: LogProbFn, per_s
         (tensor([[1., 1.],
                 [1., 1.]]), tensor(1))
     """
+    check_bool(inplace, "inplace")
+    check_bool(per_sample, "per_sample")
     with torch.no_grad(), CatchAuxError():
         if per_sample:
             def vector(p: TensorTree) -> tuple[torch.Tensor, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from bayesflow.engine.validation import check_bool
 from bayesflow.laplace._common import (
     DenseLaplaceState,
     add_dense,
@@ -135,6 +136,7 @@ def update(state: DenseLaplaceState, batch: Any, forward: ForwardFn, outer_log_l
         (tensor([[4., 0.],
                 [0., 4.]]), tensor(1))
     """
+    check_bool(inplace, "inplace")
     model, loss = likelihood_terms(forward, outer_log_likelihood, batch)
     with torch.no_grad(), CatchAuxError():
         curvature, aux = ggn(model, loss, forward_has_aux=True, loss_has_aux=False, normalize=False)(state.params)

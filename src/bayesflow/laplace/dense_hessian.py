@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.func import jacfwd, jacrev
 
+from bayesflow.engine.validation import check_bool
 from bayesflow.laplace._common import (
     DenseLaplaceState,
     add_dense,
@@ -145,6 +146,7 @@ def update(state: DenseLaplaceState, batch: Any, log_posterior: LogProbFn, epsil
         tensor([[1.5000, 0.0000],
                 [0.0000, 1.5000]])
     """
+    check_bool(inplace, "inplace")
     epsilon = _finite("epsilon", epsilon, non_negative=True)
     rescale = _finite("rescale", rescale)
     leaves, spec = param_leaves("update", state.params)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch.func import grad, jacrev
 
+from bayesflow.engine.validation import check_bool
 from bayesflow.laplace._common import (
     DiagLaplaceState,
     add_diag,
@@ -83,6 +84,7 @@ def build(log_posterior: LogProbFn, per_sample: bool = False, init_prec_diag: Te
         >>> state.prec_diag   # Σ_i (b_i - θ)²
         tensor([10.,  4.])
     """
+    check_bool(per_sample, "per_sample")
     check_callable("log_posterior", log_posterior)
     check_scalar_precision("init_prec_diag", init_prec_diag)
     return Transform(partial(init, init_prec_diag=init_prec_diag),
@@ -173,6 +175,8 @@ def update(state: DiagLaplaceState, batch: Any, log_posterior: LogProbFn, per_sa
         >>> state.prec_diag, state.step
         (tensor([5.]), tensor(2))
     """
+    check_bool(inplace, "inplace")
+    check_bool(per_sample, "per_sample")
     with torch.no_grad(), CatchAuxError():
         scores, aux = per_sample_scores(log_posterior, state.params, batch, per_sample)
         increment = tree_map(lambda score: score.square().sum(0), scores)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from bayesflow.engine.validation import check_bool
 from bayesflow.laplace._common import (
     DiagLaplaceState,
     add_diag,
@@ -133,6 +134,7 @@ def update(state: DiagLaplaceState, batch: Any, forward: ForwardFn, outer_log_li
         >>> state.prec_diag, state.step
         (tensor([6., 6.]), tensor(1))
     """
+    check_bool(inplace, "inplace")
     model, loss = likelihood_terms(forward, outer_log_likelihood, batch)
     with torch.no_grad(), CatchAuxError():
         diagonal, aux = ggn_diagonal(model, loss, forward_has_aux=True, loss_has_aux=False,

@@ -103,7 +103,7 @@ from typing import Any
 import torch
 
 from bayesflow.engine.noise import STEP, NoiseStream, derive
-from bayesflow.engine.validation import check_finite_params
+from bayesflow.engine.validation import check_bool, check_finite_params
 from bayesflow.laplace._common import check_callable, scalar_value
 from bayesflow.laplace.kfac_posterior import KFACLaplaceState, _key, precision_dense, sample
 from bayesflow.tree import flatten
@@ -301,6 +301,7 @@ def update(state: KFACLaplaceState, batch: Any, model: torch.nn.Module,
         >>> state.A[""], state.G[""], kfac.precision_dense(state)   # N A G = Σ x² = 5
         (tensor([[2.5000]]), tensor([[1.]]), tensor([[5.]]))
     """
+    check_bool(inplace, "inplace")
     if fisher_type not in FISHER_TYPES:
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
     layers = _layers(model)

@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from bayesflow.engine.validation import check_finite_params
+from bayesflow.engine.validation import check_bool, check_finite_params
 from bayesflow.laplace._common import (
     check_callable,
     flat_layout,
@@ -209,6 +209,7 @@ def update(state: LowRankLaplaceState, batch: Any, forward: ForwardFn, outer_log
         (tensor([4., 1.]), tensor([[0., 0., 1.],
                 [1., 0., 0.]]), tensor(2))
     """
+    check_bool(inplace, "inplace")
     factor, aux = ggn_factor(state.params, batch, forward, outer_log_likelihood)
     return add_factor(state, factor, inplace), aux
 

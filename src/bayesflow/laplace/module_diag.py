@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from bayesflow.engine.validation import check_bool
 from bayesflow.laplace._common import DiagLaplaceState, add_diag, check_callable, check_scalar_precision, init_diag
 from bayesflow.types import TensorTree, Transform
 from bayesflow.utils.layer_capture import covered_layers, curvature_layers
@@ -216,6 +217,7 @@ def update(state: DiagLaplaceState, batch: Any, model: torch.nn.Module, outer_lo
         >>> state.prec_diag   # empirical: Σ_n (x_n (y_n - w x_n))² = 3
         {'weight': tensor([[3.]])}
     """
+    check_bool(inplace, "inplace")
     if not isinstance(state, DiagLaplaceState):
         raise TypeError(f"state must be a DiagLaplaceState (from init), got {type(state).__name__}")
     result = layer_diagonal(model, state.params, batch, outer_log_likelihood, curvature, input_fn)

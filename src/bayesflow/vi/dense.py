@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from bayesflow.engine.validation import check_finite_params
+from bayesflow.engine.validation import check_bool, check_finite_params
 from bayesflow.records import record
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
@@ -204,6 +204,10 @@ def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0,
     if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.is_floating_point() for leaf in leaves):
         raise ValueError(f"params must be a floating-point tensor or a tree of them, got {spec}")
     check_finite_params(leaves, spec)
+    dtypes = sorted({str(leaf.dtype) for leaf in leaves})
+    if len(dtypes) > 1:  # μ is one flat vector and L one matrix over all leaves: one dtype
+        raise ValueError(f"params have several dtypes {dtypes}; dense VI's covariance spans every leaf, so cast "
+                         "them to one")
     first = leaves[0]
     d = sum(leaf.numel() for leaf in leaves)
     L_factor = L_to_flat(_initial_L(init_L, d, first.dtype, first.device))
@@ -243,6 +247,7 @@ def update(
         >>> int(state.step)
         1
     """
+    check_bool(inplace, "inplace")
     temperature = current_temperature(check_temperature(temperature), state.step)
     n_samples, stl = check_n_samples(n_samples), check_stl(stl)
     with torch.no_grad():

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from bayesflow.engine.validation import check_finite_params
+from bayesflow.engine.validation import check_bool, check_finite_params
 from bayesflow.records import record
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
@@ -228,6 +228,7 @@ def update(
         >>> torch.equal(state.params, again.params)            # a state alone determines its step
         True
     """
+    check_bool(inplace, "inplace")
     temperature = current_temperature(check_temperature(temperature), state.step)
     n_samples, stl = check_n_samples(n_samples), check_stl(stl)
     with torch.no_grad():
