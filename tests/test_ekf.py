@@ -308,6 +308,8 @@ def test_bad_inputs_raise_clear_errors():
         dense_fisher.init(params, torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
     with pytest.raises(ValueError, match=r"\(2, 2\)"):
         dense_fisher.init(params, torch.eye(3))
+    with pytest.raises(ValueError, match="init_cov holds NaN"):
+        dense_fisher.init(params, torch.full((2, 2), float("nan")))
     with pytest.raises(ValueError, match="init_cov"):
         dense_fisher.init(params, 0.0)
     with pytest.raises(ValueError, match="init_sds"):

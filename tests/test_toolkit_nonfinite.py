@@ -137,3 +137,21 @@ def test_dense_vi_refuses_params_of_several_dtypes():
     params = {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)}
     with pytest.raises(ValueError, match=r"several dtypes \['torch.float32', 'torch.float64'\]"):
         vi.dense.init(params, torchopt.adam())
+
+
+def test_every_sampler_refuses_a_negative_or_non_shape_sample_shape():
+    from bayesflow import diag_normal_sample
+
+    params = {"w": torch.zeros(3), "b": torch.zeros(())}
+    samplers = [lambda shape: vi.diag.sample(vi.diag.init(params, torchopt.adam()), shape),
+                lambda shape: vi.dense.sample(vi.dense.init(params, torchopt.adam()), shape),
+                lambda shape: ekf.diag_fisher.sample(ekf.diag_fisher.init(params), shape),
+                lambda shape: ekf.dense_fisher.sample(ekf.dense_fisher.init(params), shape),
+                lambda shape: laplace.diag_fisher.sample(laplace.diag_fisher.init(params, 1.0), shape),
+                lambda shape: diag_normal_sample(params, 1.0, sample_shape=shape)]
+    for draw in samplers:
+        with pytest.raises(ValueError, match=r"non-negative sizes, got \(2, -1\)"):
+            draw((2, -1))
+        with pytest.raises(TypeError, match=r"sample_shape must be a torch\.Size or a tuple of ints"):
+            draw("many")
+        assert draw(3)["w"].shape == (3, 3) and draw(())["b"].shape == ()

@@ -60,6 +60,7 @@ from bayesflow.engine.validation import check_bool
 from bayesflow.records import record
 from bayesflow.tree_utils import tree_insert_
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
+from bayesflow.utils.gaussian import sample_size
 
 __all__ = ["CURVATURES", "EKFDenseState", "build", "init", "sample", "update"]
 
@@ -209,6 +210,8 @@ def init(params: TensorTree, init_cov: torch.Tensor | float = 1.0) -> EKFDenseSt
         cov = torch.diag(init_cov.detach().to(**options))
     elif isinstance(init_cov, torch.Tensor) and init_cov.shape == (d, d):
         cov = init_cov.detach().to(**options, copy=True)
+        if not bool(torch.isfinite(cov).all()):
+            raise ValueError("init_cov holds NaN or infinite entries; a covariance must be finite")
         if not torch.allclose(cov, cov.T):
             raise ValueError("init_cov must be symmetric")
         if int(torch.linalg.cholesky_ex(cov).info) != 0:
@@ -339,10 +342,7 @@ def sample(state: EKFDenseState, sample_shape: torch.Size = torch.Size([]),  # n
         (torch.Size([5, 2, 3]), torch.Size([5]))
     """
     check_state(state, EKFDenseState, "dense_fisher")
-    try:
-        sample_shape = torch.Size((sample_shape,) if isinstance(sample_shape, int) else sample_shape)
-    except TypeError:
-        raise TypeError(f"sample_shape must be a torch.Size or a tuple of ints, got {sample_shape!r}") from None
+    sample_shape = sample_size(sample_shape)
     mu, unravel = ravel(state.params)
     chol, info = torch.linalg.cholesky_ex(state.cov.to(mu.dtype))
     if int(info) != 0:

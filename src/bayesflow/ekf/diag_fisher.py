@@ -56,6 +56,7 @@ from bayesflow.records import record
 from bayesflow.tree import flatten, tree_map
 from bayesflow.tree_utils import tree_insert_
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
+from bayesflow.utils.gaussian import sample_size
 
 __all__ = ["EKFDiagState", "build", "build_for_module", "init", "sample", "update"]
 
@@ -268,12 +269,9 @@ def sample(state: EKFDiagState, sample_shape: torch.Size = torch.Size([]),  # no
     from bayesflow.utils import diag_normal_sample
 
     check_state(state, EKFDiagState, "diag_fisher")
+    sample_shape = sample_size(sample_shape)
     if generator is None:
         return diag_normal_sample(state.params, state.sd_diag, sample_shape=sample_shape)
-    try:
-        sample_shape = torch.Size((sample_shape,) if isinstance(sample_shape, int) else sample_shape)
-    except TypeError:
-        raise TypeError(f"sample_shape must be a torch.Size or a tuple of ints, got {sample_shape!r}") from None
     return tree_map(lambda mu, sd: mu + sd * torch.randn(sample_shape + mu.shape, generator=generator,
                                                          dtype=mu.dtype, device=mu.device),
                     state.params, state.sd_diag)

@@ -24,9 +24,10 @@ from typing import NamedTuple
 import torch
 
 from bayesflow.laplace._common import ONE_DRAW
-from bayesflow.laplace.sampling import _sample_count, _standard_normal
+from bayesflow.laplace.sampling import _standard_normal
 from bayesflow.records import record
 from bayesflow.tree import flatten
+from bayesflow.utils.gaussian import sample_size
 
 __all__ = ["KFACLaplaceState", "precision_dense", "sample"]
 
@@ -181,7 +182,7 @@ def sample(state: KFACLaplaceState, sample_shape: torch.Size = ONE_DRAW,
         >>> draws["weight"].shape, round(float(draws["bias"].std()), 2)
         (torch.Size([2000, 1, 2]), 0.01)
     """
-    sample_shape = _sample_count(sample_shape)
+    sample_shape = sample_size(sample_shape)
     count = math.prod(sample_shape)
     draws = {}
     for name in state.A:

@@ -20,9 +20,10 @@ from typing import Any, NamedTuple
 import torch
 
 from bayesflow.laplace._common import ONE_DRAW, param_leaves, ravel
-from bayesflow.laplace.sampling import _sample_count, _standard_normal, _to_tree
+from bayesflow.laplace.sampling import _standard_normal, _to_tree
 from bayesflow.records import record
 from bayesflow.types import TensorTree
+from bayesflow.utils.gaussian import sample_size
 
 __all__ = ["LowRankLaplaceState", "cov_vp", "log_det", "prec_vp", "sample"]
 
@@ -150,7 +151,7 @@ def sample(state: LowRankLaplaceState, sample_shape: torch.Size = ONE_DRAW,
         >>> draws.var(0).round(decimals=1)   # 1 / (9 + 1) and 1 / 1
         tensor([0.1000, 1.0000])
     """
-    sample_shape = _sample_count(sample_shape)
+    sample_shape = sample_size(sample_shape)
     leaves, spec = param_leaves("sample", state.params)
     eigvecs, eigvals, lam = state.eigvecs, state.eigvals, state.prior_prec
     if not bool(torch.isfinite(eigvals).all()) or bool((eigvals < 0).any()) or not float(lam) > 0:

@@ -35,20 +35,10 @@ from bayesflow.laplace._common import (
     ravel,
 )
 from bayesflow.types import TensorTree
+from bayesflow.utils.gaussian import sample_size
 
 __all__ = ["dense_sample", "diag_sample"]
 
-
-def _sample_count(sample_shape: Any) -> torch.Size:
-    if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
-        sample_shape = (sample_shape,)
-    try:
-        sample_shape = torch.Size(sample_shape)
-    except TypeError:
-        raise TypeError(f"sample_shape must be a torch.Size or a tuple of ints, got {sample_shape!r}") from None
-    if any(n < 0 for n in sample_shape):
-        raise ValueError(f"sample_shape must have non-negative sizes, got {tuple(sample_shape)}")
-    return sample_shape
 
 
 def _temperature(temperature: Any) -> float:
@@ -120,7 +110,7 @@ def diag_sample(state: DiagLaplaceState, sample_shape: torch.Size = ONE_DRAW,
         >>> round(float(hot["a"].std()), 2)                    # √T times the spread
         0.02
     """
-    sample_shape = _sample_count(sample_shape)
+    sample_shape = sample_size(sample_shape)
     temperature = _temperature(temperature)
     leaves, spec = param_leaves("sample", state.params)
     try:
@@ -183,7 +173,7 @@ def dense_sample(state: DenseLaplaceState, sample_shape: torch.Size = ONE_DRAW,
         tensor([[2.0000, 1.6000],
                 [1.6000, 2.0000]])
     """
-    sample_shape = _sample_count(sample_shape)
+    sample_shape = sample_size(sample_shape)
     temperature = _temperature(temperature)
     leaves, spec = param_leaves("sample", state.params)
     mean = ravel(leaves)

@@ -23,9 +23,9 @@ import optree
 import torch
 
 from bayesflow.laplace._common import ONE_DRAW, flat_layout
-from bayesflow.laplace.sampling import _sample_count
 from bayesflow.tree import flatten
 from bayesflow.types import TensorTree
+from bayesflow.utils.gaussian import sample_size
 
 __all__ = ["complete", "last_layer", "names", "take"]
 
@@ -152,7 +152,7 @@ def complete(sub: TensorTree, params: TensorTree, sample_shape: torch.Size = ONE
         given = spec.flatten_up_to(sub)
     except (TypeError, ValueError) as error:
         raise ValueError(f"the sub-tree must have the structure of params ({spec}): {error}") from None
-    shape = _sample_count(sample_shape)
+    shape = sample_size(sample_shape)
     return spec.unflatten([_fill(item, leaf, shape) for item, leaf in zip(given, leaves)])
 
 

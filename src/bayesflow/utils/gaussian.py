@@ -27,7 +27,29 @@ from bayesflow.tree import flatten, unflatten
 from bayesflow.types import TensorTree
 from bayesflow.utils.functional import is_scalar
 
-__all__ = ["diag_normal_log_prob", "diag_normal_sample"]
+__all__ = ["diag_normal_log_prob", "diag_normal_sample", "sample_size"]
+
+
+def sample_size(sample_shape) -> torch.Size:
+    """``sample_shape`` (a ``torch.Size``, a tuple of ints or an int) as a ``torch.Size`` of sizes ≥ 0.
+
+    Raises:
+        TypeError: not a shape. ValueError: a negative size.
+
+    Example:
+        >>> from bayesflow.utils.gaussian import sample_size
+        >>> sample_size(3), sample_size((2, 4))
+        (torch.Size([3]), torch.Size([2, 4]))
+    """
+    if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
+        sample_shape = (sample_shape,)
+    try:
+        sample_shape = torch.Size(sample_shape)
+    except TypeError:
+        raise TypeError(f"sample_shape must be a torch.Size or a tuple of ints, got {sample_shape!r}") from None
+    if any(n < 0 for n in sample_shape):
+        raise ValueError(f"sample_shape must have non-negative sizes, got {tuple(sample_shape)}")
+    return sample_shape
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _ONE_DRAW = torch.Size([])  # the default sample_shape: one draw, no extra dimension
@@ -112,8 +134,8 @@ def diag_normal_sample(mean: TensorTree, sd_diag: float | TensorTree,
         A tree like ``mean`` whose leaves have shape ``sample_shape + leaf.shape``.
 
     Raises:
-        TypeError: ``sample_shape`` is not a shape. ValueError: ``sd_diag`` is neither a scalar nor a tree
-            of ``mean``'s structure.
+        TypeError: ``sample_shape`` is not a shape. ValueError: a negative size in ``sample_shape``, or
+            ``sd_diag`` neither a scalar nor a tree of ``mean``'s structure.
 
     Example:
         >>> import torch
@@ -127,13 +149,7 @@ def diag_normal_sample(mean: TensorTree, sd_diag: float | TensorTree,
         >>> bool(((draws["w"].std(0) - 2.0).abs() < 5 * 2.0 / (2 * 100_000) ** 0.5).all())
         True
     """
-    if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
-        sample_shape = (sample_shape,)
-    try:
-        sample_shape = torch.Size(sample_shape)
-    except TypeError:
-        raise TypeError(f"diag_normal_sample expects sample_shape to be a torch.Size or a tuple of ints, "
-                        f"got {sample_shape!r}") from None
+    sample_shape = sample_size(sample_shape)
     mean_leaves, spec = flatten(mean)
     sds = _leaves_like(sd_diag, spec, "sd_diag", "diag_normal_sample")
     draws = []

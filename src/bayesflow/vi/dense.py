@@ -51,6 +51,7 @@ from bayesflow.records import record
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
 from bayesflow.utils import L_from_flat, L_to_flat, is_scalar
+from bayesflow.utils.gaussian import sample_size
 from bayesflow.vi.nelbo import (
     check_draws,
     check_n_samples,
@@ -355,7 +356,7 @@ def sample(state: VIDenseState, sample_shape: torch.Size = torch.Size([]),  # no
         >>> draws["w"].shape, draws["b"].shape
         (torch.Size([5, 2, 3]), torch.Size([5]))
     """
-    sample_shape = tuple(torch.Size((sample_shape,) if isinstance(sample_shape, int) else sample_shape))
+    sample_shape = tuple(sample_size(sample_shape))
     with torch.no_grad():
         means, spec = flatten(state.params)
         mu = _ravel(means)

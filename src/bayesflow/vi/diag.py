@@ -48,6 +48,7 @@ from bayesflow.records import record
 from bayesflow.tree import flatten, unflatten
 from bayesflow.types import LogProbFn, Schedule, TensorTree, Transform
 from bayesflow.utils import diag_normal_log_prob, is_scalar
+from bayesflow.utils.gaussian import sample_size
 from bayesflow.vi.nelbo import (
     check_draws,
     check_n_samples,
@@ -336,7 +337,7 @@ def sample(state: VIDiagState, sample_shape: torch.Size = torch.Size([]),  # noq
         >>> draws["w"].shape, draws["b"].shape
         (torch.Size([5, 4, 2, 3]), torch.Size([5, 4]))
     """
-    sample_shape = torch.Size((sample_shape,) if isinstance(sample_shape, int) else sample_shape)
+    sample_shape = sample_size(sample_shape)
     with torch.no_grad():
         means, spec = flatten(state.params)
         _, eps = standard_normal(means, tuple(sample_shape), generator)
