@@ -380,3 +380,28 @@ def test_gradient_informed_mass_needs_a_constant_positive_temperature():
     bound = mass.at_temperature(0.25)
     assert bound.temperature == 0.25 and mass.temperature is None and "temperature=0.25" in repr(bound)
     assert LearnedMass("diag").at_temperature(0.25).temperature is None  # draws only: nothing to bind
+
+
+@pytest.mark.parametrize("compile_mode", [False, "replay"])
+def test_a_refused_in_place_step_leaves_the_learned_mass_statistics_as_they_were(compile_mode):
+    """BAOAB evaluates ∇ℓ after moving, once the learned mass has taken in this step's θ: a refused
+    in-place step puts back the statistics too, not only θ and m."""
+    import bayesflow
+    from bayesflow.engine import LearnedMass
+    from bayesflow.sgmcmc import baoab
+
+    def log_posterior(params, batch):
+        return -0.5 * (params**2).sum() * (math.nan if batch else 1.0), None
+
+    transform = baoab.build(log_posterior, lr=0.5, burn_in_lr=0.05, alpha=1.0, temperature=1.0,
+                            mass=LearnedMass("dense", burn_in=14), on_nonfinite="reject", compile=compile_mode)
+    state = transform.init(torch.zeros(2), seed=0)
+    for _ in range(3):
+        state, _ = transform.update(state, False, inplace=True)
+    before = {k: v.clone() for k, v in bayesflow.state_dict(state).items()}
+    state, _ = transform.update(state, True, inplace=True)
+    after = bayesflow.state_dict(state)
+    assert int(state.rejected) == 1
+    for key, value in before.items():
+        if key not in ("step", "rejected"):
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)

@@ -4,7 +4,8 @@ record of a refusal.
 An in-place step of a word that evaluates ∇ℓ after moving (BAOAB, OBABO) has written θ and m when
 that evaluation fails (a non-finite value under ``on_nonfinite="reject"`` or ``"raise"``, or an
 exception from the user's log posterior): the eager step takes copies first, into reused scratch
-buffers, and writes them back (two copies per step, only for those words and only in place). A
+buffers, and writes them back (two copies per step, only for those words and only in place; a learned
+mass's statistics, which take in θ before that evaluation, are copied too). A
 compiled plan hands the gradient operator the state as it was instead (``bayesflow::gradient``'s
 ``before``), which inductor serves without copying: its plans write the state only after evaluating.
 """
@@ -20,13 +21,19 @@ from bayesflow.engine.validation import Rejected
 __all__ = ["guarded", "refused", "restore", "snapshot"]
 
 
-def snapshot(ctx: Context) -> list:
-    """Copies of every component of the step's state (reused buffers), to :func:`restore` on failure."""
+def snapshot(ctx: Context, statistics: list | None = None) -> list:
+    """Copies of every component of the step's state (reused buffers), to :func:`restore` on failure.
+
+    ``statistics``: the preconditioner's state tensors, which a learned mass updates in place before
+    the step evaluates ∇ℓ (copied too when there are any)."""
     saved = []
-    for component, accumulator in ctx.z.items():
-        copy = ctx.scratch(("rollback", component), accumulator.leaves)
-        torch._foreach_copy_(copy, accumulator.leaves)
-        saved.append((accumulator.leaves, copy))
+    parts = [(component, accumulator.leaves) for component, accumulator in ctx.z.items()]
+    if statistics:
+        parts.append(("preconditioner", statistics))
+    for name, leaves in parts:
+        copy = ctx.scratch(("rollback", name), leaves)
+        torch._foreach_copy_(copy, leaves)
+        saved.append((leaves, copy))
     return saved
 
 

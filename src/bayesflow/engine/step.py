@@ -18,7 +18,7 @@ from bayesflow.engine.rollback import guarded, snapshot
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import StepInputs
 from bayesflow.engine.validation import checked_gradient, step_count
-from bayesflow.tree import unflatten
+from bayesflow.tree import tree_leaves, unflatten
 
 __all__ = ["accumulators", "advance", "arithmetic", "finish", "gradient_cache", "scalars"]
 
@@ -46,7 +46,9 @@ def advance(engine, state: SDEState, params: list, gradient_fn, inplace: bool,
                                caller_gradient, value_given)
     z = components(engine, state, params, inplace)
     ctx = Context(z, step, {}, engine.numel, engine.buffers)
-    saved = snapshot(ctx) if inplace and engine._evaluates_mid_step else None  # see engine.rollback
+    saved = None
+    if inplace and engine._evaluates_mid_step:  # see engine.rollback
+        saved = snapshot(ctx, [t for t in tree_leaves(state.preconditioner) if isinstance(t, torch.Tensor)])
     inputs = StepInputs(temperature, h, engine.noise, checked, cached(state, caller_gradient))
 
     def run():
