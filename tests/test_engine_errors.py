@@ -377,3 +377,19 @@ def test_update_under_inference_mode_names_inference_mode():
     state = transform.init(torch.ones(4), seed=0)
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch.inference_mode\(\)"):
         transform.update(state, None)
+
+
+@pytest.mark.parametrize(("fields", "name"), [
+    (dict(step_size=lambda t: 0.1 if t == 0 else float("nan")), "step size"),
+    (dict(step_size=lambda t: -0.1), "step size"),
+    (dict(step_size=0.1, temperature=lambda t: float("inf")), "temperature"),
+    (dict(step_size=0.1, temperature=lambda t: -1.0), "temperature")])
+def test_a_schedules_bad_value_is_refused_naming_the_step_before_anything_is_written(fields, name):
+    transform = build(lambda p, batch: (-0.5 * (p**2).sum(), None), SDEConfig(**fields))
+    state = transform.init(torch.ones(2), seed=0)
+    if name == "step size" and "nan" in repr(fields["step_size"](1)):
+        state, _ = transform.update(state, None, inplace=True)
+    before = state.params.clone()
+    with pytest.raises(ValueError, match=f"the {name} schedule returned .* at step {int(state.step)}"):
+        transform.update(state, None, inplace=True)
+    assert torch.equal(state.params, before)

@@ -9,6 +9,8 @@ the two can never disagree about what a step computes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bayesflow.engine.accumulator import Accumulator
@@ -27,11 +29,19 @@ def scalars(engine, step: int):
     """The temperature and step size of step ``step`` (fixed values, or the schedules' values)."""
     temperature = engine._fixed_temperature
     if temperature is None:
-        temperature = engine.temperature(step)
+        temperature = _scheduled(engine.temperature(step), "temperature", step)
     h = engine._fixed_step_size
     if h is None:
-        h = engine.step_size(step)
+        h = _scheduled(engine.step_size(step), "step size", step)
     return temperature, h
+
+
+def _scheduled(value, name: str, step: int):
+    """A schedule's value, refused before anything is written when it is a number that is NaN, infinite or
+    negative (per-chain tensors are not read: that would be a host sync on an accelerator)."""
+    if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"the {name} schedule returned {value!r} at step {step}; expected a finite number >= 0")
+    return value
 
 
 def advance(engine, state: SDEState, params: list, gradient_fn, inplace: bool,
