@@ -376,7 +376,7 @@ def test_a_gradient_evaluated_inside_the_plan_keeps_a_strided_leafs_layout():
 def test_every_preset_refuses_a_non_finite_step_in_place_without_writing(name, mode):
     """Raised or rejected, a non-finite gradient leaves every tensor of an in-place state as it was
     (Nesterov's momenta row wrote m before it read the gradient, until the gradient came first)."""
-    from optree import tree_leaves
+    from bayesflow.tree import tree_leaves
 
     def nan_when_asked(params, batch):
         value = log_posterior(params, batch)[0]

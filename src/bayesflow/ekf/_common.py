@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bayesflow.engine.validation import check_finite_params, leaf_paths
+from bayesflow.engine.validation import check_bool, check_finite_params, param_leaves
 from bayesflow.tree import flatten, unraveller
 from bayesflow.tree import ravel as tree_ravel
 from bayesflow.tree_utils import tree_insert_
@@ -39,12 +39,7 @@ def check_params(params: TensorTree) -> tuple[list, Any]:
         TypeError: ``params`` is not a tree of tensors, or a leaf is not floating point (naming it).
         ValueError: a leaf holds NaN or ±inf (naming it).
     """
-    leaves, spec = flatten(params)
-    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-        raise TypeError(f"params must be a tensor or a tree of tensors, got {type(params).__name__}")
-    for path, leaf in zip(leaf_paths(spec, leaves), leaves):
-        if not leaf.is_floating_point():
-            raise TypeError(f"params leaf {path!r} has dtype {leaf.dtype}; parameters must be floating point")
+    leaves, spec = param_leaves("init", params)
     check_finite_params(leaves, spec)
     return leaves, spec
 
@@ -107,8 +102,7 @@ def per_sample_log_likelihood(log_likelihood: Callable, per_sample: bool) -> Cal
     """
     if not callable(log_likelihood):
         raise TypeError(f"log_likelihood must be a function (params, batch) -> (value, aux), got {log_likelihood!r}")
-    if not isinstance(per_sample, bool):
-        raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
+    check_bool(per_sample, "per_sample")
     from bayesflow.utils import per_samplify
 
     inner = log_likelihood if per_sample else per_samplify(log_likelihood)

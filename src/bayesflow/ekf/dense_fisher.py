@@ -267,9 +267,9 @@ def update(state: EKFDenseState, batch: Any, log_likelihood: LogProbFn, lr: floa
         (tensor([0.3333, 0.3333]), tensor([[ 0.6667, -0.3333],
                 [-0.3333,  0.6667]]))
     """
-    check_bool(inplace, "inplace")
     from bayesflow.utils import CatchAuxError, empirical_fisher
 
+    check_bool(inplace, "inplace")
     check_state(state, EKFDenseState, "dense_fisher")
     values_and_aux = per_sample_log_likelihood(log_likelihood, per_sample)
     _check_curvature(curvature)

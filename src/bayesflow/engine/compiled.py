@@ -26,9 +26,8 @@ What stays outside the graph, by design:
   CPU), so compiled and eager runs of one seed draw the same numbers and a state alone still
   determines its future;
 * **the scalars**: temperature, step size, schedule values and the step count enter as 0-dim tensors,
-  so schedules never recompile. Plans belong to their transform: a new transform (another float lr,
-  say) traces and lowers its own, whose C++ kernels inductor finds in its cache (the values are inputs,
-  so the code is the same: ≈ 0.06 s for a small model, against seconds for a first compile).
+  so schedules never recompile. A new transform (another float lr) traces its own plans, whose C++ kernels
+  inductor's cache already holds (≈ 0.06 s for a small model, against seconds for a first compile).
 
 Plans keep the parameters' own leaves (one fused loop per leaf, :data:`INDUCTOR_SETTINGS`), not flat
 buffers: gradients arrive as separate tensors, and gathering them into a flat buffer costs a pass of its
@@ -77,6 +76,7 @@ from bayesflow.engine.plan_inputs import (
     copy_like,
     flat_shape,
     given_gradient,
+    memory_layout,
     zero_gradient,
 )
 from bayesflow.engine.rollback import guarded, refused
@@ -96,9 +96,7 @@ AUTO_NUMEL = 100_000
 eager step below: a compiled call costs tens of µs of fixed overhead (guards, wrappers), more than the
 eager step of a small model (benchmarks/bench_compiled.py)."""
 
-def _memory_layout(tensor: torch.Tensor) -> tuple:
-    """What a compiled kernel assumes of an input: its shape, strides and dtype."""
-    return tensor.shape, tensor.stride(), tensor.dtype
+
 _STATS = {"traces": 0, "compiles": 0, "fallbacks": 0}
 
 
@@ -165,11 +163,10 @@ class CompiledStep:
         xi = [state.xi] if state.xi is not None else []
         statistics, statistics_spec = flatten(state.preconditioner)
         cache = cached(state, caller_gradient) or []
-        # the compiled kernels assume the shapes, strides and dtypes they were traced with (inductor's
-        # per-call size and stride asserts are off: they cost more than a small step), so these are part of
-        # the plan's key: a state whose momenta or statistics do not fit its params (a hand-edited state)
-        # is traced anew and fails as the eager step does, instead of being read with another layout
-        layouts = tuple(map(_memory_layout, itertools.chain(params, momenta, statistics, cache,
+        # the kernels assume the shapes, strides and dtypes they were traced with (inductor's size and stride
+        # asserts are off: they cost more than a small step), so these key the plan: a hand-edited state whose
+        # momenta do not fit its params is traced anew and fails as the eager step does
+        layouts = tuple(map(memory_layout, itertools.chain(params, momenta, statistics, cache,
                                                             given[0] if given else ())))
         key = (inplace, hot, len(cache), given is not None, given is not None and given[1] is not None,
                statistics_spec, layouts)

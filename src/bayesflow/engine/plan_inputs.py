@@ -31,7 +31,7 @@ from bayesflow.engine.noise import views_of
 from bayesflow.engine.system import _exclusive
 
 __all__ = ["ACTIVE", "Given", "Recorder", "Replay", "active", "copy_like", "flat_shape", "given_gradient",
-           "gradient_operator", "zero_gradient"]
+           "gradient_operator", "memory_layout", "zero_gradient"]
 
 ACTIVE: list = []
 """The gradient functions (with their dispatch state) of the steps now running: a stack, steps may nest."""
@@ -139,6 +139,11 @@ class Replay:
         return buffer, views
 
     uniform = normal
+
+
+def memory_layout(tensor: torch.Tensor) -> tuple:
+    """What a compiled kernel assumes of an input, and so part of a plan's key: shape, strides, dtype."""
+    return tensor.shape, tensor.stride(), tensor.dtype
 
 
 def copy_like(tensor: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,25 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
+def param_leaves(name: str, params) -> tuple[list[torch.Tensor], optree.PyTreeSpec]:
+    """The leaves and spec of ``params``: a TypeError naming the first leaf that is not a floating-point
+    tensor (``name``: the function that asks, for the message)."""
+    leaves, spec = flatten(params)
+    if not leaves:
+        raise ValueError(f"{name}: params has no tensors to approximate a distribution over")
+    for path, leaf in zip(param_paths(params), leaves):
+        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            what = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+            raise TypeError(f"{name}: every leaf of params must be a floating-point tensor; "
+                            f"params{path} is {what}")
+    return leaves, spec
+
+
+def param_paths(tree) -> list[str]:
+    """Each leaf's path in subscript form (``['layer']['weight']``), for messages."""
+    return ["".join(f"[{p!r}]" for p in path) for path in optree.tree_paths(tree, namespace="bayesflow")]
+
+
 def check_params(leaves: list) -> None:
     """Parameters must be floating-point tensors on one device."""
     if not leaves:

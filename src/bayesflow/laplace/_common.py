@@ -30,10 +30,9 @@ from collections.abc import Callable
 from numbers import Real
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
-from bayesflow.engine.validation import check_finite_params
+from bayesflow.engine.validation import check_finite_params, param_leaves, param_paths
 from bayesflow.records import record
 from bayesflow.tree import flat_layout, flatten, ravel, unraveller  # noqa: F401  (re-exported to the methods)
 from bayesflow.types import TensorTree
@@ -41,7 +40,6 @@ from bayesflow.utils.linalg import check_psd
 
 __all__ = ["DenseLaplaceState", "DiagLaplaceState"]
 
-_NAMESPACE = "bayesflow"
 _NO_AUX = "torch.tensor([])"
 ONE_DRAW = torch.Size([])
 """The default ``sample_shape``: one draw, leaves shaped like the parameters."""
@@ -120,22 +118,6 @@ def check_callable(name: str, fn: Any) -> None:
     """TypeError unless ``fn`` is callable."""
     if not callable(fn):
         raise TypeError(f"{name} must be a function, got {type(fn).__name__}")
-
-
-def param_leaves(name: str, params: TensorTree) -> tuple[list[torch.Tensor], optree.PyTreeSpec]:
-    leaves, spec = flatten(params)
-    if not leaves:
-        raise ValueError(f"{name}: params has no tensors to approximate a distribution over")
-    for path, leaf in zip(_paths(params), leaves):
-        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
-            what = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
-            raise TypeError(f"{name}: every leaf of params must be a floating-point tensor; "
-                            f"params{path} is {what}")
-    return leaves, spec
-
-
-def _paths(tree: TensorTree) -> list[str]:
-    return ["".join(f"[{p!r}]" for p in path) for path in optree.tree_paths(tree, namespace=_NAMESPACE)]
 
 
 def split_output(name: str, out: Any) -> tuple[Any, Any]:
@@ -219,7 +201,7 @@ def init_diag(params: TensorTree, init_prec_diag: TensorTree | float) -> DiagLap
             raise ValueError(f"init_prec_diag must be a number or a tree with the structure of params "
                              f"({spec}): {error}") from None
         prec = []
-        for path, leaf, value in zip(_paths(params), leaves, given):
+        for path, leaf, value in zip(param_paths(params), leaves, given):
             value = torch.as_tensor(value, dtype=leaf.dtype, device=leaf.device)
             try:
                 value = torch.broadcast_to(value, leaf.shape)

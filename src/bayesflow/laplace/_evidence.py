@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState, _paths, param_leaves
+from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState, param_leaves, param_paths
 from bayesflow.laplace.kfac_posterior import KFACLaplaceState, _layer_params
 
 LaplaceState = DiagLaplaceState | DenseLaplaceState | KFACLaplaceState
@@ -27,7 +27,7 @@ class _Evidence:
             self._init_kfac(state, init_prec)
         elif isinstance(state, (DiagLaplaceState, DenseLaplaceState)):
             leaves, self.spec = param_leaves("state.params", state.params)
-            self.names = [f"params{path}" for path in _paths(state.params)] or ["params"]
+            self.names = [f"params{path}" for path in param_paths(state.params)] or ["params"]
             self.shapes = [leaf.shape for leaf in leaves]
             self.kind = "diag" if isinstance(state, DiagLaplaceState) else "dense"
             curvature = self._diag_curvature(state, init_prec) if self.kind == "diag" else \

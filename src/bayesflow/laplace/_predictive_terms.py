@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState, _paths, param_leaves, ravel
+from bayesflow.laplace._common import DenseLaplaceState, DiagLaplaceState, param_leaves, param_paths, ravel
 from bayesflow.laplace.kfac_posterior import KFACLaplaceState, _key, _layer_params, layer_eigen
 from bayesflow.laplace.kfac_posterior import sample as kfac_sample
 from bayesflow.laplace.sampling import _standard_normal, _to_tree, diag_sample
@@ -131,7 +131,7 @@ def _positive_diagonal(state: DiagLaplaceState) -> torch.Tensor:
         prec_leaves = spec.flatten_up_to(state.prec_diag)
     except (TypeError, ValueError) as error:
         raise ValueError(f"state.prec_diag must have the structure of state.params: {error}") from None
-    for path, p in zip(_paths(state.params), prec_leaves):
+    for path, p in zip(param_paths(state.params), prec_leaves):
         if not bool(torch.isfinite(p).all() and (p > 0).all()):
             raise ValueError(f"diagonal precisions must be finite and positive for a predictive; prec_diag{path} "
                              "is not (give init_prec_diag > 0, a prior precision, or update with data first)")

@@ -30,15 +30,14 @@ from bayesflow.laplace._common import (
     ONE_DRAW,
     DenseLaplaceState,
     DiagLaplaceState,
-    _paths,
     param_leaves,
+    param_paths,
     ravel,
 )
 from bayesflow.types import TensorTree
 from bayesflow.utils.gaussian import sample_size
 
 __all__ = ["dense_sample", "diag_sample"]
-
 
 
 def _temperature(temperature: Any) -> float:
@@ -119,7 +118,7 @@ def diag_sample(state: DiagLaplaceState, sample_shape: torch.Size = ONE_DRAW,
         raise ValueError(f"state.prec_diag must have the structure of state.params: {error}") from None
     mean, prec = ravel(leaves), ravel(prec_leaves).to(device=leaves[0].device)
     if not bool(torch.isfinite(prec).all()) or not bool((prec > 0).all()):
-        bad = [path for path, p in zip(_paths(state.params), prec_leaves)
+        bad = [path for path, p in zip(param_paths(state.params), prec_leaves)
                if not bool(torch.isfinite(p).all() and (p > 0).all())]
         raise ValueError(f"diagonal precisions must be finite and positive to sample; prec_diag{bad[0]} is "
                          f"not (give init_prec_diag > 0, a prior precision, or update with data first)")

@@ -51,6 +51,7 @@ def sample_size(sample_shape) -> torch.Size:
         raise ValueError(f"sample_shape must have non-negative sizes, got {tuple(sample_shape)}")
     return sample_shape
 
+
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _ONE_DRAW = torch.Size([])  # the default sample_shape: one draw, no extra dimension
 
