@@ -181,3 +181,36 @@ def test_consecutive_steps_draw_different_numbers():
         state = new
     assert abs(correlation(increments[0], increments[1])) < 5 / math.sqrt(1000)
     assert not torch.equal(increments[1], increments[2])
+
+
+# ----- seeds: torch's range, and None means torch's global generator everywhere -------------------
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 2**70])
+def test_seeds_outside_torchs_range_are_refused_not_wrapped(seed):
+    transform = sgld.build(quadratic, lr=0.1)
+    with pytest.raises(ValueError, match=r"outside \[-2\*\*63, 2\*\*64\)"):
+        transform.init(torch.zeros(2), seed=seed)
+    with pytest.raises(ValueError, match="outside"):
+        replicate(torch.zeros(2), 2, perturbation=1.0, seed=seed)
+    with pytest.raises(ValueError, match="chain k's seed is seed \\+ k"):  # the last chain's seed is out
+        lift(transform, 3).init(torch.zeros(3, 2), seed=2**64 - 2)
+
+
+def test_the_ends_of_torchs_seed_range_are_seeds():
+    transform = sgld.build(quadratic, lr=0.1)
+    for seed in (2**64 - 1, -(2**63)):
+        transform.init(torch.zeros(2), seed=seed)
+    # two's complement, as torch.manual_seed: -1 and 2**64 - 1 are one seed
+    assert torch.equal(transform.init(torch.zeros(2), seed=-1).rng, transform.init(torch.zeros(2), seed=2**64 - 1).rng)
+
+
+def test_replicate_without_a_seed_draws_it_from_torchs_global_generator():
+    def spread():
+        return replicate(torch.zeros(4, dtype=F64), 3, perturbation=1.0)
+
+    torch.manual_seed(5)
+    first = spread()
+    torch.manual_seed(5)
+    assert torch.equal(spread(), first)  # reproducible from torch's seed, as init(seed=None)
+    assert not torch.equal(spread(), first)  # and not one fixed seed for every call
+    with pytest.raises(TypeError, match="seed must be an int or None"):
+        replicate(torch.zeros(2), 2, perturbation=1.0, seed=1.5)

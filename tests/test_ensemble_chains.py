@@ -66,7 +66,8 @@ def test_batched_chains_equal_independent_single_chains(inplace):
 def test_inplace_ensemble_mutates_and_functional_does_not():
     log_posterior = regression_problem()
     ensemble = lift(build(log_posterior, sghmc_config()), 3)
-    start = replicate({"w": torch.zeros(3, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}, 3, perturbation=1.0)
+    start = replicate(
+        {"w": torch.zeros(3, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}, 3, perturbation=1.0, seed=0)
     state = ensemble.init(start, seed=0)
     before = state.params["w"].clone()
     new, _ = ensemble.update(state, BATCHES[0])
@@ -94,7 +95,8 @@ def test_batched_log_posterior_path_equals_vmap():
     def Y_of(index):
         return y[index]
 
-    start = replicate({"w": torch.zeros(3, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}, 5, perturbation=0.5)
+    start = replicate(
+        {"w": torch.zeros(3, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}, 5, perturbation=0.5, seed=0)
     via_vmap = lift(build(log_posterior, sghmc_config()), 5)
     via_batch = lift(build(batched, sghmc_config()), 5, vectorize="batched")
     a, b = via_vmap.init(start, seed=3), via_batch.init(start, seed=3)

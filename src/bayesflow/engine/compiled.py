@@ -138,7 +138,7 @@ class CompiledStep:
         self.options = dict(options or {})
         self.first_seconds = None  # trace + compile time of the first plan (the benchmark table's column)
 
-    def advance(self, engine, state, params, gradient_fn, inplace, caller_gradient, value_given, step):
+    def advance(self, engine, state, params, gradient_fn, inplace, caller_gradient, value_given, step, draw):
         if self.mode == "auto" and engine.numel * (engine.chains or 1) < AUTO_NUMEL:
             return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given, None)
         temperature, h = scalars(engine, step)
@@ -146,7 +146,7 @@ class CompiledStep:
             return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given,
                                "per-group temperatures are not traced yet")
         hot = is_hot(temperature)
-        checked = checked_gradient(gradient_fn, engine.config, engine.spec, engine.layout.small, step,
+        checked = checked_gradient(gradient_fn, engine.config, engine.spec, engine.layout.small, draw,
                                    caller_gradient, value_given)
         given = None
         integrator = engine.config.integrator
@@ -181,7 +181,7 @@ class CompiledStep:
             return self._eager(engine, state, params, gradient_fn, inplace, caller_gradient, value_given, None)
         noise = []
         if hot:
-            engine.noise.begin(state.rng, step, STEP)
+            engine.noise.begin(state.rng, draw, STEP)
             for kind, name, like in plan.draws:
                 buffer, views = getattr(engine.noise, kind)(like, name)
                 noise += [buffer, *views] if plan.views else [buffer]
@@ -200,7 +200,7 @@ class CompiledStep:
             ACTIVE.pop()
         if refusal is not None:
             return refusal
-        return self._state(engine, state, ctx, plan, inputs, outputs, statistics_spec, inplace)
+        return self._state(engine, state, ctx, plan, inputs, outputs, statistics_spec, inplace, draw)
 
     # ----- tracing --------------------------------------------------------------------------------
     def _plan(self, engine, state, params, momenta, xi, statistics, statistics_spec, cache, given, temperature,
@@ -215,7 +215,9 @@ class CompiledStep:
         noise = []
         for _, _, like in draws:
             buffer = torch.empty(flat_shape(like, engine.chains), dtype=like[0].dtype, device=like[0].device)
-            noise += [buffer.normal_()] if compiling else [buffer.normal_(), *views_of(buffer, like, engine.chains)]
+            # example values from a generator of their own: tracing never moves torch's global RNG
+            buffer.normal_(generator=torch.Generator(buffer.device).manual_seed(0))
+            noise += [buffer] if compiling else [buffer, *views_of(buffer, like, engine.chains)]
         example = [copy_like(t) for t in self._inputs(engine, params, momenta, xi, statistics, cache,
                                                    state.log_posterior, given, noise, temperature, h, step)]
         counts = (len(params), len(momenta), len(xi), len(statistics), len(cache), 1, 0 if given is None else
@@ -348,7 +350,7 @@ class CompiledStep:
                 out.append(buffer)
         return out
 
-    def _state(self, engine, state, ctx, plan, inputs, outputs, statistics_spec, inplace):
+    def _state(self, engine, state, ctx, plan, inputs, outputs, statistics_spec, inplace, draw):
         (gradient_count, has_value), *where = plan.outputs
         returned = iter(outputs)
         results = [inputs[i] if i is not None else next(returned) for i in where]
@@ -362,7 +364,7 @@ class CompiledStep:
         statistics = results[at:len(results) - gradient_count]
         preconditioner = unflatten(statistics_spec, statistics) if statistics else state.preconditioner
         gradient = tuple(results[len(results) - gradient_count:]) if gradient_count else ()
-        return finish(state, engine.spec, ctx, gradient, value, preconditioner, inplace)
+        return finish(state, engine.spec, ctx, gradient, value, preconditioner, inplace, draw)
 
     def _eager(self, engine, state, params, gradient_fn, inplace, caller_gradient, value_given, reason):
         from bayesflow.engine.step import advance

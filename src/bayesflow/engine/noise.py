@@ -39,7 +39,7 @@ import torch
 
 from bayesflow.engine.accumulator import Leaves
 
-__all__ = ["INIT", "PERTURBATION", "STEP", "NoiseStream", "derive", "mix", "seed_key", "views_of"]
+__all__ = ["INIT", "PERTURBATION", "STEP", "NoiseStream", "derive", "drawn_seed", "mix", "seed_key", "views_of"]
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
@@ -57,8 +57,15 @@ def mix(x: int) -> int:
 
 
 def seed_key(seed: int) -> int:
-    """The chain key (a signed int64, as stored in ``state.rng``) of a user seed."""
-    key = mix(int(seed) & _MASK64)
+    """The chain key (a signed int64, as stored in ``state.rng``) of a user seed.
+
+    Seeds take ``torch.manual_seed``'s range, :math:`[-2^{63}, 2^{64})` (a negative seed is its two's
+    complement, as there); outside it two seeds would silently share a key."""
+    seed = int(seed)
+    if not -(1 << 63) <= seed < 1 << 64:
+        raise ValueError(f"seed {seed} is outside [-2**63, 2**64), the range of torch.manual_seed (with chains, "
+                         "chain k's seed is seed + k)")
+    key = mix(seed & _MASK64)
     return key - (1 << 64) if key >= 1 << 63 else key
 
 
@@ -131,10 +138,8 @@ class NoiseStream:
         successive ``init`` calls with one generator get different streams. None draws the seed from
         torch's global generator.
         """
-        if isinstance(seed, torch.Generator):
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=seed, device=seed.device).item())
-        elif seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        if isinstance(seed, torch.Generator) or seed is None:
+            seed = drawn_seed(seed)
         if _is_integer(seed):
             seeds = [int(seed) + chain for chain in range(len(self.generators))]
         else:
@@ -254,6 +259,12 @@ def views_of(buffer: torch.Tensor, like: Leaves, chains: int | None) -> Leaves:
         return [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes), like)]
     sizes = [leaf[0].numel() for leaf in like]
     return [part.view(leaf.shape) for part, leaf in zip(buffer.split(sizes, dim=1), like)]
+
+
+def drawn_seed(generator: torch.Generator | None = None) -> int:
+    """A seed drawn from ``generator`` (torch's global generator when None): what ``seed=None`` means."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator, device=device).item())
 
 
 def _is_integer(value) -> bool:

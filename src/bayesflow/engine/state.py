@@ -25,15 +25,17 @@ class SDEState(NamedTuple):
         momenta: m (same structure as params) or None for first-order dynamics.
         xi: the thermostat ξ (a tensor) or None.
         log_posterior: the last evaluated log posterior (per datum); NaN before the first update.
-        step: number of updates taken (int64, on the CPU so schedules read it without a sync;
-            one per chain for K chains, all equal).
+        step: number of updates taken, refused ones included (int64, on the CPU so schedules read it
+            without a sync; one per chain for K chains, all equal). It indexes the noise; schedules, bias
+            corrections and first-step scales read the accepted steps, ``step - rejected``.
         preconditioner: running statistics of stateful operators (e.g. RMSprop's average).
         gradient: the cached potential gradient of first-same-as-last splitting words, else ().
         rng: the noise key of every chain (int64, on the CPU): the noise of a step is a function of
             the key and ``step`` alone (:mod:`bayesflow.engine.noise`), so a state determines its future.
         rejected: the number of steps refused under ``on_nonfinite="reject"`` (int64, like ``step``):
             a refused step leaves every other field as it was but ``step``, which moves on so that a
-            retry draws new noise.
+            retry draws new noise; the retry is the same step of the dynamics (its schedule values,
+            Adam's bias correction), as in torch, which never sees a skipped batch.
 
     Example:
         >>> import torch

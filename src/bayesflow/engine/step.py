@@ -22,7 +22,7 @@ from bayesflow.engine.system import StepInputs
 from bayesflow.engine.validation import checked_gradient, step_count
 from bayesflow.tree import tree_leaves, unflatten
 
-__all__ = ["accumulators", "advance", "arithmetic", "finish", "gradient_cache", "scalars"]
+__all__ = ["accumulators", "advance", "arithmetic", "counts", "finish", "gradient_cache", "scalars"]
 
 
 def scalars(engine, step: int):
@@ -47,12 +47,12 @@ def _scheduled(value, name: str, step: int):
 def advance(engine, state: SDEState, params: list, gradient_fn, inplace: bool,
             caller_gradient: bool = False, value_given: bool = True) -> SDEState:
     """The eager step: ``arithmetic`` on the state's own tensors, refusals rolled back."""
-    step = step_count(state.step)
+    draw, step = counts(state)
     if engine.compiled is not None:
         return engine.compiled.advance(engine, state, params, gradient_fn, inplace, caller_gradient,
-                                       value_given, step)
+                                       value_given, step, draw)
     temperature, h = scalars(engine, step)
-    checked = checked_gradient(gradient_fn, engine.config, engine.spec, engine.layout.small, step,
+    checked = checked_gradient(gradient_fn, engine.config, engine.spec, engine.layout.small, draw,
                                caller_gradient, value_given)
     z = components(engine, state, params, inplace)
     ctx = Context(z, step, {}, engine.numel, engine.buffers)
@@ -63,13 +63,23 @@ def advance(engine, state: SDEState, params: list, gradient_fn, inplace: bool,
 
     def run():
         if inputs.hot:
-            engine.noise.begin(state.rng, step, STEP)
+            engine.noise.begin(state.rng, draw, STEP)
         return arithmetic(engine, state, ctx, inputs, engine.scales, inplace)
 
     preconditioner, refusal = guarded(run, saved, state, inplace)
     if refusal is not None:
         return refusal
-    return finish(state, engine.spec, ctx, gradient_cache(engine, ctx, inputs), inputs.value, preconditioner, inplace)
+    return finish(state, engine.spec, ctx, gradient_cache(engine, ctx, inputs), inputs.value, preconditioner, inplace,
+                  draw)
+
+
+def counts(state: SDEState) -> tuple[int, int]:
+    """``(draw, step)``: the index of the step's noise (every step taken, refused ones too, so that a retry
+    draws new numbers) and the count of accepted steps that schedules, bias corrections and first-step
+    scales read (a refused step is not a step of the dynamics: Adam's bias correction after a refused
+    batch is torch's, which never saw the batch)."""
+    draw = step_count(state.step)
+    return draw, (draw if state.rejected is None else draw - step_count(state.rejected))
 
 
 def components(engine, state: SDEState, params: list, inplace: bool) -> dict:
@@ -138,12 +148,13 @@ def gradient_cache(engine, ctx: Context, inputs: StepInputs) -> tuple:
     return tuple(leaves if inputs.owned or inputs.scaled is leaves else [g.clone() for g in leaves])
 
 
-def finish(state: SDEState, spec, ctx: Context, gradient: tuple, value, preconditioner, inplace: bool) -> SDEState:
-    """The state after a step (the same record, written in place, under ``inplace``)."""
+def finish(state: SDEState, spec, ctx: Context, gradient: tuple, value, preconditioner, inplace: bool,
+           draw: int) -> SDEState:
+    """The state after step ``draw`` (the same record, written in place, under ``inplace``)."""
     z = ctx.z
     value = value if value is not None else state.log_posterior
     if inplace:
-        state.step.fill_(ctx.step + 1)  # one scalar write (an add_ costs twice as much)
+        state.step.fill_(draw + 1)  # one scalar write (an add_ costs twice as much)
         if value is not state.log_posterior:
             state.log_posterior.copy_(value)
         if preconditioner is state.preconditioner and not gradient and not state.gradient:
@@ -157,6 +168,7 @@ def finish(state: SDEState, spec, ctx: Context, gradient: tuple, value, precondi
         step=state.step + 1,
         preconditioner=preconditioner,
         gradient=gradient,
-        rng=state.rng,
-        rejected=state.rejected,
+        rng=state.rng,  # never written: states share it
+        # a count of its own: an in-place refusal of a later state must not count in this one's
+        rejected=None if state.rejected is None else state.rejected.clone(),
     )

@@ -29,13 +29,14 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import optree
 import torch
 
-from bayesflow.engine.noise import PERTURBATION, derive, seed_key
+from bayesflow.engine.noise import PERTURBATION, derive, drawn_seed, seed_key
 from bayesflow.engine.sde import build
 from bayesflow.tree import flatten, tree_map, unflatten
 from bayesflow.types import TensorTree, Transform
@@ -204,7 +205,8 @@ def replicate(params: TensorTree, num_chains: int, perturbation: float | Callabl
         perturbation: None (identical copies), a float σ (adds N(0, σ²) noise), or a callable
             ``perturbation(params, generator) -> params`` applied per chain (e.g. a prior draw).
         seed: seeds the perturbation's generator (a stream of its own: ``replicate(params, K, σ, seed=s)``
-            and ``init(..., seed=s)`` draw independent numbers, :mod:`bayesflow.engine.noise`).
+            and ``init(..., seed=s)`` draw independent numbers, :mod:`bayesflow.engine.noise`); None draws
+            the seed from torch's global generator, as ``init`` does.
 
     Example:
         >>> import torch
@@ -214,9 +216,13 @@ def replicate(params: TensorTree, num_chains: int, perturbation: float | Callabl
         (torch.Size([8, 2, 3]), torch.Size([8, 3]))
     """
     _check_num_chains(num_chains)
+    if seed is None:
+        seed = drawn_seed()
+    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
     device = flatten(params)[0][0].device
     generator = torch.Generator(device=device)
-    generator.manual_seed(derive(seed_key(0 if seed is None else seed), 0, PERTURBATION, full=device.type != "cpu"))
+    generator.manual_seed(derive(seed_key(seed), 0, PERTURBATION, full=device.type != "cpu"))
     if perturbation is None or callable(perturbation):
         perturb = perturbation
     else:
