@@ -4,6 +4,8 @@
   tests over the problems and hyper-parameters of tests/test_optim_equivalence.py, same tolerances),
   also through a closure and split into param groups, and under torch's lr schedulers (OneCycleLR
   cycles momentum / betas too); SGHMC at T = 0 is SGD with momentum.
+* lr = 0 (written, CosineAnnealingLR's end, a warm-up from 0, also inside the HF Trainer): torch's
+  statistics advance and θ stays at T = 0; a sampler's lr = 0 step is skipped, bitwise.
 * checkpoint → resume continues bitwise, random stream included (samplers at T > 0).
 * sampling through the face: SGLD and SGHMC moments on a conjugate Gaussian model equal the exact
   stationary moments of the discretised chain, within Monte-Carlo error; a 10 % wrong temperature fails.
@@ -158,6 +160,172 @@ def test_sghmc_face_at_zero_temperature_is_sgd_with_momentum():
             F.mse_loss(model(x), y).backward()
             optimizer.step()
     assert _max_relative_error(ours, theirs) <= FLOAT64_RTOL
+
+
+# ----- lr = 0: torch's statistics advance at T = 0, a sampler's step is skipped ----------------------
+ZERO_LR = [
+    (sgd, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    (sgd, torch.optim.SGD, dict(lr=0.1, momentum=0.8, nesterov=True)),
+    (sgd, torch.optim.SGD, dict(lr=0.1, momentum=0.5, dampening=0.3, weight_decay=0.01)),
+    (adam, torch.optim.Adam, dict(lr=0.02)),
+    (adamw, torch.optim.AdamW, dict(lr=0.02, weight_decay=0.1)),
+    (rmsprop, torch.optim.RMSprop, dict(lr=0.01, momentum=0.5)),
+    (rmsprop, torch.optim.RMSprop, dict(lr=0.01, centered=True)),  # no momenta: square_avg advances at lr = 0
+    (sgd, torch.optim.SGD, dict(lr=0.1)),
+]
+ZERO_LR_IDS = [f"{m.__name__.rsplit('.', 1)[-1]}-{i}" for i, (m, _, _) in enumerate(ZERO_LR)]
+LRS_WITH_ZEROS = [0.0, 0.1, 0.05, 0.0, 0.02, 0.0, 0.0, 0.03, 0.0]  # at the start, in the middle, at the end
+
+
+def _lockstep(models_and_optimizers, x, y, step):
+    for model, optimizer in models_and_optimizers:
+        optimizer.zero_grad()
+        F.mse_loss(model(x[step % 4::4]), y[step % 4::4]).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize(("module", "optimizer_class", "hyper"), ZERO_LR, ids=ZERO_LR_IDS)
+def test_zero_lr_steps_equal_torch_optim(module, optimizer_class, hyper):
+    """lr = 0 written into the group: the parameters stay and every statistic advances as torch's, so
+    that the steps with lr > 0 after it equal torch's step for step (the proxy-lr step, θ put back)."""
+    x, y = _data()
+    ours, theirs = _mlp(), _mlp()
+    face, reference = as_optimizer(module.build, ours.parameters(), **hyper), optimizer_class(theirs.parameters(),
+                                                                                            **hyper)
+    for step, lr in enumerate(LRS_WITH_ZEROS):
+        face.param_groups[0]["lr"] = reference.param_groups[0]["lr"] = lr
+        before = [p.detach().clone() for p in ours.parameters()]
+        _lockstep(((ours, face), (theirs, reference)), x, y, step)
+        assert _max_relative_error(ours, theirs) <= FLOAT64_RTOL, f"step {step} (lr {lr})"
+        if lr == 0:
+            assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), before)), f"step {step} moved"
+    assert int(face.param_groups[0]["engine"]["step"]) == len(LRS_WITH_ZEROS)  # counted as torch counts
+
+
+ZERO_LR_SCHEDULERS = {  # each writes lr = 0.0 exactly (asserted below)
+    "cosine_to_zero": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=0.0),
+    "linear_warmup_from_zero": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 3)),
+}
+
+
+@pytest.mark.parametrize("scheduler", list(ZERO_LR_SCHEDULERS))
+@pytest.mark.parametrize(("module", "optimizer_class", "hyper"), ZERO_LR[:6], ids=ZERO_LR_IDS[:6])
+def test_schedulers_through_zero_lr_equal_torch_optim(module, optimizer_class, hyper, scheduler):
+    """CosineAnnealingLR(eta_min=0) past its zero point, and a linear warm-up from lr = 0 (HF's)."""
+    x, y = _data()
+    ours, theirs = _mlp(), _mlp()
+    face, reference = as_optimizer(module.build, ours.parameters(), **hyper), optimizer_class(theirs.parameters(),
+                                                                                            **hyper)
+    schedules = ZERO_LR_SCHEDULERS[scheduler](face), ZERO_LR_SCHEDULERS[scheduler](reference)
+    lrs = []
+    for step in range(12):
+        lrs.append(face.param_groups[0]["lr"])
+        _lockstep(((ours, face), (theirs, reference)), x, y, step)
+        for schedule in schedules:
+            schedule.step()
+        assert _max_relative_error(ours, theirs) <= FLOAT64_RTOL, f"step {step}"
+    assert 0.0 in lrs and lrs.index(0.0) < 11 and face.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
+
+
+FROZEN_AT_ZERO_LR = {  # h = 0 is the frozen SDE: samplers (T > 0), and momenta with h ∝ lr at T = 0
+    "sghmc": (sghmc.build, dict(lr=0.05, alpha=1.0, temperature=0.01)),
+    "sgld": (sgld.build, dict(lr=0.01, temperature=0.01)),
+    "psgld": (bayesflow.sgmcmc.psgld.build, dict(lr=0.01, temperature=1e-3)),
+    "adam_sghmc": (adam_sghmc.build, dict(lr=0.01, temperature=1e-3)),
+    "sgd_momentum_hot": (sgd.build, dict(lr=0.05, momentum=0.9, temperature=1e-3)),
+    "sghmc_cold": (sghmc.build, dict(lr=0.05, alpha=1.0, temperature=0.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(FROZEN_AT_ZERO_LR))
+def test_a_zero_lr_step_of_a_sampler_is_skipped(name):
+    """Parameters, momenta, statistics, step counter and noise key stay; afterwards the run equals, bitwise,
+    the run that never had the lr = 0 step (the gradient is a function of θ, which did not move)."""
+    builder, hyper = FROZEN_AT_ZERO_LR[name]
+    x, y = _data()
+
+    def run(lrs):
+        model = _mlp()
+        optimizer = as_optimizer(builder, model.parameters(), seed=3, **hyper)
+        for lr in lrs:
+            optimizer.param_groups[0]["lr"] = lr
+            if lr == 0:
+                before = copy.deepcopy(optimizer.state_dict())
+                parameters = [p.detach().clone() for p in model.parameters()]
+            _lockstep(((model, optimizer),), x, y, 0)
+            if lr == 0:
+                assert all(torch.equal(p, q) for p, q in zip(model.parameters(), parameters))
+                _assert_equal_trees(optimizer.state_dict(), before)
+        return [p.detach().clone() for p in model.parameters()]
+
+    lr = hyper["lr"]
+    skipped, never = run([lr, lr, 0.0, lr, 0.5 * lr, lr]), run([lr, lr, lr, 0.5 * lr, lr])
+    assert all(torch.equal(p, q) for p, q in zip(skipped, never))
+    assert not torch.equal(skipped[0], _mlp()[0].weight)  # (the run did move)
+    run([0.0, lr])  # lr = 0 at the first step: no state yet, none created
+
+
+def _assert_equal_trees(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_equal_trees(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            _assert_equal_trees(u, v)
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # (no log posterior yet: NaN)
+    else:
+        assert a == b or (a != a and b != b), (a, b)
+
+
+def test_zero_lr_from_the_constructor_is_taken_and_bad_lrs_are_refused_naming_the_lr():
+    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    optimizer = as_optimizer(adam.build, [p], lr=0.0)
+    p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert torch.equal(p, torch.ones_like(p)) and int(optimizer.param_groups[0]["engine"]["step"]) == 1
+    for builder in (adam.build, sgd.build, sghmc.build):
+        for bad in (-0.1, math.nan, -math.inf):
+            with pytest.raises(ValueError, match="lr"):
+                as_optimizer(builder, [p], lr=bad)
+            optimizer = as_optimizer(builder, [p], lr=0.1)
+            optimizer.param_groups[0]["lr"] = bad
+            with pytest.raises(ValueError, match=f"Invalid learning rate: {bad}"):
+                optimizer.step()
+
+
+def test_hugging_face_trainer_with_linear_warmup_from_zero_is_torch_adamw(tmp_path):
+    """``get_linear_schedule_with_warmup`` sets lr = 0 for the first step: the Trainer runs and the face
+    trains as torch's AdamW (a tiny Llama built from a config, nothing downloaded)."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    hf = pytest.importorskip("test_transformers")  # skipped with it where transformers is missing
+    transformers = hf.transformers
+    dataset = [{key: value[i] for key, value in hf.DATA.items()} for i in range(len(hf.DATA["input_ids"]))]
+    steps = 5
+
+    def train(make_optimizer):
+        model = hf.tiny_llama()
+        optimizer = make_optimizer(model.parameters())
+        schedule = transformers.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=2,
+                                                                num_training_steps=steps)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8,
+                                              max_steps=steps, seed=0, report_to=[], save_strategy="no",
+                                              logging_strategy="no", use_cpu=True, disable_tqdm=True,
+                                              dataloader_num_workers=0)
+        transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                             optimizers=(optimizer, schedule)).train()
+        return model, optimizer
+
+    (ours, face), (theirs, _) = (train(lambda params: as_optimizer(adamw.build, params, lr=0.01, weight_decay=0.1)),
+                                 train(lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)))
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-7, msg=name)
+    assert int(face.param_groups[0]["engine"]["step"]) == steps
+    start = hf.tiny_llama()
+    assert max(float((a.detach() - s.detach()).abs().max()) for a, s in zip(ours.parameters(),
+                                                                           start.parameters())) > 1e-3
 
 
 # ----- checkpoints --------------------------------------------------------------------------------

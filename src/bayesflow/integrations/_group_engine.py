@@ -1,11 +1,13 @@
 """One engine transform per param group of :class:`~bayesflow.integrations.EngineOptimizer`: building it
-from the group's options (re-read every step, rebuilt only when the operators depend on a changed lr),
-the per-parameter state templates that ``state_dict`` stores, and the argument checks. Private.
+from the group's options (re-read every step, rebuilt only when the operators depend on a changed lr;
+at lr = 0 built at a proxy lr and told how the face steps, see :data:`HOLD`), the per-parameter state
+templates that ``state_dict`` stores, and the argument checks. Private.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from dataclasses import fields, replace
 
@@ -21,6 +23,15 @@ ENGINE = "engine"
 
 RESERVED = frozenset({"params", "name", "param_names", ENGINE, "initial_lr", "differentiable"})
 """Group keys that are not preset options (torch's, the schedulers', and ours)."""
+
+SKIP = "skip"
+"""At lr = 0 the face skips the step: h = 0 is the frozen SDE (samplers, T > 0; momenta with h ∝ lr)."""
+
+HOLD = "hold"
+"""At lr = 0 the face steps at the proxy lr and puts θ back: torch's statistics advance (T = 0)."""
+
+ZERO_LR_PROXY = 1.0
+"""The proxy lr of a group that has had no non-zero lr (a warm-up from 0); any positive value is exact."""
 
 _STRUCTURE = tuple(f.name for f in fields(SDEConfig) if f.name not in ("step_size", "temperature", "recipe"))
 _PROBE_SHAPES = (torch.Size([1]), torch.Size([2]), torch.Size([3]))
@@ -77,6 +88,16 @@ def _momentum_scale(config: SDEConfig, lr):
     mass = config.mass
     scale = mass.value if isinstance(mass, Scalar) else mass.scale if isinstance(mass, Preconditioned) else 1.0
     return float(lr) * scale / h
+
+
+def _is_zero_lr(lr, index: int) -> bool:
+    """lr = 0 (schedulers reach it), with a negative, NaN or infinite lr refused here, where 0 is allowed."""
+    if not _real(lr):
+        return False  # a tensor or a schedule: the preset checks it
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"param group {index}: Invalid learning rate: {lr!r}; lr must be a finite number >= 0 "
+                         "(0 holds the parameters still)")
+    return lr == 0
 
 
 # ----- per-parameter pieces of the preconditioner state --------------------------------------------
@@ -141,12 +162,16 @@ class _GroupEngine:
         self.values = self.config = self.transform = self.engine = self.template = None
         self.step_size = self.temperature = self.momentum_scale = None
         self.components, self.rebuilds = (), 0
+        self.last_lr = self.zero_lr = None  # the last non-zero lr; at lr = 0, SKIP or HOLD
 
     def configure(self, group: dict, index: int) -> None:
         values = [group[name] for name in self.names]
         if self.values is not None and all(map(_same, values, self.values)):
             return
         options = dict(zip(self.names, values))
+        zero = _is_zero_lr(options.get("lr"), index)
+        if zero:  # a preset refuses lr = 0 (h = √lr and friction (1 - μ)/√lr): built at a proxy lr
+            options["lr"] = ZERO_LR_PROXY if self.last_lr is None else self.last_lr
         transform = _preset(self.builder, options, index)
         config = transform.config
         if self.engine is not None and _same_structure(config, self.config):
@@ -160,6 +185,25 @@ class _GroupEngine:
         self.config, self.transform, self.values = config, transform, values
         self.components = config.components
         self.momentum_scale = _momentum_scale(config, options.get("lr"))
+        self.zero_lr = self._zero_lr_mode(options, index) if zero else None
+        if not zero and _real(options.get("lr")):
+            self.last_lr = float(options["lr"])
+
+    def _zero_lr_mode(self, options: dict, index: int) -> str:
+        """HOLD at T = 0 without momenta or with momenta stored as torch's buffer (rescaled with lr): their
+        lr → 0⁺ limit is torch's update of the statistics, θ fixed. SKIP otherwise (T > 0; momenta with
+        h ∝ lr), whose limit leaves everything as it is. See the optimizer module's docstring."""
+        temperature = self.config.temperature
+        if not (_real(temperature) and temperature == 0):
+            return SKIP
+        if "momenta" not in self.components:
+            return HOLD
+        if self.momentum_scale is None:
+            return SKIP
+        lr = 0.25 * options["lr"]  # does c = lr·s/h change with lr (√lr·…)? Smaller: presets bound h above
+        scale = _momentum_scale(_preset(self.builder, {**options, "lr": lr}, index).config, lr)
+        rescaled = scale is not None and not math.isclose(scale, self.momentum_scale, rel_tol=1e-6)
+        return HOLD if rescaled else SKIP
 
     def preconditioner_template(self, like: torch.Tensor):
         """Which parts of the preconditioner state are per parameter (read off a three-leaf probe)."""

@@ -29,6 +29,32 @@ momenta are rescaled so that the velocity per unit of lr, :math:`h M^{-1} m / \m
 momentum buffer at T = 0 — is unchanged: a scheduled face equals the scheduled torch.optim
 optimizer (for the samplers h = lr and nothing is rescaled).
 
+**lr = 0** (``CosineAnnealingLR(eta_min=0)`` at its end, a linear warm-up from 0 at its first step, as
+Hugging Face's ``get_linear_schedule_with_warmup``) is the limit lr → 0⁺ of the step in the
+coordinates the face stores. The presets refuse lr = 0 themselves (h = √lr and the friction
+(1 − μ)/√lr have no value there); the face takes it as follows.
+
+* At T = 0, for the presets whose momenta are torch's buffer (m = −c·buf, c = lr·s/h = √lr·…: SGD
+  with momentum, Adam, AdamW, RMSprop with momentum) and for those without momenta, the step tends to
+  (SGD's buffer and Adam's second moment, for instance)
+
+  .. math::
+      θ_{t+1} = θ_t, \qquad \mathrm{buf}_{t+1} = μ\,\mathrm{buf}_t + (1 - τ)\,g_t, \qquad
+      v_{t+1} = β_2 v_t + (1 - β_2)\, g_t^2, \qquad t \to t + 1,
+
+  torch's lr = 0 step: every statistic of torch.optim (momentum buffer, Adam's moments and step
+  count, RMSprop's averages) is independent of lr, and AdamW's decay (1 − lr·λ)θ is the identity.
+  The face runs the engine step at a proxy lr (the group's last non-zero lr, 1 if it had none; the
+  statistics do not depend on it) and puts θ back, so that the following steps with lr > 0 are
+  torch's, step for step.
+* At T > 0 (samplers), and for momenta that are not rescaled with lr (h ∝ lr: SGHMC, SGNHT, ... at
+  any T), h = 0 is the frozen SDE, dz = 0 over no time: the step is skipped. Parameters, momenta,
+  statistics, the step counter and with it the noise index stay as they are, so that afterwards the
+  run equals the run without its lr = 0 steps. (At T > 0 the torch-buffer presets have no limit:
+  their noise in buffer coordinates, √(2(1 − μ)T/lr)·ξ, diverges.)
+
+A negative, NaN or infinite lr is refused (ValueError naming it).
+
 **Params with ``grad`` None** are skipped as torch skips them: they do not move, their momenta and
 preconditioner statistics stay as they are (no friction, no noise, no decay), and their state is
 created the first time they get a gradient. The group's step counter (the noise index, Adam's bias
@@ -74,7 +100,9 @@ from bayesflow.engine import SDEState
 from bayesflow.engine.noise import mix
 from bayesflow.integrations._group_engine import (
     ENGINE,
+    HOLD,
     RESERVED,
+    SKIP,
     _assemble,
     _builder_defaults,
     _check_params,
@@ -141,6 +169,8 @@ class EngineOptimizer(torch.optim.Optimizer):
         if not active:
             return
         slot.configure(group, index)
+        if slot.zero_lr is SKIP:
+            return  # lr = 0 of a sampler: h = 0, nothing moves, no step is counted (module docstring)
         states = self.state
         fresh = [p for p in active if p not in states]  # (a defaultdict: `in` does not create entries)
         if fresh:
@@ -162,7 +192,10 @@ class EngineOptimizer(torch.optim.Optimizer):
             rejected=engine["rejected"])
         grads = list(torch._foreach_neg([p.grad for p in active]))  # the engine ascends ∇ℓ = -∇loss
         value = None if loss is None else _log_posterior_value(loss, active[0])
+        held = torch._foreach_mul(active, 1.0) if slot.zero_lr is HOLD else None  # (a copy, -0.0 kept)
         new = slot.engine.step(state, grads, inplace=True, log_posterior=value)
+        if held is not None:  # lr = 0 at T = 0: the step at the proxy lr advanced torch's statistics; θ stays
+            torch._foreach_copy_(active, held)
         if momenta and new.momenta is not state.momenta:
             for s, m in zip(per, new.momenta):
                 s["momenta"] = m
@@ -237,7 +270,7 @@ def as_optimizer(builder, params, lr, temperature=None, *, seed: int | None = No
 
     so T = 1/num_data samples the posterior and T = 0 is the preset's optimizer (equal to its
     torch.optim namesake step for step). See :mod:`bayesflow.integrations.optimizer` for the
-    conventions: schedulers, skipped parameters, checkpoints.
+    conventions: schedulers (lr = 0 included), skipped parameters, checkpoints.
 
     Args:
         builder: a preset's ``build(log_posterior, lr, ..., temperature=...)``: ``bayesflow.sgmcmc.X.build``
@@ -245,7 +278,9 @@ def as_optimizer(builder, params, lr, temperature=None, *, seed: int | None = No
             ``bayesflow.optim.X.build`` (sgd, rmsprop, adam, adamw).
         params: an iterable of tensors or of param-group dicts (torch's convention); each group may set
             its own ``lr``, ``temperature`` and preset options. A group's tensors share one dtype and device.
-        lr: the preset's ``lr`` (its learning rate; the engine's h is a function of it).
+        lr: the preset's ``lr`` (its learning rate; the engine's h is a function of it), ≥ 0. At 0 the
+            parameters stay: at T = 0 torch's statistics advance as torch.optim's do, a sampler's step
+            is skipped (see :mod:`bayesflow.integrations.optimizer`).
         temperature: T; None takes the preset's default (1.0 for samplers: give 1/num_data to sample the
             posterior of a per-datum loss; 0.0 for the optimizers).
         seed: the noise key of group i is derived from ``seed + i``; None draws it from torch's global
@@ -260,7 +295,7 @@ def as_optimizer(builder, params, lr, temperature=None, *, seed: int | None = No
     Raises:
         TypeError: ``builder`` is not a preset builder; an unknown option; non-tensor or non-floating
             parameters.
-        ValueError: an invalid option value (negative lr, ...), an integrator that needs two gradients
+        ValueError: an invalid option value (negative, NaN or infinite lr, ...), an integrator that needs two gradients
             per step (BAOAB, OBABO), per-chain values, a group mixing dtypes or devices.
 
     Example (at T = 0 the face is torch.optim.SGD with momentum, step for step):
