@@ -197,6 +197,42 @@ def test_bad_samples_raise_clear_errors(samples, kwargs, error, match):
         classification_uncertainty(samples, **kwargs)
 
 
+@pytest.mark.parametrize(("bad", "kind"), [(math.nan, "NaN"), (math.inf, r"\+inf")])
+def test_nan_and_positive_infinite_logits_are_refused_naming_the_sample(bad, kind):
+    logits = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(14))
+    logits[3, 1, 2] = bad
+    message = rf"sample 3 holds {'nan' if kind == 'NaN' else 'inf'} at index \(1, 2\) \(1 {kind} among samples"
+    for source, kwargs in ((logits, {}), (logits, {"chunk_size": 2}), (list(logits), {}),
+                           (lambda k: logits[k], {"num_samples": 5})):
+        with pytest.raises(ValueError, match=message):  # the stream's own sample index, whatever the chunking
+            classification_uncertainty(source, **kwargs)
+    # the streaming pair refuses the chunk before writing: the in-place state is left as it was
+    sums = predictive_sums()
+    state, _ = sums.update(sums.init(logits[0]), logits[:2], inplace=True)
+    before = [t.clone() for t in state]
+    with pytest.raises(ValueError, match=r"sample 3 holds .* \(1 .* among samples 2..4\)"):
+        sums.update(state, logits[2:], inplace=True)
+    for old, new in zip(before, state):
+        assert torch.equal(old, new)
+
+
+def test_negative_infinite_logits_mask_classes_and_stay_finite():
+    g = torch.Generator().manual_seed(15)
+    logits = torch.randn(4, 6, 3, generator=g)                      # float32: K = 4, B = 6, C = 3
+    masked = torch.cat([logits, torch.full((4, 6, 1), -math.inf)], -1)  # a fourth class masked in every sample
+    u, reference = classification_uncertainty(masked), classification_uncertainty(logits)
+    for field in ("total", "aleatoric", "epistemic"):
+        assert torch.isfinite(getattr(u, field)).all()
+        torch.testing.assert_close(getattr(u, field), getattr(reference, field), rtol=0, atol=0)
+    assert (u.log_predictive[..., 3] == -math.inf).all()
+    torch.testing.assert_close(u.log_predictive[..., :3], reference.log_predictive, rtol=0, atol=0)
+    some = logits.clone()
+    some[1, :, 0] = -math.inf                                        # masked in one sample only
+    partly = classification_uncertainty(some)
+    assert all(torch.isfinite(t).all() for t in (partly.log_predictive, partly.total, partly.epistemic))
+    assert (partly.log_predictive.exp().sum(-1) - 1).abs().max().item() < 1e-6
+
+
 def test_streaming_pair_checks_its_inputs():
     sums = predictive_sums()
     state = sums.init(torch.zeros(3, 4))
@@ -303,6 +339,36 @@ def test_regression_total_is_the_mixture_variance_and_every_source_agrees():
 def test_bad_regression_inputs_raise_clear_errors(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         regression_uncertainty(*args, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_variances_are_refused(bad):
+    # (var < 0).any() is False for NaN: a NaN variance used to pass and give a NaN aleatoric part
+    variances = torch.ones(4, 3, 2, dtype=F64)
+    variances[2, 0, 1] = bad
+    means = torch.zeros(4, 3, 2, dtype=F64)
+    for kwargs in ({}, {"chunk_size": 3}):
+        with pytest.raises(ValueError, match=r"variances must be finite: sample 2 holds .* at index \(0, 1\)"):
+            regression_uncertainty(means, variances, **kwargs)
+    with pytest.raises(ValueError, match=r"variances must be finite: sample 2 holds"):
+        regression_uncertainty(list(zip(means, variances)))
+    with pytest.raises(ValueError, match=r"a finite non-negative number \(a shared noise variance\), got"):
+        regression_uncertainty(means, bad)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_means_are_refused(bad):
+    means = torch.zeros(3, 5, dtype=F64)
+    means[1, 4] = bad
+    with pytest.raises(ValueError, match=r"means must be finite: sample 1 holds .* at index \(4,\) \(1 "):
+        regression_uncertainty(means, 0.5)
+    with pytest.raises(ValueError, match=r"means must be finite: sample 1 holds"):
+        regression_uncertainty(lambda k: (means[k], torch.ones(5, dtype=F64)), num_samples=3)
+
+
+def test_integer_means_of_a_stream_are_refused():
+    with pytest.raises(ValueError, match=r"sample 0's mean must be a floating tensor, got torch.int64"):
+        regression_uncertainty([(torch.zeros(3, dtype=torch.int64), torch.ones(3))])
 
 
 # ---------------------------------------------------------------- metrics

@@ -11,7 +11,8 @@ together), and integer labels shaped ``(...)``, and returns a Python float avera
 
 and the ECE of :func:`expected_calibration_error`. Select tokens with a boolean mask before scoring
 (``log_probs[mask]``, ``labels[mask]``). This module is the one implementation of these scores:
-:func:`bayesflow.ensemble.sweep` and :mod:`bayesflow.predictive` both use it.
+:func:`bayesflow.ensemble.sweep` computes its rows' log-likelihood, accuracy and ECE with it, and it
+scores :mod:`bayesflow.predictive`'s outputs directly (``negative_log_likelihood(u.log_predictive, y)``).
 
 Probabilities are checked at the boundary: non-negative, each row summing to one within
 ``1e-6`` (float64) or ``max(1e-3, 2·eps)`` (float32 and narrower; a float32 softmax over a large

@@ -7,9 +7,10 @@ Rank r of R holds the contiguous block of chains
 
 (sizes differ by at most one). Chain k of a batched run seeded s is a single chain seeded s + k
 (:mod:`bayesflow.ensemble`), and chains do not interact, so a rank that advances the chains of C_r
-with the seeds :math:`\{s + k : k ∈ C_r\}` computes exactly the rows C_r of the one-process
-ensemble; :func:`gather_chains` puts the blocks back together (e.g. for R-hat and ESS,
-:func:`chain_diagnostics`). No collective runs during the steps.
+with the seeds :math:`\{s + k : k ∈ C_r\}` computes the rows C_r of the one-process ensemble
+(bitwise in float32 and float64; to rounding in bfloat16 and float16, see
+:mod:`bayesflow.ensemble.chains`); :func:`gather_chains` puts the blocks back together (e.g. for
+R-hat and ESS, :func:`chain_diagnostics`). No collective runs during the steps.
 
 Example (one process: the block is every chain):
     >>> import torch

@@ -3,7 +3,15 @@ r"""K chains as one batched state: deep ensembles, Bayesian deep ensembles, temp
 Every leaf of a K-chain state carries a leading chain dimension and one ``update`` advances all
 chains in a single batched step (``torch.func.vmap`` of the single-chain log posterior, or a
 log posterior that takes batched parameters). Each chain has its own noise stream, so chain k of a
-batched run seeded ``s`` reproduces a single-chain run seeded ``s + k``.
+batched run seeded ``s`` reproduces a single-chain run seeded ``s + k``:
+
+* bitwise in float32 and float64 when the chains share their hyperparameters;
+* in bfloat16 and float16 to rounding, not bitwise: the batched kernels round differently from the
+  single-chain ones, so a step can differ by one ulp, and later steps carry the difference on
+  (measured on a linear softmax model: at most 1 ulp after one step, tens of ulps after 200);
+* with a tensor of per-chain temperatures or step sizes (a sweep) to rounding, not bitwise, in every
+  dtype — the per-chain values enter the step as a tensor, a single chain's as a Python number
+  (measured after 200 SGLD / SGHMC steps: at most 2e-7 in float32, 4e-16 in float64).
 
 * T = 0 on K chains is a deep ensemble (Lakshminarayanan et al. 2017);
 * T = 1/num_data on K chains is a Bayesian deep ensemble — K parallel SG-MCMC chains,
@@ -50,12 +58,15 @@ def lift(transform: Transform, num_chains: int, *, temperature=None, step_size=N
 
     Overrides compose with what a preset does to them: for a preset (``sgld.build``, ``csgld.build``,
     ...) the preset's own ``config`` is called again with the new temperature or ``lr`` (its recipe,
-    :func:`bayesflow.engine.preset`), so chain k is exactly the preset built with ``temperature[k]``
+    :func:`bayesflow.engine.preset`), so chain k runs the preset built with ``temperature[k]``
     and ``lr = step_size[k]`` — cSGLD keeps its cyclical exploration stage, posteriors' ``beta``
-    correction is computed for each chain's T and lr. A preset whose operators depend on ``lr`` in a
-    way one batched step cannot hold (Adam-type and momentum optimizers, Adam-SGHMC) refuses a
-    per-chain ``step_size`` with a ValueError. An engine configuration without a recipe (or one
-    edited after the preset made it) has its field replaced.
+    correction is computed for each chain's T and lr. With a tensor of per-chain values its numbers
+    equal that single chain's to floating-point rounding, not bitwise (the values enter the step as a
+    tensor; measured after 200 steps: at most 2e-7 in float32, 4e-16 in float64); a float override,
+    one value for every chain, is bitwise in float32 and float64 (see the module docstring). A
+    preset whose operators depend on ``lr`` in a way one batched step cannot hold (Adam-type and
+    momentum optimizers, Adam-SGHMC) refuses a per-chain ``step_size`` with a ValueError. An engine
+    configuration without a recipe (or one edited after the preset made it) has its field replaced.
 
     Args:
         transform: a transform built by the engine (it carries its config and log posterior).

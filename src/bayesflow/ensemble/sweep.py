@@ -2,12 +2,16 @@ r"""Temperature sweeps in one batched run: the cold-posterior curve without a Py
 
 All temperatures (and replicas per temperature) are chains of one K-chain state. After burn-in,
 every ``thin`` steps the chains' predictions on held-out data are averaged into each temperature's
-posterior predictive :math:`\bar p(y|x) = \frac1S\sum_s p(y|x,θ_s)`, from which the runner reports
+posterior predictive :math:`\bar p(y|x) = \frac1S\sum_s p(y|x,θ_s)` — in log space,
+:math:`\log \bar p = \operatorname{logsumexp}_s \operatorname{log\_softmax}(\ell_s) - \log S`, so a
+confident mistake keeps its large, finite log-likelihood in float32 too — and scored with
+:mod:`bayesflow.metrics`, the one implementation of these scores:
 
-* log-likelihood :math:`\frac1n\sum_i \log \bar p(y_i|x_i)`,
-* accuracy of :math:`\arg\max_y \bar p(y|x)`,
+* log-likelihood :math:`\frac1n\sum_i \log \bar p(y_i|x_i)`, minus
+  :func:`~bayesflow.metrics.negative_log_likelihood` of :math:`\log \bar p`;
+* accuracy of :math:`\arg\max_y \bar p(y|x)`, :func:`~bayesflow.metrics.accuracy` of :math:`\log \bar p`;
 * expected calibration error (ECE, 15 equal-width confidence bins:
-  :func:`bayesflow.metrics.expected_calibration_error`).
+  :func:`bayesflow.metrics.expected_calibration_error` of :math:`\bar p`).
 
 With ``common_random_numbers`` replica j of every temperature shares one starting point and one noise
 stream, so the differences between temperatures are not swamped by Monte-Carlo noise (two equal
@@ -35,12 +39,13 @@ Example (a linear 3-class model ``w`` of shape (2, 3) on toy data):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from bayesflow.ensemble.chains import lift, replicate
-from bayesflow.metrics import expected_calibration_error
+from bayesflow.metrics import accuracy, expected_calibration_error, negative_log_likelihood
 from bayesflow.tree import tree_map
 from bayesflow.types import TensorTree, Transform
 
@@ -74,8 +79,17 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
 
     Returns:
         One dict per temperature: ``temperature``, ``log_likelihood``, ``accuracy``, ``ece``,
-        ``num_samples`` (collected samples per chain), ``chains`` and ``predictive``, the posterior
-        predictive probabilities on the concatenated validation inputs (n, classes).
+        ``num_samples`` (collected samples per chain), ``chains``, ``log_predictive``, the log posterior
+        predictive on the concatenated validation inputs (n, classes), and ``predictive``, its ``exp``.
+        The scores are those of :mod:`bayesflow.metrics` on these tensors: ``log_likelihood`` is
+        ``-negative_log_likelihood(log_predictive, labels)``, ``accuracy`` is
+        ``accuracy(log_predictive, labels)`` and ``ece`` is ``expected_calibration_error(predictive, labels)``.
+        The predictive is accumulated in the logits' dtype (float32 for narrower ones).
+
+    Raises:
+        ValueError: no temperature, ``steps``, ``thin`` or ``chains_per_temperature`` below 1, ``burn_in``
+            outside ``[0, steps)``, ``train`` without batches, ``predict`` returning NaN or ``+inf``
+            logits (naming the step and the temperatures), and the errors of the metrics (labels).
 
     Example:
         >>> import torch
@@ -91,11 +105,12 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
     temperatures = [float(t) for t in temperatures]
     if not temperatures:
         raise ValueError("sweep needs at least one temperature")
-    if steps < 1 or thin < 1 or chains_per_temperature < 1:
-        raise ValueError("steps, thin and chains_per_temperature must be positive")
+    for name, value in (("steps", steps), ("thin", thin), ("chains_per_temperature", chains_per_temperature)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     burn_in = steps // 2 if burn_in is None else burn_in
-    if not 0 <= burn_in < steps:
-        raise ValueError(f"burn_in must be in [0, steps), got {burn_in}")
+    if not isinstance(burn_in, int) or isinstance(burn_in, bool) or not 0 <= burn_in < steps:
+        raise ValueError(f"burn_in must be an int in [0, steps) = [0, {steps}), got {burn_in!r}")
     replicas = chains_per_temperature
     num_chains = len(temperatures) * replicas
     per_chain_t = torch.tensor([t for t in temperatures for _ in range(replicas)], dtype=torch.float64)
@@ -110,7 +125,7 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
     state = ensemble.init(start, seed=seeds)
     validation = list(validation)
     batched_predict = torch.func.vmap(predict, in_dims=(0, None))
-    sums = [None] * len(validation)
+    log_sums = [None] * len(validation)  # per batch, (K, n, classes): logsumexp over the collected samples
     collected = 0
     batches = _epochs(train)
     for step in _progress(range(steps), progress):
@@ -119,25 +134,43 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
             collected += 1
             with torch.no_grad():
                 for b, (inputs, _) in enumerate(validation):
-                    probs = batched_predict(state.params, inputs).softmax(-1)  # (K, n, classes)
-                    sums[b] = probs if sums[b] is None else sums[b] + probs
+                    logits = batched_predict(state.params, inputs)  # (K, n, classes)
+                    _check_logits(logits, step, per_chain_t)
+                    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+                    log_sums[b] = log_probs if log_sums[b] is None else torch.logaddexp(log_sums[b], log_probs)
+    labels = torch.cat([labels for _, labels in validation])
     rows = []
     for i, temperature in enumerate(temperatures):
         chains = slice(i * replicas, (i + 1) * replicas)
-        predictive = [s[chains].mean(0) / collected for s in sums]
-        labels = torch.cat([labels for _, labels in validation])
-        probs = torch.cat(predictive)
-        picked = probs.gather(-1, labels.view(-1, 1)).squeeze(-1)
+        log_predictive = torch.cat([torch.logsumexp(s[chains], dim=0) for s in log_sums]) \
+            - math.log(replicas * collected)
+        probs = log_predictive.exp()
         rows.append({
             "temperature": temperature,
-            "log_likelihood": picked.clamp_min(1e-300).log().mean().item(),
-            "accuracy": (probs.argmax(-1) == labels).double().mean().item(),
+            "log_likelihood": -negative_log_likelihood(log_predictive, labels),
+            "accuracy": accuracy(log_predictive, labels),
             "ece": expected_calibration_error(probs, labels),
             "num_samples": collected,
             "chains": replicas,
+            "log_predictive": log_predictive,
             "predictive": probs,
         })
     return rows
+
+
+def _check_logits(logits: torch.Tensor, step: int, per_chain_t: torch.Tensor) -> None:
+    """Refuse NaN and +inf logits (``-inf`` masks a class), naming the step and the chains' temperatures."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim < 3:
+        got = (f"a {logits.dtype} tensor of shape {tuple(logits.shape[1:])}" if isinstance(logits, torch.Tensor)
+               else type(logits).__name__)
+        raise ValueError(f"predict must return one chain's floating logits of shape (n, classes), got {got}")
+    allowed = logits < math.inf  # False for NaN and +inf
+    if bool(allowed.all()):
+        return
+    bad = (~allowed).flatten(1).any(1).nonzero().flatten().tolist()
+    raise ValueError(f"predict returned NaN or +inf logits at step {step} for chains {bad} (temperatures "
+                     f"{sorted({per_chain_t[k].item() for k in bad})}): the validation predictions overflowed "
+                     "— lower the step size or the temperature, or compute the logits in a wider dtype")
 
 
 def _epochs(train: Iterable):

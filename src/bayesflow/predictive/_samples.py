@@ -8,6 +8,7 @@ most one chunk alive, so a ``(K, B, T, V)`` language-model output need never exi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -84,3 +85,37 @@ def _check_sample(sample, k: int, shape: torch.Size | None, name: str) -> torch.
     if shape is not None and sample.shape != shape:
         raise ValueError(f"sample {k} of {name} has shape {tuple(sample.shape)}, sample 0 has {tuple(shape)}")
     return sample.shape
+
+
+def check_finite(values: torch.Tensor, name: str, *, first_sample: int | torch.Tensor = 0,
+                 allow_negative_inf: bool = False) -> None:
+    """Refuse NaN and infinite entries of a chunk ``(k, ...)`` of samples, naming the first one's sample and index.
+
+    When every entry is allowed this costs one elementwise comparison and one ``.all()`` (one host
+    sync); the counts and the position are computed only for the error message. The test is
+    ``isfinite`` (or ``values < inf`` with ``allow_negative_inf``): false for NaN, unlike ``values < 0``.
+
+    Args:
+        values: a chunk of samples, the sample axis first.
+        name: what to call ``values`` in the message (``"logits"``, ``"means"``, ...).
+        first_sample: the index of the chunk's first sample in the whole stream (a count tensor is
+            read only for the message).
+        allow_negative_inf: let ``-inf`` through (masked classes of logits).
+
+    Raises:
+        ValueError: ``values`` holds NaN, ``+inf`` or (unless allowed) ``-inf``.
+    """
+    allowed = values < math.inf if allow_negative_inf else torch.isfinite(values)
+    if bool(allowed.all()):
+        return
+    refused, first_sample = ~allowed, int(first_sample)
+    index = torch.nonzero(refused)[0].tolist()
+    value = values[tuple(index)].item()
+    counts = {"NaN": int(torch.isnan(values).sum()), "+inf": int((values == math.inf).sum())}
+    if not allow_negative_inf:
+        counts["-inf"] = int((values == -math.inf).sum())
+    summary = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
+    last = first_sample + values.shape[0] - 1
+    rule = "finite or -inf (a masked class); NaN and +inf are not allowed" if allow_negative_inf else "finite"
+    raise ValueError(f"{name} must be {rule}: sample {first_sample + index[0]} holds {value} at index "
+                     f"{tuple(index[1:])} ({summary} among samples {first_sample}..{last})")

@@ -17,7 +17,8 @@ with :math:`H[p] = -\sum_y p_y \log p_y` in nats. EU is the mutual information b
 and the parameters (the BALD score, Houlsby et al. 2011): it is zero when all samples agree and at
 most :math:`\log K` and :math:`\log C`. Everything is in log space: the mean over samples is a
 running ``logaddexp`` of ``log_softmax`` outputs, and :math:`p \log p` is taken as 0 where
-:math:`p = 0` (logits of ``-inf`` — masked vocabulary entries — are allowed; ``+inf`` and NaN are not).
+:math:`p = 0` (logits of ``-inf`` — masked vocabulary entries — are allowed; ``+inf`` and NaN
+are refused with a ValueError naming the sample).
 
 One pass over the samples: :func:`predictive_sums` is an ``(init, update)`` pair accumulating
 :math:`\operatorname{logsumexp}_k \log p_k` and :math:`\sum_k H[p_k]` (memory: one ``(..., C)`` and one
@@ -44,7 +45,7 @@ from typing import NamedTuple
 
 import torch
 
-from bayesflow.predictive._samples import Samples, sample_chunks
+from bayesflow.predictive._samples import Samples, check_finite, sample_chunks
 from bayesflow.records import record
 from bayesflow.types import Transform
 
@@ -131,7 +132,10 @@ def predictive_sums(dtype: torch.dtype | None = None) -> Transform:
         ``inplace=True`` writes into the state's tensors.
 
     Raises:
-        ValueError: (update) the chunk's trailing shape differs from ``init``'s, or it has no sample axis.
+        ValueError: (update) the chunk's trailing shape differs from ``init``'s, it has no sample axis,
+            or it holds NaN or ``+inf`` (``-inf`` is a masked class and allowed). The message names the
+            first such sample (counting from the first update) and its index. The check is one
+            ``.all()`` per chunk, the one host sync of an update; the state is left as it was.
 
     Example (samples arriving one at a time, e.g. from a sampler's loop):
         >>> import torch
@@ -165,6 +169,7 @@ def predictive_sums(dtype: torch.dtype | None = None) -> Transform:
                              f"after a sample axis), got {_describe(logits)}")
         if not logits.is_floating_point():
             raise ValueError(f"logits must be floating point, got {logits.dtype}")
+        check_finite(logits, "logits", first_sample=state.count, allow_negative_inf=True)  # before any write
         log_probs = torch.log_softmax(logits.detach().to(state.log_sum_probs.dtype), dim=-1)
         entropy = _entropy(log_probs).sum(0)
         chunk = log_probs[0] if logits.shape[0] == 1 else torch.logsumexp(log_probs, dim=0)
@@ -221,6 +226,13 @@ def classification_uncertainty(samples: Samples, *, num_samples: int | None = No
     ``(K, B, T, V)`` for a language model's next-token distributions (per token; reduce to sequences
     with :func:`~bayesflow.predictive.sequence_uncertainty`).
 
+    Logits of ``-inf`` mask classes: such a class has probability 0 in that sample (:math:`0 \log 0 = 0`)
+    and the results stay finite; a class masked in every sample gets a ``log_predictive`` of ``-inf``
+    and leaves TU, AU and EU as they are without it. A row of ``-inf`` in every class (a padding token)
+    has no distribution: its ``log_predictive``, TU, AU and EU are NaN, which
+    :func:`~bayesflow.predictive.sequence_uncertainty` ignores under the mask. NaN and ``+inf`` logits
+    are refused.
+
     Args:
         samples: the logits of the samples (any unnormalised log-probabilities: ``log_softmax`` is
             applied; for probabilities pass ``probs.log()``), as one of
@@ -240,7 +252,8 @@ def classification_uncertainty(samples: Samples, *, num_samples: int | None = No
     Raises:
         TypeError: ``samples`` is not a tensor, function or iterable of tensors.
         ValueError: K = 0, no ``num_samples`` for a function (or the wrong one), samples of different
-            shapes, a tensor without a sample and a class axis, or non-floating logits.
+            shapes, a tensor without a sample and a class axis, non-floating logits, or logits holding
+            NaN or ``+inf`` (named by sample and index; ``-inf`` is allowed, see below).
 
     Example (a Bayesian last layer: 20 Gaussian draws of a (2, 3) weight, logits computed per draw):
         >>> import torch

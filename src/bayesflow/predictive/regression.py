@@ -26,12 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from numbers import Real
 from typing import NamedTuple
 
 import torch
 
+from bayesflow.predictive._samples import check_finite
 from bayesflow.records import record
 
 __all__ = ["RegressionUncertainty", "regression_uncertainty"]
@@ -75,7 +77,7 @@ def regression_uncertainty(means: GaussianSamples, variances: torch.Tensor | flo
               shared noise variance, or None for noise-free function samples);
             * a function ``k -> (mean_k, variance_k)`` with ``num_samples=K`` (``variances`` None);
             * an iterable of ``(mean_k, variance_k)`` pairs (``variances`` None).
-        variances: the samples' predictive variances :math:`σ^2_k` (see ``means``; must be non-negative).
+        variances: the samples' predictive variances :math:`σ^2_k` (see ``means``; finite and non-negative).
         num_samples: K, required for a function; a check for the others.
         chunk_size: for tensors, samples per chunk (None: all at once).
 
@@ -85,8 +87,9 @@ def regression_uncertainty(means: GaussianSamples, variances: torch.Tensor | flo
 
     Raises:
         TypeError: ``means`` is none of the three, or yields something other than tensor pairs.
-        ValueError: K = 0, shapes that disagree, negative variances, a missing or wrong
-            ``num_samples``, or ``variances`` given together with a function or iterable.
+        ValueError: K = 0, shapes that disagree, NaN or infinite means, NaN, infinite or negative
+            variances (named by sample and index), a missing or wrong ``num_samples``, or ``variances``
+            given together with a function or iterable. The check is one ``.all()`` per chunk.
 
     Example (heteroscedastic samples streamed from a function of the sample index):
         >>> import torch
@@ -106,7 +109,9 @@ def regression_uncertainty(means: GaussianSamples, variances: torch.Tensor | flo
     count, mean, squares, variance_sum = 0, None, None, None
     for mu, var in _pairs(means, variances, num_samples, chunk_size):
         mu, var, k = mu.detach(), var.detach(), mu.shape[0]
-        if (var < 0).any():
+        if not bool(torch.isfinite(mu).all() & ((var >= 0) & (var < math.inf)).all()):  # False for NaN too
+            check_finite(mu, "means", first_sample=count)
+            check_finite(var, "variances", first_sample=count)
             raise ValueError(f"variances must be non-negative, got a minimum of {var.min().item()!r} "
                              f"among samples {count}..{count + k - 1}")
         chunk_mean = mu.mean(0)
@@ -135,6 +140,9 @@ def _pairs(means, variances, num_samples: int | None, chunk_size: int | None) ->
         if variances is None:
             variances = means.new_zeros(())
         elif isinstance(variances, Real) and not isinstance(variances, bool):
+            if not 0 <= float(variances) < math.inf:  # False for NaN
+                raise ValueError(f"variances must be a finite non-negative number (a shared noise variance), "
+                                 f"got {variances!r}")
             variances = means.new_tensor(float(variances))
         elif not isinstance(variances, torch.Tensor):
             raise TypeError(f"variances must be a tensor, a number or None, got {type(variances).__name__}")
@@ -162,6 +170,8 @@ def _pairs(means, variances, num_samples: int | None, chunk_size: int | None) ->
         if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
             raise TypeError(f"sample {count - 1} must be a (mean, variance) pair of tensors, got {type(pair).__name__}")
         mu, var = pair
+        if not mu.is_floating_point():
+            raise ValueError(f"sample {count - 1}'s mean must be a floating tensor, got {mu.dtype}")
         if shape is None:
             shape = mu.shape
         if mu.shape != shape or var.shape != shape:
