@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from numbers import Real
 from typing import Any, Literal
 
+import torch
+
 from bayesflow.engine.block import Block, as_block
+from bayesflow.engine.groups import TemperatureGroups
 from bayesflow.engine.integrators import EulerMaruyama, Integrator, Splitting
-from bayesflow.engine.operators import Operator, Scalar
+from bayesflow.engine.operators import Diagonal, Operator, Scalar
+from bayesflow.engine.schedules import as_schedule
+from bayesflow.tree import tree_leaves
 
 __all__ = ["SDEConfig", "preset"]
 
@@ -48,24 +55,60 @@ def check_compile_options(compile, options) -> None:
         raise ValueError(f"compile_options {options} need compile=True or 'auto', got compile={compile!r}")
 
 
+def _number(name: str, value, *, sign: str = "") -> None:
+    """Refuses a field that is not a finite real number (a bool, NaN, ±inf, a string), or (``sign``
+    ``"non-negative"`` or ``"positive"``) one below zero or at it: ``wd < 0`` alone lets NaN through."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or (
+            sign == "non-negative" and value < 0) or (sign == "positive" and value <= 0):
+        raise ValueError(f"{name} must be a finite {sign + ' ' if sign else ''}number, got {value!r}")
+
+
+def check_mass(mass) -> None:
+    """A constant mass must be positive: M⁻¹ and M^{1/2} enter every step (``Scalar(0)`` would divide
+    by zero, a negative one has no square root). Preconditioned masses are positive by construction."""
+    if isinstance(mass, Scalar) and not mass.value > 0:
+        raise ValueError(f"mass must be positive (M⁻¹ and M^(1/2) enter every step), got {mass!r}")
+    if isinstance(mass, Diagonal):
+        for i, values in enumerate(mass.values):
+            if values.numel() and not bool((values > 0).all()):
+                raise ValueError(f"mass must be positive (M⁻¹ and M^(1/2) enter every step); Diagonal leaf {i} "
+                                 f"has entries <= 0 (min {values.min().item():g})")
+
+
+def check_num_data(num_data) -> None:
+    """N as given: a positive finite number, or a tree of them (one per leaf: its length is checked at
+    ``init``, against the parameters)."""
+    if isinstance(num_data, (bool, Real)) or not isinstance(num_data, (Mapping, list, tuple, torch.Tensor)):
+        _number("num_data", num_data, sign="positive")
+        return
+    for i, value in enumerate(tree_leaves(num_data)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        _number(f"num_data entry {i}", value, sign="positive")
+
+
 @dataclass(frozen=True)
 class SDEConfig:
     r"""One point in the family :math:`dz = -[D+Q]\nabla H\,dt + TΓ\,dt + \sqrt{2TD}\,dW`.
 
     Args:
-        step_size: h, a float or a schedule ``step -> float``.
+        step_size: h, a finite float >= 0 or a schedule ``step -> float`` (its values are checked each step).
         diffusion: D, an operator on θ or a :class:`Block` over (params, momenta, xi).
         curl: Q, likewise (None: zero).
-        temperature: T, a float, a schedule, or a tensor with one value per chain.
+        temperature: T, a finite float >= 0, a schedule, a tensor with one value per chain, or a dict
+            ``{parameter-name glob: T}`` of per-group temperatures (:mod:`bayesflow.engine.groups`).
         num_data: N, the normaliser of the user's log posterior (1 for per-datum values, the
-            default; num_data for summed ones), or one float per leaf of params (per-group N).
+            default; num_data for summed ones), or one float per leaf of params (per-group N); every
+            value positive and finite.
         integrator: an :class:`~bayesflow.engine.integrators.Integrator`.
-        mass: M in the kinetic energy ½ mᵀM⁻¹m (a Scalar, Diagonal or Preconditioned operator).
-        thermostat_target: A in SGNHT's thermostat energy (d/(2Q))(ξ - A)².
+        mass: M in the kinetic energy ½ mᵀM⁻¹m (a Scalar, Diagonal or Preconditioned operator); a Scalar
+            or Diagonal mass must be positive (``Scalar(0)`` is refused, not divided by).
+        thermostat_target: A in SGNHT's thermostat energy (d/(2Q))(ξ - A)², a finite number.
         thermostat_mass: Q in that energy, the thermostat's inertia (SGNHT: σ², the momenta's mass, so
-            the friction is ξ/σ² whatever units m is measured in; ξ's stationary spread is T·Q/d).
-        weight_decay: λ of a Gaussian prior (λ/2)|θ|² added to H (torch's coupled weight decay).
-        decoupled_weight_decay: per-step factor ε of θ ← (1 - ε)θ applied before the step (AdamW).
+            the friction is ξ/σ² whatever units m is measured in; ξ's stationary spread is T·Q/d), a
+            positive finite number.
+        weight_decay: λ >= 0 of a Gaussian prior (λ/2)|θ|² added to H (torch's coupled weight decay).
+        decoupled_weight_decay: per-step factor ε >= 0 of θ ← (1 - ε)θ applied before the step (AdamW).
         step_scales: ``((component, schedule), ...)``: that component's sub-steps use h·schedule(t)
             (Adam's bias correction, torch SGD's undampened first step).
         gamma: compute Γ for state-dependent operators (False drops it, as pSGLD does).
@@ -87,6 +130,11 @@ class SDEConfig:
         recipe: set by presets (:func:`preset`): the preset's ``config`` with its arguments bound, so
             that an overridden temperature or learning rate (ensembles, sweeps) is configured *by the
             preset* — with its schedules and corrections — instead of written over them. Not compared.
+
+    Raises:
+        ValueError / TypeError: a field outside what it accepts, naming the field and the value (NaN and
+            infinite numbers included); operator shapes and per-leaf ``num_data`` lengths are checked at
+            ``init``, against the parameters.
 
     Example (SGHMC with friction γ = 0.1, and the same dynamics as an optimizer at T = 0):
         >>> from dataclasses import replace
@@ -130,10 +178,17 @@ class SDEConfig:
             raise TypeError(f"integrator must be an Integrator, got {type(self.integrator).__name__}")
         if not isinstance(self.mass, Operator) or self.mass.diagonal is Operator.diagonal:
             raise TypeError(f"mass must be a diagonal operator (Scalar, Diagonal, Preconditioned), got {self.mass!r}")
-        if not self.thermostat_mass > 0 or self.thermostat_mass == float("inf"):
-            raise ValueError(f"thermostat_mass must be a positive finite number, got {self.thermostat_mass!r}")
-        if self.weight_decay < 0 or self.decoupled_weight_decay < 0:
-            raise ValueError("weight decays must be non-negative")
+        check_mass(self.mass)
+        _number("thermostat_target", self.thermostat_target)
+        _number("thermostat_mass", self.thermostat_mass, sign="positive")
+        _number("weight_decay", self.weight_decay, sign="non-negative")
+        _number("decoupled_weight_decay", self.decoupled_weight_decay, sign="non-negative")
+        if isinstance(self.temperature, Mapping):
+            TemperatureGroups(self.temperature)
+        else:
+            as_schedule(self.temperature, "temperature")
+        as_schedule(self.step_size, "step_size")
+        check_num_data(self.num_data)
         for component, _ in self.step_scales:
             if component not in ("params", "momenta", "xi"):
                 raise ValueError(f"step_scales names unknown component {component!r}")

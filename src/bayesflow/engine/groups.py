@@ -10,11 +10,15 @@ for a dict of them) that matches deciding:
     z_\ell \leftarrow z_\ell - h\,[(D+Q)\nabla H]_\ell + h\,T_\ell Γ_\ell + \sqrt{2 T_\ell h}\,(D^{1/2}ξ)_\ell .
 
 Noise is drawn only for the leaves with :math:`T_\ell > 0` (the cold leaves draw no random numbers and
-follow exactly the T = 0 update, i.e. ``torch.optim``'s), and initial momenta are
-:math:`N(0, T_\ell M)` per leaf. Because D and Q act leaf by leaf (diagonal diffusions, the
-Hamiltonian curl coupling each θ leaf to its own momenta), the sampled leaves keep their exact
-stationary law given the others. Couplings across leaves (a dense diffusion over all parameters), the
-lattice walk, per-chain temperature tensors and temperature schedules are refused with an error.
+follow exactly the T = 0 update, i.e. ``torch.optim``'s), and initial momenta are :math:`N(0, T_\ell M)`
+per leaf. Because D and Q act leaf by leaf (diagonal diffusions, the Hamiltonian curl coupling each θ
+leaf to its own momenta), the sampled leaves keep their exact stationary law given the others. A pattern
+that decides no leaf is refused at ``init`` (when the parameters are first seen), naming it and the
+parameters: one that matches no name (a typo such as ``"haed.*"``), or one whose matches an earlier
+pattern all takes (``{"*": 0.0, "head.*": 1/N}``: order the specific patterns first); a catch-all
+matching every leaf may be left with nothing to decide. Couplings across leaves (a dense diffusion over
+all parameters), the lattice walk, per-chain temperature tensors and temperature schedules are refused
+with an error.
 
 Example:
     >>> import torch
@@ -73,7 +77,8 @@ class TemperatureGroups:
     """A ``{glob pattern: temperature}`` mapping, checked; :meth:`resolve` gives each leaf its value.
 
     Args:
-        groups: a non-empty mapping from glob patterns (``str``) to finite non-negative numbers.
+        groups: a non-empty mapping from glob patterns (``str``) to finite non-negative numbers. Every
+            pattern must decide some parameter (checked by :meth:`resolve`, at ``init``).
 
     Raises:
         TypeError / ValueError: not a mapping, an empty one, a non-string pattern, a bad temperature.
@@ -105,16 +110,39 @@ class TemperatureGroups:
         return all(value == 0.0 for value in self.groups.values())
 
     def resolve(self, params) -> LeafTemperature:
-        """The per-leaf temperatures of ``params`` (a tree; its leaves' dotted paths are matched)."""
-        values = []
-        for path in _paths(params):
+        """The per-leaf temperatures of ``params`` (a tree; its leaves' dotted paths are matched).
+
+        Raises:
+            ValueError: a parameter no pattern matches; a pattern that matches no parameter (a typo
+                would run that group at another temperature); a pattern whose parameters an earlier
+                pattern all decides (it never applies: order the specific patterns first), unless it
+                matches every parameter (a catch-all default with nothing left to decide).
+        """
+        paths = _paths(params)
+        values, decided = [], {pattern: [] for pattern in self.groups}
+        for path in paths:
             for pattern, value in self.groups.items():
                 if fnmatch.fnmatchcase(path, pattern):
                     values.append(value)
+                    decided[pattern].append(path)
                     break
             else:
                 raise ValueError(f"no temperature pattern matches the parameter {path!r} (patterns "
                                  f"{list(self.groups)}); add a catch-all such as '*': 0.0")
+        shown = ", ".join(repr(path) for path in paths[:12]) + (", ..." if len(paths) > 12 else "")
+        for pattern, taken in decided.items():
+            if taken:
+                continue
+            matched = [path for path in paths if fnmatch.fnmatchcase(path, pattern)]
+            if not matched:
+                raise ValueError(f"temperature pattern {pattern!r} matches no parameter (globs are matched on the "
+                                 f"dotted names); the parameters are {shown}")
+            if len(matched) < len(paths):
+                earlier = sorted({p for p, taken_by in decided.items() for path in matched if path in taken_by},
+                                 key=list(self.groups).index)
+                raise ValueError(f"temperature pattern {pattern!r} never applies: every parameter it matches "
+                                 f"({', '.join(map(repr, matched[:12]))}) is decided by the earlier pattern(s) "
+                                 f"{earlier} (the first match decides); put {pattern!r} before them")
         return LeafTemperature(tuple(values))
 
     def __repr__(self) -> str:

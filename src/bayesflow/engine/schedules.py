@@ -14,10 +14,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import torch
 
 __all__ = ["BiasCorrection", "Constant", "Cyclical", "FirstStep", "as_schedule"]
+
+
+def _finite_values(name: str, value) -> None:
+    """Refuses a schedule parameter that is not a finite real number (or, for per-chain values, a 1-D
+    floating-point tensor of them): NaN would pass every comparison and reach the step."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 1 or not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be a finite number or a 1-D tensor of them (one per chain), got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _negative(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool((value < 0).any())
+    return value < 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,9 @@ class Constant:
     """
 
     value: float
+
+    def __post_init__(self):
+        _finite_values("Constant value", self.value)
 
     def __call__(self, step: int) -> float:
         return self.value
@@ -49,6 +70,10 @@ class BiasCorrection:
     """
 
     beta: float
+
+    def __post_init__(self):
+        if isinstance(self.beta, bool) or not isinstance(self.beta, Real) or not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"BiasCorrection beta must be a decay rate in [0, 1), got {self.beta!r}")
 
     def __call__(self, step: int) -> float:
         return 1.0 / (1.0 - self.beta ** (step + 1))
@@ -68,6 +93,10 @@ class FirstStep:
     first: float
     then: float = 1.0
 
+    def __post_init__(self):
+        _finite_values("FirstStep first", self.first)
+        _finite_values("FirstStep then", self.then)
+
     def __call__(self, step: int) -> float:
         return self.first if step == 0 else self.then
 
@@ -77,13 +106,18 @@ class Cyclical:
     r"""Cosine cycles: :math:`f(t) = \tfrac{a}{2}(\cos(\pi\, (t \bmod P)/P) + 1)`.
 
     Args:
-        initial: a, the value at the start of each cycle.
-        period: P, steps per cycle.
-        exploration: fraction of each cycle in which ``floor`` replaces the value (cSGLD's
+        initial: a, the value at the start of each cycle: a finite number (or a 1-D tensor, one per
+            chain); as a step size or temperature it must also be non-negative (checked at ``build``).
+        period: P, steps per cycle: a positive integer (an integral float such as ``100.0`` is taken
+            as 100; ``2.5``, ``0``, negatives and bools are refused).
+        exploration: fraction in [0, 1] of each cycle in which ``floor`` replaces the value (cSGLD's
             exploration stage runs at T = 0); None keeps the cosine throughout.
-        floor: the value during exploration.
+        floor: the value during exploration, a finite number.
         anneal: follow the cosine (step sizes); False holds ``initial`` outside exploration
             (cSGLD's temperature: 0 while exploring, constant while sampling).
+
+    Raises:
+        ValueError: any of the above outside what it accepts, naming it and the value.
 
     Example (cSGLD with 100-step cycles: exploration at T = 0 for the first half of each cycle):
         >>> from bayesflow.engine import Cyclical
@@ -102,10 +136,23 @@ class Cyclical:
     anneal: bool = True
 
     def __post_init__(self):
+        period = self.period
+        if isinstance(period, bool) or not isinstance(period, Integral):
+            if isinstance(period, Real) and not isinstance(period, bool) and math.isfinite(period) and (
+                    float(period).is_integer()):
+                object.__setattr__(self, "period", int(period))  # 100.0 is 100 steps
+            else:
+                raise ValueError(f"Cyclical period must be a positive integer number of steps, got {period!r}")
         if self.period < 1:
-            raise ValueError(f"period must be a positive number of steps, got {self.period}")
-        if self.exploration is not None and not 0.0 <= self.exploration <= 1.0:
-            raise ValueError(f"exploration must be a fraction in [0, 1], got {self.exploration}")
+            raise ValueError(f"Cyclical period must be a positive integer number of steps, got {period!r}")
+        exploration = self.exploration
+        if exploration is not None and (isinstance(exploration, bool) or not isinstance(exploration, Real)
+                                        or not 0.0 <= exploration <= 1.0):
+            raise ValueError(f"Cyclical exploration must be None or a fraction in [0, 1], got {exploration!r}")
+        _finite_values("Cyclical initial", self.initial)
+        _finite_values("Cyclical floor", self.floor)
+        if not isinstance(self.anneal, bool):
+            raise TypeError(f"Cyclical anneal must be True or False, got {self.anneal!r}")
 
     def __call__(self, step: int) -> float:
         phase = (step % self.period) / self.period
@@ -117,16 +164,32 @@ class Cyclical:
 
 
 def as_schedule(value, name: str) -> Callable[[int], float] | torch.Tensor:
-    """A float becomes :class:`Constant`; a callable is kept; a tensor (one value per chain) is kept."""
+    """A float becomes :class:`Constant`; a callable is kept; a tensor (one value per chain) is kept.
+
+    Numbers, tensors, and the values a :class:`Constant` or :class:`Cyclical` takes must be finite and
+    non-negative (a ValueError naming ``name`` and the value); a bool or another type is a TypeError.
+    Other callables are checked when called, at each step."""
     if isinstance(value, torch.Tensor):
         if value.ndim > 1:
             raise ValueError(f"{name} tensor must hold one value per chain (1-D), got {tuple(value.shape)}")
         if not torch.isfinite(value).all() or (value < 0).any():
             raise ValueError(f"{name} values must be finite and non-negative, got {value}")
         return value
+    if isinstance(value, (Constant, Cyclical)):  # the values these take are known now: refuse them here
+        if isinstance(value, Constant):
+            parts = {"value": value.value}
+        else:
+            parts = {"initial": value.initial, "floor": value.floor}
+        for part, number in parts.items():
+            if _negative(number):
+                raise ValueError(f"{name} {type(value).__name__} {part} must be non-negative, got {number!r} "
+                                 f"(in {value!r})")
+        return value
     if callable(value):
         return value
-    if isinstance(value, (int, float)):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, a schedule step -> float or a tensor, got {value!r}")
+    if isinstance(value, Real):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be finite and non-negative, got {value}")
         return Constant(float(value))

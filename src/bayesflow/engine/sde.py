@@ -36,7 +36,7 @@ from bayesflow.engine.layout import Layout
 from bayesflow.engine.noise import INIT
 from bayesflow.engine.schedules import Constant, as_schedule, is_zero
 from bayesflow.engine.state import SDEState
-from bayesflow.engine.step import advance
+from bayesflow.engine.step import _scheduled, advance
 from bayesflow.engine.system import GradientNotAvailable
 from bayesflow.engine.validation import (
     chain_mismatch,
@@ -250,7 +250,8 @@ class _Engine:
                 raise ValueError("momenta must have the structure and shapes of params")
             return momenta
         zeros = [torch.zeros_like(leaf) for leaf in leaves]
-        temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else self.temperature(0)
+        temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else _scheduled(
+            self.temperature(0), "temperature", 0)
         if self.groups is not None:
             temperature = self.layout.leaf_temperature
         if self.config.momenta_init == "zero" or not is_hot(temperature):

@@ -10,6 +10,7 @@ the two can never disagree about what a step computes.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -38,8 +39,16 @@ def scalars(engine, step: int):
 
 def _scheduled(value, name: str, step: int):
     """A schedule's value, refused before anything is written when it is a number that is NaN, infinite or
-    negative (per-chain tensors are not read: that would be a host sync on an accelerator)."""
-    if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+    negative (per-chain tensors are not read: that would be a host sync on an accelerator). Numbers of
+    other real types (numpy's) are taken as floats."""
+    if type(value) is not float:
+        if isinstance(value, bool) or value is None or isinstance(value, (str, bytes)):
+            raise TypeError(f"the {name} schedule returned {value!r} at step {step}; expected a number "
+                            "(or a tensor of per-chain values)")
+        if not isinstance(value, numbers.Real):
+            return value  # per-chain tensors, per-group temperatures
+        value = float(value)
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"the {name} schedule returned {value!r} at step {step}; expected a finite number >= 0")
     return value
 

@@ -90,15 +90,15 @@ def resolve_num_data(num_data, leaves: list):
     """N as one float, or a list of one float per leaf (per-group data sizes)."""
     if isinstance(num_data, (int, float)):
         if not num_data > 0 or not math.isfinite(num_data):
-            raise ValueError(f"num_data must be a positive number, got {num_data}")
+            raise ValueError(f"num_data must be a positive finite number, got {num_data}")
         return float(num_data)
     values, _ = flatten(num_data)
     values = [float(v) for v in values]
     if len(values) != len(leaves):
         raise ValueError(f"num_data has {len(values)} entries but params has {len(leaves)} leaves; "
                          "give one number or one per leaf")
-    if any(not v > 0 for v in values):
-        raise ValueError(f"num_data entries must be positive, got {values}")
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise ValueError(f"num_data entries must be positive and finite, got {values}")
     return values
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from numbers import Real
 from typing import Any, NamedTuple
 
+import optree
 import torch
 
 from bayesflow.engine.validation import check_finite_params, param_leaves, param_paths
@@ -173,12 +174,59 @@ def likelihood_terms(forward: Callable, outer_log_likelihood: Callable, batch: A
 # Initial precisions
 
 
-def check_scalar_precision(name: str, value: Any) -> None:
-    """A number given as an initial precision must be finite and non-negative (checked at build)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or a tensor, got {value!r}")
-    if isinstance(value, Real) and not (math.isfinite(value) and value >= 0):
+def check_scalar_precision(name: str, value: Any, *, tree: bool | None = None) -> None:
+    """An initial precision as given to ``build`` (and ``init``), checked before any parameter is seen.
+
+    ``init_prec`` (``tree`` False) is a number or a tensor; ``init_prec_diag`` (``tree`` True, the
+    default for that name) is a number, a tensor, or a tree of numbers and tensors (its structure and
+    shapes are checked against the parameters at ``init``). Numbers, one-element tensors and the entries
+    of a diagonal must be finite and non-negative; a dense ``(d, d)`` tensor must be finite (its
+    positive semi-definiteness is checked at ``init``).
+
+    Raises:
+        TypeError: a bool, a string or another type where a precision is expected; a tensor of a
+            non-numeric dtype.
+        ValueError: a NaN, infinite or negative precision.
+    """
+    if tree is None:
+        tree = name.endswith("_diag")
+    expected = ("a number, a tensor or a tree of them shaped like params" if tree else
+                "a number or a (d, d) tensor")
+    if _is_leaf_precision(value) or not tree:
+        _check_precision_leaf(name, value, expected, entries_non_negative=tree)
+        return
+    paths, leaves, _ = optree.tree_flatten_with_path(value, none_is_leaf=True, namespace="bayesflow")
+    if not leaves:
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    for path, leaf in zip(paths, leaves):
+        where = "".join(f"[{p!r}]" for p in path)
+        _check_precision_leaf(f"{name}{where}", leaf, expected, entries_non_negative=True)
+
+
+def _is_leaf_precision(value: Any) -> bool:
+    return isinstance(value, (Real, torch.Tensor, str, bytes))
+
+
+def _check_precision_leaf(name: str, value: Any, expected: str, entries_non_negative: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex() or not (
+                value.is_floating_point() or value.dtype in _INTEGER_DTYPES):
+            raise TypeError(f"{name} must hold real numbers ({expected}), got a tensor of dtype {value.dtype}")
+        if value.numel() == 1:
+            value = value.item()
+        else:
+            finite = bool(torch.isfinite(value).all())
+            if not finite or (entries_non_negative and bool((value < 0).any())):
+                what = "finite non-negative precisions" if entries_non_negative else "finite values"
+                raise ValueError(f"{name} must hold {what}, got {value}")
+            return
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite non-negative precision, got {value!r}")
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _is_number(value: Any) -> bool:
@@ -190,8 +238,8 @@ def init_diag(params: TensorTree, init_prec_diag: TensorTree | float) -> DiagLap
     """A :class:`DiagLaplaceState` with ``prec_diag`` the (checked, copied) initial diagonal."""
     leaves, spec = param_leaves("init", params)
     check_finite_params(leaves, spec)
+    check_scalar_precision("init_prec_diag", init_prec_diag)
     if _is_number(init_prec_diag):
-        check_scalar_precision("init_prec_diag", float(init_prec_diag))
         value = float(init_prec_diag)
         prec = [torch.full(leaf.shape, value, dtype=leaf.dtype, device=leaf.device) for leaf in leaves]
     else:
@@ -221,8 +269,8 @@ def init_dense(params: TensorTree, init_prec: torch.Tensor | float) -> DenseLapl
     check_finite_params(leaves, spec)
     dtype, device = flat_layout(leaves)
     d = sum(leaf.numel() for leaf in leaves)
+    check_scalar_precision("init_prec", init_prec)
     if _is_number(init_prec):
-        check_scalar_precision("init_prec", float(init_prec))
         prec = torch.eye(d, dtype=dtype, device=device) * float(init_prec)
         return DenseLaplaceState(params, prec)
     if not isinstance(init_prec, torch.Tensor):

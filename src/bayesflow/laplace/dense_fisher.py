@@ -61,7 +61,8 @@ def build(log_posterior: LogProbFn, per_sample: bool = False, init_prec: torch.T
             with ``per_sample=True`` a vector of one value per sample.
         per_sample: whether ``log_posterior`` already returns per-sample values.
         init_prec: :math:`P_0`: a non-negative number :math:`c` (:math:`c I`) or a symmetric positive
-            semi-definite ``(d, d)`` tensor.
+            semi-definite ``(d, d)`` tensor (checked here: a TypeError for another type, a ValueError for
+            NaN, infinite or negative values; the shape and definiteness are checked at ``init``).
 
     Returns:
         A :class:`~bayesflow.types.Transform` of :func:`init` and :func:`update` with these arguments.

@@ -62,7 +62,8 @@ def build(forward: ForwardFn, outer_log_likelihood: OuterLogProbFn, init_prec: t
         outer_log_likelihood: ``outer_log_likelihood(output, batch) -> value``, a scalar log likelihood
             of the output (no aux).
         init_prec: :math:`P_0`: a non-negative number :math:`c` (:math:`c I`) or a symmetric positive
-            semi-definite ``(d, d)`` tensor.
+            semi-definite ``(d, d)`` tensor (checked here: a TypeError for another type, a ValueError for
+            NaN, infinite or negative values; the shape and definiteness are checked at ``init``).
 
     Returns:
         A :class:`~bayesflow.types.Transform` of :func:`init` and :func:`update` with these arguments.

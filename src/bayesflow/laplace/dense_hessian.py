@@ -70,7 +70,8 @@ def build(log_posterior: LogProbFn, init_prec: torch.Tensor | float = 0.0, epsil
     Args:
         log_posterior: ``log_posterior(params, batch) -> (value, aux)`` with a scalar value.
         init_prec: :math:`P_0`: a non-negative number :math:`c` (:math:`c I`) or a symmetric positive
-            semi-definite ``(d, d)`` tensor.
+            semi-definite ``(d, d)`` tensor (checked here: a TypeError for another type, a ValueError for
+            NaN, infinite or negative values; the shape and definiteness are checked at ``init``).
         epsilon: :math:`\epsilon \ge 0`, added to the diagonal of every batch's term.
         rescale: :math:`r`, multiplying every batch's Hessian.
 

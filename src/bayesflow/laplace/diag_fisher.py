@@ -71,7 +71,9 @@ def build(log_posterior: LogProbFn, per_sample: bool = False, init_prec_diag: Te
         log_posterior: ``log_posterior(params, batch) -> (value, aux)``: a scalar value for the batch, or
             with ``per_sample=True`` a vector of one value per sample.
         per_sample: whether ``log_posterior`` already returns per-sample values.
-        init_prec_diag: :math:`p_0`, a non-negative number or a tree shaped like (broadcasting to) params.
+        init_prec_diag: :math:`p_0`, a non-negative number or a tree shaped like (broadcasting to) params of
+            non-negative numbers and tensors (checked here: a TypeError for another type, a ValueError for
+            NaN, infinite or negative values; the shapes are checked at ``init``).
 
     Returns:
         A :class:`~bayesflow.types.Transform` of :func:`init` and :func:`update` with these arguments.

@@ -62,7 +62,9 @@ def build(forward: ForwardFn, outer_log_likelihood: OuterLogProbFn, init_prec_di
             over the batch); aux ``torch.tensor([])`` when there is none.
         outer_log_likelihood: ``outer_log_likelihood(output, batch) -> value``, a scalar log likelihood
             of the output (no aux).
-        init_prec_diag: :math:`p_0`, a non-negative number or a tree shaped like (broadcasting to) params.
+        init_prec_diag: :math:`p_0`, a non-negative number or a tree shaped like (broadcasting to) params of
+            non-negative numbers and tensors (checked here: a TypeError for another type, a ValueError for
+            NaN, infinite or negative values; the shapes are checked at ``init``).
 
     Returns:
         A :class:`~bayesflow.types.Transform` of :func:`init` and :func:`update` with these arguments.

@@ -63,7 +63,9 @@ def build(model: torch.nn.Module, outer_log_likelihood: OuterLogLikelihood, curv
         outer_log_likelihood: ``outer_log_likelihood(output, batch)``, the log likelihood of the model's
             output summed over the batch (a scalar).
         curvature: ``"empirical"`` (the per-sample empirical Fisher) or ``"ggn"``.
-        init_prec_diag: :math:`p_0`, a non-negative number or a tree shaped like (broadcasting to) params.
+        init_prec_diag: :math:`p_0`, a non-negative number or a tree shaped like (broadcasting to) params of
+            non-negative numbers and tensors (checked here: a TypeError for another type, a ValueError for
+            NaN, infinite or negative values; the shapes are checked at ``init``).
         input_fn: ``input_fn(batch)``, the model's input; ``batch[0]`` when None.
 
     Returns:
@@ -107,7 +109,9 @@ def build_fisher_for_module(model: torch.nn.Module, outer_log_likelihood: OuterL
             each called once per forward, on ``(batch, features)`` / ``(batch, channels, height, width)`` inputs.
         outer_log_likelihood: ``outer_log_likelihood(output, batch)``, the log likelihood summed over
             the batch (a scalar), rows independent.
-        init_prec_diag: :math:`p_0`, a non-negative number or a tree shaped like (broadcasting to) params.
+        init_prec_diag: :math:`p_0`, a non-negative number or a tree shaped like (broadcasting to) params of
+            non-negative numbers and tensors (checked here: a TypeError for another type, a ValueError for
+            NaN, infinite or negative values; the shapes are checked at ``init``).
         input_fn: ``input_fn(batch)``, the model's input; ``batch[0]`` when None.
 
     Returns:

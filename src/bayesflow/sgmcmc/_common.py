@@ -15,6 +15,7 @@ import torch
 from bayesflow.engine import Block, Scalar, SDEConfig, hamiltonian_curl
 from bayesflow.engine import build as engine_build
 from bayesflow.engine.groups import TemperatureGroups
+from bayesflow.engine.schedules import Constant, Cyclical, as_schedule
 from bayesflow.tree import tree_map
 from bayesflow.types import Transform
 
@@ -26,7 +27,9 @@ def positive(name: str, value, *, allow_zero: bool = False, schedule: bool = Fal
     """Return ``value`` if it is a finite positive number (or a schedule where allowed), or — with
     ``per_chain`` — a 1-D tensor of such numbers, one per chain (ensembles and sweeps)."""
     if schedule and callable(value) and not isinstance(value, torch.Tensor):
-        return value
+        # the library's value schedules are checked now (Cyclical(initial=-0.1)); another callable's values
+        # are checked by the engine at each step it is read
+        return as_schedule(value, name) if isinstance(value, (Constant, Cyclical)) else value
     if isinstance(value, torch.Tensor):
         if not per_chain:
             raise ValueError(f"{name} of one value per chain (a tensor) is not supported here: "
