@@ -202,6 +202,32 @@ def test_zero_lr_steps_equal_torch_optim(module, optimizer_class, hyper):
     assert int(face.param_groups[0]["engine"]["step"]) == len(LRS_WITH_ZEROS)  # counted as torch counts
 
 
+@pytest.mark.parametrize(("module", "optimizer_class", "hyper"), ZERO_LR[:2], ids=ZERO_LR_IDS[:2])
+def test_a_checkpoint_taken_at_lr_zero_resumes_bitwise(module, optimizer_class, hyper):
+    """The proxy lr of an lr = 0 step (the momenta's units) is saved with the group: a run resumed from
+    a checkpoint taken in an lr = 0 stretch equals the uninterrupted run bitwise."""
+    x, y = _data()
+    lrs = [0.1, 0.05, 0.0, 0.0, 0.02, 0.03]
+    whole = _mlp()
+    face = as_optimizer(module.build, whole.parameters(), **hyper)
+    first = _mlp()
+    half = as_optimizer(module.build, first.parameters(), **hyper)
+    for step, lr in enumerate(lrs):
+        face.param_groups[0]["lr"] = lr
+        _lockstep(((whole, face),), x, y, step)
+        if step < 3:
+            half.param_groups[0]["lr"] = lr
+            _lockstep(((first, half),), x, y, step)
+    resumed_model = _mlp()
+    resumed_model.load_state_dict(first.state_dict())
+    resumed = as_optimizer(module.build, resumed_model.parameters(), **{**hyper, "lr": 0.7})
+    resumed.load_state_dict(copy.deepcopy(half.state_dict()))
+    for step, lr in list(enumerate(lrs))[3:]:
+        resumed.param_groups[0]["lr"] = lr
+        _lockstep(((resumed_model, resumed),), x, y, step)
+    assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), whole.parameters()))
+
+
 ZERO_LR_SCHEDULERS = {  # each writes lr = 0.0 exactly (asserted below)
     "cosine_to_zero": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=0.0),
     "linear_warmup_from_zero": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 3)),

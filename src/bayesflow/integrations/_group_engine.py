@@ -171,7 +171,9 @@ class _GroupEngine:
         options = dict(zip(self.names, values))
         zero = _is_zero_lr(options.get("lr"), index)
         if zero:  # a preset refuses lr = 0 (h = √lr and friction (1 - μ)/√lr): built at a proxy lr
-            options["lr"] = ZERO_LR_PROXY if self.last_lr is None else self.last_lr
+            # the group's state remembers its last lr (the momenta's units), a loaded checkpoint's too
+            saved = (group.get(ENGINE) or {}).get("last_lr", self.last_lr)
+            options["lr"] = ZERO_LR_PROXY if saved is None else saved
         transform = _preset(self.builder, options, index)
         config = transform.config
         if self.engine is not None and _same_structure(config, self.config):

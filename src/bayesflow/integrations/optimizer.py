@@ -176,6 +176,8 @@ class EngineOptimizer(torch.optim.Optimizer):
         if fresh:
             self._initialize(index, group, slot, fresh)
         engine = _placed(group[ENGINE], active[0])
+        if slot.last_lr is not None:
+            engine["last_lr"] = slot.last_lr  # the proxy of a later lr = 0 step, checkpointed with the group
         momenta = "momenta" in slot.components
         if ("momenta" in engine["components"]) != momenta:
             raise ValueError(f"param group {index}: its options changed the extended state from "
