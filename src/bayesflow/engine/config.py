@@ -189,9 +189,17 @@ class SDEConfig:
             as_schedule(self.temperature, "temperature")
         as_schedule(self.step_size, "step_size")
         check_num_data(self.num_data)
-        for component, _ in self.step_scales:
+        if not isinstance(self.gamma, bool):
+            raise TypeError(f"gamma must be True or False, got {self.gamma!r}")
+        for entry in self.step_scales:
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                raise TypeError(f"step_scales must be ((component, schedule), ...) pairs, got {entry!r}")
+            component, scale = entry
             if component not in ("params", "momenta", "xi"):
                 raise ValueError(f"step_scales names unknown component {component!r}")
+            if not callable(scale):
+                raise TypeError(f"step_scales[{component!r}] must be a schedule step -> float (e.g. Constant(2.0), "
+                                f"FirstStep(...)), got {scale!r}")
 
     @property
     def diffusion_block(self) -> Block:

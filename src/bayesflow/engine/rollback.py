@@ -17,6 +17,7 @@ import torch
 from bayesflow.engine.context import Context
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.validation import Rejected
+from bayesflow.tree import tree_map
 
 __all__ = ["guarded", "refused", "restore", "snapshot"]
 
@@ -58,7 +59,14 @@ def refused(state: SDEState, inplace: bool) -> SDEState:
             rejected.add_(1)
             return state
         return state._replace(rejected=rejected + 1)
-    return state._replace(step=state.step + 1, rejected=rejected + 1)
+    # a record of its own: an in-place step of the refused state must not write the state it was given
+    fields = {name: tree_map(_copy, getattr(state, name))
+              for name in ("params", "momenta", "xi", "log_posterior", "preconditioner", "gradient")}
+    return state._replace(**fields, step=state.step + 1, rejected=rejected + 1)
+
+
+def _copy(leaf):
+    return leaf.clone() if isinstance(leaf, torch.Tensor) else leaf
 
 
 def guarded(run, saved: list | None, state: SDEState, inplace: bool):

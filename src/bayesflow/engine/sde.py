@@ -40,6 +40,7 @@ from bayesflow.engine.step import _scheduled, advance
 from bayesflow.engine.system import GradientNotAvailable
 from bayesflow.engine.validation import (
     chain_mismatch,
+    check_bool,
     check_finite_params,
     check_params,
 )
@@ -157,9 +158,10 @@ class _Engine:
                 if isinstance(value, torch.Tensor) and value.device != leaves[0].device:
                     raise ValueError(f"{name} is a tensor on {value.device} but params are on {leaves[0].device}; "
                                      f"move it with .to({str(leaves[0].device)!r})")
-            layout = self._layouts[key] = Layout(self.config, self.chains, self.components, leaves, spec)
-            if self.groups is not None:
+            layout = Layout(self.config, self.chains, self.components, leaves, spec)
+            if self.groups is not None:  # resolved before the layout is kept: a bad pattern caches nothing
                 layout.leaf_temperature = self.groups.resolve(unflatten(spec, leaves))
+            self._layouts[key] = layout
             if len(self._layouts) > MAX_LAYOUTS:  # a bounded cache: the oldest layout's buffers go
                 del self._layouts[next(iter(self._layouts))]
         self._use(layout)
@@ -277,6 +279,7 @@ class _Engine:
     # ----- the step -----------------------------------------------------------------------------
     def update(self, state: SDEState, batch, inplace: bool = False):
         """Advance one step, evaluating ∇ℓ with autograd on ``batch``. Returns ``(state, aux)``."""
+        check_bool(inplace, "inplace")
         aux_box = [None]
         params = self._state_params(state)
         aliases = self.layout.aliases if inplace else None
@@ -296,7 +299,14 @@ class _Engine:
 
     def step(self, state: SDEState, grads, inplace: bool = False, log_posterior=None) -> SDEState:
         """Advance one step with the caller's gradient ∇ℓ(θ_t) (same structure as params)."""
+        check_bool(inplace, "inplace")
         params = self._state_params(state)
+        if log_posterior is not None:
+            log_posterior = torch.as_tensor(log_posterior)
+            expected = () if self.chains is None else (self.chains,)
+            if tuple(log_posterior.shape) != expected:
+                raise ValueError(f"log_posterior must have shape {expected} (the value of each chain's log "
+                                 f"posterior), got {tuple(log_posterior.shape)}")
         gradient_fn = caller_gradient(self._flatten_like_params(grads, "grads"), log_posterior, self.signature,
                                       self.spec, self.config.integrator)
         if not self.config.integrator.evaluates_at_start():

@@ -42,7 +42,9 @@ def _scheduled(value, name: str, step: int):
     negative (per-chain tensors are not read: that would be a host sync on an accelerator). Numbers of
     other real types (numpy's) are taken as floats."""
     if type(value) is not float:
-        if isinstance(value, bool) or value is None or isinstance(value, (str, bytes)):
+        if isinstance(value, torch.Tensor) and value.ndim == 0 and value.device.type == "cpu":
+            value = value.item()  # one value on the CPU: read without a device sync, and checked
+        if isinstance(value, bool) or value is None or isinstance(value, (str, bytes, complex)):
             raise TypeError(f"the {name} schedule returned {value!r} at step {step}; expected a number "
                             "(or a tensor of per-chain values)")
         if not isinstance(value, numbers.Real):
@@ -169,6 +171,10 @@ def finish(state: SDEState, spec, ctx: Context, gradient: tuple, value, precondi
         if preconditioner is state.preconditioner and not gradient and not state.gradient:
             return state  # nothing to replace: skip building an identical record
         return state._replace(preconditioner=preconditioner, gradient=gradient)
+    if value is state.log_posterior:
+        value = value.clone()  # a value of its own, as in place: a later in-place step must not write this one
+    elif value.dtype != state.log_posterior.dtype or value.device != state.log_posterior.device:
+        value = value.to(state.log_posterior)  # the state's dtype, as in place (and checkpoints reload)
     return SDEState(
         params=unflatten(spec, z["params"].leaves),
         momenta=unflatten(spec, z["momenta"].leaves) if "momenta" in z else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import optree
 import torch
@@ -88,7 +89,9 @@ def mismatched_leaves(grads: list, leaves: list, spec) -> str:
 
 def resolve_num_data(num_data, leaves: list):
     """N as one float, or a list of one float per leaf (per-group data sizes)."""
-    if isinstance(num_data, (int, float)):
+    if isinstance(num_data, torch.Tensor) and num_data.numel() == 1:
+        num_data = num_data.item()
+    if isinstance(num_data, numbers.Real) and not isinstance(num_data, bool):
         if not num_data > 0 or not math.isfinite(num_data):
             raise ValueError(f"num_data must be a positive finite number, got {num_data}")
         return float(num_data)

@@ -5,7 +5,8 @@ chains in a single batched step (``torch.func.vmap`` of the single-chain log pos
 log posterior that takes batched parameters). Each chain has its own noise stream, so chain k of a
 batched run seeded ``s`` reproduces a single-chain run seeded ``s + k``:
 
-* bitwise in float32 and float64 when the chains share their hyperparameters;
+* bitwise in float32 and float64 when the chains share their hyperparameters (but for SGNHT's
+  thermostat, whose batched dot product mᵀm rounds differently: ξ to rounding, ≈ 1e-18 in float64);
 * in bfloat16 and float16 to rounding, not bitwise: the batched kernels round differently from the
   single-chain ones, so a step can differ by one ulp, and later steps carry the difference on
   (measured on a linear softmax model: at most 1 ulp after one step, tens of ulps after 200);
@@ -227,13 +228,8 @@ def replicate(params: TensorTree, num_chains: int, perturbation: float | Callabl
         (torch.Size([8, 2, 3]), torch.Size([8, 3]))
     """
     _check_num_chains(num_chains)
-    if seed is None:
-        seed = drawn_seed()
-    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
-    device = flatten(params)[0][0].device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive(seed_key(seed), 0, PERTURBATION, full=device.type != "cpu"))
     if perturbation is None or callable(perturbation):
         perturb = perturbation
     else:
@@ -245,6 +241,12 @@ def replicate(params: TensorTree, num_chains: int, perturbation: float | Callabl
             return tree_map(lambda p: p + sigma * torch.randn(p.shape, generator=generator, dtype=p.dtype,
                                                                device=p.device), tree)
 
+    generator = None
+    if perturb is not None:  # torch's global generator is only drawn from when there is noise to draw
+        device = flatten(params)[0][0].device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(derive(seed_key(drawn_seed() if seed is None else seed), 0, PERTURBATION,
+                                     full=device.type != "cpu"))
     copies = [tree_map(torch.clone, params) if perturb is None else perturb(params, generator)
               for _ in range(num_chains)]
     return stack(copies)

@@ -128,6 +128,7 @@ class EngineOptimizer(torch.optim.Optimizer):
                             f"got {type(builder).__name__}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+
         self._builder, self._seed, self._slots = builder, seed, []
         defaults = {**_builder_defaults(builder), **preset_kwargs, "lr": lr}
         if temperature is not None:
@@ -140,6 +141,9 @@ class EngineOptimizer(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict with 'params', got {type(param_group).__name__}")
         index = len(self.param_groups)
+        if self._seed is not None and not -(1 << 63) <= self._seed + index < 1 << 64:
+            raise ValueError(f"seed {self._seed} gives param group {index} the seed {self._seed + index}, outside "
+                             "[-2**63, 2**64), the range of torch.manual_seed")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -160,9 +164,21 @@ class EngineOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
+            # every group's options are checked before any group moves: a bad value in group 1 leaves group 0
+            # as it was (configure is cached, so the step's own call below costs nothing more)
+            for index, (group, slot) in enumerate(zip(self.param_groups, self._slots)):
+                slot.configure(group, index)
             for index, (group, slot) in enumerate(zip(self.param_groups, self._slots)):
                 self._step_group(index, group, slot, loss)
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict``; the groups' transforms are then configured from the loaded groups
+        (their options and their engine state, e.g. the last non-zero lr an lr = 0 step runs at)."""
+        super().load_state_dict(state_dict)
+        for index, (group, slot) in enumerate(zip(self.param_groups, self._slots)):
+            slot.values = None
+            slot.configure(group, index)
 
     def _step_group(self, index: int, group: dict, slot: _GroupEngine, loss) -> None:
         active = [p for p in group["params"] if p.grad is not None]
