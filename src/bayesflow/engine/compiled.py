@@ -213,9 +213,8 @@ class CompiledStep:
         # plan also takes the stream's views of it, so that it does not make them again every step
         compiling = self.mode != "replay"
         noise = []
-        for _, _, like in draws:
+        for _, _, like in draws:  # example values from a generator of their own: torch's global RNG stays
             buffer = torch.empty(flat_shape(like, engine.chains), dtype=like[0].dtype, device=like[0].device)
-            # example values from a generator of their own: tracing never moves torch's global RNG
             buffer.normal_(generator=torch.Generator(buffer.device).manual_seed(0))
             noise += [buffer] if compiling else [buffer, *views_of(buffer, like, engine.chains)]
         example = [copy_like(t) for t in self._inputs(engine, params, momenta, xi, statistics, cache,

@@ -39,7 +39,8 @@ import torch
 
 from bayesflow.engine.accumulator import Leaves
 
-__all__ = ["INIT", "PERTURBATION", "STEP", "NoiseStream", "derive", "drawn_seed", "mix", "seed_key", "views_of"]
+__all__ = ["INIT", "PERTURBATION", "SEEDS", "STEP", "NoiseStream", "derive", "drawn_seed", "mix", "seed_key",
+           "views_of"]
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
@@ -56,13 +57,17 @@ def mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
+SEEDS = range(-(1 << 63), 1 << 64)
+"""The seeds ``torch.manual_seed`` takes (a negative one is its two's complement)."""
+
+
 def seed_key(seed: int) -> int:
     """The chain key (a signed int64, as stored in ``state.rng``) of a user seed.
 
     Seeds take ``torch.manual_seed``'s range, :math:`[-2^{63}, 2^{64})` (a negative seed is its two's
     complement, as there); outside it two seeds would silently share a key."""
     seed = int(seed)
-    if not -(1 << 63) <= seed < 1 << 64:
+    if seed not in SEEDS:
         raise ValueError(f"seed {seed} is outside [-2**63, 2**64), the range of torch.manual_seed (with chains, "
                          "chain k's seed is seed + k)")
     key = mix(seed & _MASK64)

@@ -97,7 +97,7 @@ import numbers
 import torch
 
 from bayesflow.engine import SDEState
-from bayesflow.engine.noise import mix
+from bayesflow.engine.noise import SEEDS, mix
 from bayesflow.integrations._group_engine import (
     ENGINE,
     HOLD,
@@ -141,7 +141,7 @@ class EngineOptimizer(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict with 'params', got {type(param_group).__name__}")
         index = len(self.param_groups)
-        if self._seed is not None and not -(1 << 63) <= self._seed + index < 1 << 64:
+        if self._seed is not None and self._seed + index not in SEEDS:
             raise ValueError(f"seed {self._seed} gives param group {index} the seed {self._seed + index}, outside "
                              "[-2**63, 2**64), the range of torch.manual_seed")
         super().add_param_group(param_group)
