@@ -174,8 +174,12 @@ def test_bad_inputs():
         continual.gaussian_prior(object())
     with pytest.raises(ValueError, match="strength must be positive"):
         continual.gaussian_prior(state, strength=0.0)
-    with pytest.raises(TypeError, match="strength must be a finite number"):
+    with pytest.raises(ValueError, match="strength must be a finite number"):
         continual.gaussian_prior(state, strength=float("nan"))
+    with pytest.raises(ValueError, match="prior_prec must be a finite number"):
+        continual.gaussian_prior(state, prior_prec=float("inf"))
+    with pytest.raises(TypeError, match="strength must be a finite number"):
+        continual.gaussian_prior(state, strength="1")
     with pytest.raises(ValueError, match="prior_prec must be non-negative"):
         continual.gaussian_prior(state, prior_prec=-1.0)
     prior = continual.gaussian_prior(state)
@@ -193,3 +197,31 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="positive definite"):
         continual.gaussian_prior(singular)
     assert torch.isfinite(continual.gaussian_prior(singular, prior_prec=1.0)(torch.zeros(2)))
+
+
+def test_prior_does_not_follow_the_state_trained_in_place():
+    """The next task trains the state's params in place: the prior must keep the old task's mean and precision."""
+    torch.manual_seed(0)
+    params = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([2.0])}
+    cov = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.5]])
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+    kfac = laplace.kfac.build(model, lambda z, b: -(z - b[1]).square().sum(), prior_prec=1.0)
+    kfac_params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    kfac_state, _ = kfac.update(kfac.init(kfac_params), (torch.randn(5, 3).double(), torch.randn(5, 2).double()))
+    states = [laplace.diag_fisher.init({k: v.clone() for k, v in params.items()}, init_prec_diag=2.0),
+              laplace.dense_hessian.init({k: v.clone() for k, v in params.items()}, init_prec=torch.linalg.inv(cov)),
+              ekf.dense_fisher.init({k: v.clone() for k, v in params.items()}, init_cov=cov),
+              vi.diag.init({k: v.clone() for k, v in params.items()}, torchopt.sgd(lr=0.1), seed=0),
+              kfac_state]
+    for state in states:
+        prior = continual.gaussian_prior(state)
+        point = {k: v + 0.25 for k, v in state.params.items()}
+        before = prior(point)
+        for v in state.params.values():
+            v.add_(0.25)                              # the next task's in-place training moves θ onto the point
+        for v in getattr(state, "prec_diag", {}).values() if hasattr(state, "prec_diag") else ():
+            v.mul_(3.0)                               # and a continued accumulation grows the state's precision
+        for v in getattr(state, "A", {}).values() if hasattr(state, "A") else ():
+            v.mul_(3.0)
+        torch.testing.assert_close(prior(point), before, rtol=0, atol=0, msg=type(state).__name__)
+        assert float(before) < float(prior.log_normalizer)   # the point is away from the old mean

@@ -64,8 +64,10 @@ _STATES = ("a laplace diag/dense/kfac state, an ekf diag_fisher/dense_fisher sta
 def _positive_number(name: str, value: Any, allow_zero: bool) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
     return float(value)
@@ -87,7 +89,11 @@ def gaussian_prior(state: Any, strength: float = 1.0, prior_prec: float = 0.0):
 
     Raises:
         TypeError: an unsupported state, or a strength / prior_prec that is not a number.
-        ValueError: a non-positive strength, a negative prior_prec, or a singular precision.
+        ValueError: a non-positive or non-finite strength, a negative or non-finite prior_prec, or a
+            singular precision.
+
+    The prior holds detached copies of the state's mean and precision: training the state's parameters in
+    place afterwards (the next task) does not move the prior.
 
     Example:
         >>> import torch

@@ -31,12 +31,12 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from bayesflow.records import record
-from bayesflow.tree import flatten
+from bayesflow.tree import flatten, tree_map
 from bayesflow.types import TensorTree
 
 __all__ = ["DenseGaussianPrior", "DiagGaussianPrior", "KFACGaussianPrior"]
@@ -83,6 +83,7 @@ class DiagGaussianPrior(_DiagFields):
     @classmethod
     def of(cls, mean: TensorTree, prec_diag: TensorTree) -> DiagGaussianPrior:
         """The prior with this mean and precision diagonal (checked: same structure, positive, finite)."""
+        mean, prec_diag = _snapshot(mean), _snapshot(prec_diag)
         means = _leaves("mean", mean)
         precs = _leaves("prec_diag", prec_diag, means)
         for i, p in enumerate(precs):
@@ -128,6 +129,7 @@ class DenseGaussianPrior(_DenseFields):
     @classmethod
     def of(cls, mean: TensorTree, prec: torch.Tensor) -> DenseGaussianPrior:
         """The prior with this mean and dense precision (checked: shape, symmetric, positive definite)."""
+        mean = _snapshot(mean)
         means = _leaves("mean", mean)
         d = sum(m.numel() for m in means)
         if not isinstance(prec, torch.Tensor) or prec.shape != (d, d):
@@ -142,7 +144,7 @@ class DenseGaussianPrior(_DenseFields):
             raise ValueError("prec must be positive definite (its Cholesky factorisation failed): a Gaussian prior "
                              "needs every direction constrained; add a positive prior precision")
         log_norm = chol.diagonal().log().sum() - 0.5 * d * math.log(2 * math.pi)
-        return cls(mean, prec, log_norm.detach())
+        return cls(mean, _snapshot(prec), log_norm.detach())
 
     def __call__(self, params: TensorTree) -> torch.Tensor:
         means, _ = flatten(self.mean)
@@ -189,6 +191,7 @@ class KFACGaussianPrior(_KFACFields):
         """The prior from Kronecker factors (checked: layers, shapes, a positive definite result)."""
         scale = torch.as_tensor(scale, dtype=torch.float64)
         prior_prec = torch.as_tensor(prior_prec, dtype=torch.float64)
+        mean, A, G = _snapshot(mean), _snapshot(A), _snapshot(G)
         if set(A) != set(G):
             raise ValueError(f"A and G must have the same layers, got {sorted(A)} and {sorted(G)}")
         log_det, count = torch.zeros((), dtype=torch.float64), 0
@@ -217,6 +220,11 @@ class KFACGaussianPrior(_KFACFields):
             quad = quad + self.scale * ((self.G[name] @ delta @ A) * delta).sum()
             quad = quad + self.prior_prec * delta.square().sum()
         return self.log_normalizer - 0.5 * quad
+
+
+def _snapshot(tree: Any) -> Any:
+    """Detached copies of a tree's tensors: the prior must not follow a state trained in place afterwards."""
+    return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _key(layer: str, leaf: str) -> str:
