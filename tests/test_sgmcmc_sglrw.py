@@ -303,3 +303,34 @@ def test_preset_argument_errors():
     config = sglrw.config(lr=0.1, temperature=0.5, num_data=100)
     assert isinstance(config.integrator, LatticeRandomWalk) and config.components == ("params",)
     assert config.diffusion == Scalar(1.0) and config.curl is None and config.num_data == 100
+
+
+def test_ternary_probs_match_the_euler_moments_and_clip():
+    """posteriors' public helper: probabilities on δx·{−1, 0, 1} with mean h·a and second moment h·σ²."""
+    torch.manual_seed(0)
+    drift, sigma, h, dx = torch.linspace(-2.0, 2.0, 50, dtype=F64), 0.7, 0.01, 0.2
+    probs = sglrw.ternary_probs(drift, sigma, h, dx)
+    assert probs.shape == (50, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(50, dtype=F64))
+    sites = torch.tensor([-dx, 0.0, dx], dtype=F64)
+    torch.testing.assert_close(probs @ sites, h * drift)                              # |h a|/δx ≤ 0.1 < hσ²/δx² = 0.1225: no clipping
+    torch.testing.assert_close(probs @ sites.square(), torch.full((50,), h * sigma**2, dtype=F64))
+    # a drift too large for the noise is clipped to the variance (no negative probabilities)
+    big = sglrw.ternary_probs(torch.tensor([100.0, -100.0]), sigma, h, dx)
+    torch.testing.assert_close(big, torch.tensor([[0.0, 1 - h * sigma**2 / dx**2, h * sigma**2 / dx**2],
+                                                  [h * sigma**2 / dx**2, 1 - h * sigma**2 / dx**2, 0.0]]))
+    # at the sampler's own spacing δx = sqrt(2Th) (σ² = 2T) the zero move vanishes: the binary step
+    T = 0.5
+    binary = sglrw.ternary_probs(drift, math.sqrt(2 * T), h, math.sqrt(2 * T * h))
+    assert float(binary[:, 1].abs().max()) < 1e-12
+    with pytest.raises(TypeError, match="drift_val must be a tensor"):
+        sglrw.ternary_probs([1.0], sigma, h, dx)
+
+
+def test_posteriors_names_are_exported():
+    from bayesflow import optim
+    assert callable(optim.init) and callable(optim.update) and callable(sglrw.ternary_probs)
+    params = torch.ones(2, requires_grad=True)
+    state = optim.init(params, torch.optim.SGD, lr=0.5)
+    state, _ = optim.update(state, None, lambda p, b: ((p ** 2).sum(), None))
+    torch.testing.assert_close(state.params.detach(), torch.zeros(2))

@@ -19,7 +19,7 @@ Example:
 """
 
 from bayesflow.optim import adam, adamw, rmsprop, sgd, transform
-from bayesflow.optim.torch_optim import OptimState, build
+from bayesflow.optim.torch_optim import OptimState, build, init, update
 from bayesflow.optim.transform import GradientTransformation, as_gradient_transformation
 
 __all__ = [
@@ -29,7 +29,9 @@ __all__ = [
     "adamw",
     "as_gradient_transformation",
     "build",
+    "init",
     "rmsprop",
     "sgd",
     "transform",
+    "update",
 ]

@@ -38,6 +38,8 @@ Example:
 
 from __future__ import annotations
 
+import torch
+
 from bayesflow.engine import LatticeRandomWalk, Scalar, SDEConfig, SDEState, preset
 from bayesflow.sgmcmc._common import (
     build_with_defaults,
@@ -50,7 +52,7 @@ from bayesflow.sgmcmc._common import (
 )
 from bayesflow.types import LogPosterior, Schedule, TensorTree, Transform
 
-__all__ = ["SGLRWState", "build", "config", "init", "update"]
+__all__ = ["SGLRWState", "build", "config", "init", "ternary_probs", "update"]
 
 SGLRWState = SDEState
 """posteriors' name for this sampler's state: an :class:`~bayesflow.engine.SDEState`."""
@@ -110,3 +112,45 @@ def update(state: SDEState, batch, log_posterior: LogPosterior, lr: float | Sche
     inplace)`` (the transform is kept for the next call with the same arguments)."""
     return cached_transform(build, log_posterior, lr=lr, temperature=temperature).update(state, batch,
                                                                                           inplace=inplace)
+
+
+def ternary_probs(drift_val: torch.Tensor, diffusion_val, stepsize, delta_x) -> torch.Tensor:
+    r"""The probabilities of a ternary lattice step −δx, 0, +δx that match an SDE step's mean and variance.
+
+    posteriors' helper (same name, arguments and result). An Euler step of length h of
+    :math:`dθ = a\,dt + σ\,dW` has mean :math:`ha` and second moment :math:`hσ^2 + O(h^2)`; on the
+    lattice :math:`δx\,\{-1, 0, 1\}` these are matched by
+
+    .. math::
+        v = \operatorname{clamp}(hσ^2/δx^2, 0, 1), \quad m = \operatorname{clamp}(ha/δx, -v, v), \quad
+        p_\pm = \tfrac12 (v \pm m), \quad p_0 = 1 - p_+ - p_-,
+
+    exactly where nothing is clamped. At :math:`δx = \sqrt{hσ^2}` (:func:`build`'s
+    :math:`δx = \sqrt{2Th}`, σ² = 2T) :math:`p_0 = 0`: the binary step the sampler takes.
+
+    Args:
+        drift_val: the drift a, a tensor (any shape).
+        diffusion_val: σ, a number or a tensor broadcastable to ``drift_val``.
+        stepsize: h > 0.
+        delta_x: the lattice spacing δx > 0.
+
+    Returns:
+        A tensor of shape ``drift_val.shape + (3,)``: ``[p_minus, p_zero, p_plus]`` on the last axis.
+
+    Example:
+        >>> import torch
+        >>> from bayesflow.sgmcmc.sglrw import ternary_probs
+        >>> ternary_probs(torch.tensor([0.0, 1.0]), diffusion_val=1.0, stepsize=0.25, delta_x=1.0)
+        tensor([[0.1250, 0.7500, 0.1250],
+                [0.0000, 0.7500, 0.2500]])
+    """
+    if not isinstance(drift_val, torch.Tensor):
+        raise TypeError(f"drift_val must be a tensor, got {type(drift_val).__name__}")
+    like = {"dtype": drift_val.dtype, "device": drift_val.device}
+    sigma, h, dx = (torch.as_tensor(v, **like) for v in (diffusion_val, stepsize, delta_x))
+    variance = (h * sigma.square() / dx.square()).clamp(0.0, 1.0)   # keeps p_minus + p_plus <= 1
+    mean = torch.maximum(torch.minimum(h * drift_val / dx, variance), -variance)   # keeps both probabilities >= 0
+    p_plus = (0.5 * (variance + mean)).clamp(0.0, 1.0)
+    p_minus = (0.5 * (variance - mean)).clamp(0.0, 1.0)
+    p_zero = (1.0 - p_plus - p_minus).clamp(0.0, 1.0)
+    return torch.stack(torch.broadcast_tensors(p_minus, p_zero, p_plus), dim=-1)
