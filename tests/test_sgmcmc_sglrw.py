@@ -313,7 +313,8 @@ def test_ternary_probs_match_the_euler_moments_and_clip():
     assert probs.shape == (50, 3)
     torch.testing.assert_close(probs.sum(-1), torch.ones(50, dtype=F64))
     sites = torch.tensor([-dx, 0.0, dx], dtype=F64)
-    torch.testing.assert_close(probs @ sites, h * drift)                              # |h a|/δx ≤ 0.1 < hσ²/δx² = 0.1225: no clipping
+    # |h a|/δx ≤ 0.1 < hσ²/δx² = 0.1225: no clipping
+    torch.testing.assert_close(probs @ sites, h * drift)
     torch.testing.assert_close(probs @ sites.square(), torch.full((50,), h * sigma**2, dtype=F64))
     # a drift too large for the noise is clipped to the variance (no negative probabilities)
     big = sglrw.ternary_probs(torch.tensor([100.0, -100.0]), sigma, h, dx)
