@@ -5,8 +5,12 @@ chains in a single batched step (``torch.func.vmap`` of the single-chain log pos
 log posterior that takes batched parameters). Each chain has its own noise stream, so chain k of a
 batched run seeded ``s`` reproduces a single-chain run seeded ``s + k``:
 
-* bitwise in float32 and float64 when the chains share their hyperparameters (but for SGNHT's
-  thermostat, whose batched dot product mᵀm rounds differently: ξ to rounding, ≈ 1e-18 in float64);
+* bitwise in float32 and float64 when the chains share their hyperparameters and vmap batches the
+  log posterior's ops into kernels that sum in the same order (elementwise ops, ``x @ W`` with a
+  weight matrix W) — but for SGNHT's thermostat, whose batched dot product mᵀm rounds differently
+  (ξ to rounding, ≈ 1e-18 in float64);
+* to rounding where vmap changes a reduction's order: a matrix–vector product ``x @ w`` over a 1-D
+  parameter becomes a matrix product (measured after 50 SGLD steps: 3e-8 in float32, 1e-17 in float64);
 * in bfloat16 and float16 to rounding, not bitwise: the batched kernels round differently from the
   single-chain ones, so a step can differ by one ulp, and later steps carry the difference on
   (measured on a linear softmax model: at most 1 ulp after one step, tens of ulps after 200);
