@@ -136,3 +136,14 @@ def test_bad_group_configurations():
     dense = Block({("params", "params"): Dense(torch.eye(5))})
     with pytest.raises(ValueError, match="act leaf by leaf"):
         build(_separable, step_size=0.1, diffusion=dense, temperature={"*": 1.0})
+
+
+def test_per_group_temperatures_with_per_chain_step_sizes_are_refused_at_build():
+    """Refused when the transform is built, not in the step's noise draw (after θ is half-written)."""
+    from bayesflow.ensemble import lift
+    single = sgld.build(_separable, lr=0.1, temperature={"head.*": 1.0, "*": 0.0})
+    with pytest.raises(ValueError, match="per-group temperatures take a scalar step size"):
+        lift(single, 2, step_size=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="per-group temperatures take a scalar step size"):
+        build(_separable, step_size=torch.tensor([0.1, 0.2]), temperature={"*": 1.0}, chains=2)
+    lift(single, 2, step_size=0.2)   # one step size for every chain is fine

@@ -407,7 +407,7 @@ BAD_INPUTS = [
     (lambda: ggn(lambda p: p, lambda z: z * 2)(torch.ones(2)), ValueError, "to a scalar"),
     (lambda: ggn(square, square, normalize=True)(torch.ones(2)), ValueError, "0-dimensional"),
     (lambda: cg(lambda v: v, torch.ones(2), tol=-1.0), ValueError, "tol ≥ 0, got -1.0"),
-    (lambda: cg(lambda v: v, torch.ones(2), maxiter=2.5), ValueError, "maxiter"),
+    (lambda: cg(lambda v: v, torch.ones(2), maxiter=2.5), TypeError, "maxiter to be an int ≥ 0 or None, got 2.5"),
     (lambda: cg(lambda v: v[:1], torch.ones(2)), ValueError, "A\\(x\\) must have the structure and shapes of b"),
     (lambda: cg(lambda v: v, {"a": torch.ones(2)}, x0={"b": torch.ones(2)}), ValueError, "x0 must have"),
     (lambda: cg("A", torch.ones(2)), TypeError, "functions A and M, got str"),

@@ -132,6 +132,10 @@ class _Engine:
             if isinstance(value, torch.Tensor) and value.ndim == 1 and value.numel() != (chains or 0):
                 raise ValueError(f"{name} has {value.numel()} values but the transform has chains={chains}; "
                                  "per-chain values need chains=K with K values")
+        if self.groups is not None and isinstance(self.step_size, torch.Tensor) and self.step_size.ndim == 1:
+            # refused here, not in the step's noise draw, which would run after the state is half-written
+            raise ValueError("per-group temperatures take a scalar step size, not one per chain: give the "
+                             "chains one step size, or one temperature per chain instead of per group")
         self._keys_shape = torch.Size([]) if chains is None else torch.Size([chains])
         integrator = config.integrator
         self._evaluates_mid_step = integrator.caches_gradient or not integrator.evaluates_at_start()

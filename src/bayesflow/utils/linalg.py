@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -44,6 +45,31 @@ def check_psd(name: str, matrix: torch.Tensor, symbol: str = "P") -> None:
     smallest = float(torch.linalg.eigvalsh(matrix)[0])
     if smallest < -tolerance:
         raise ValueError(f"{name} must be positive semi-definite, but has the eigenvalue {smallest:.6g}")
+
+
+def _check_non_negative(name: str, value: Any) -> None:
+    """``cg``'s ``tol``, ``atol`` and ``damping``: a real number (Python, NumPy or a one-element real tensor) ≥ 0.
+
+    A string, None or a sequence would otherwise fail inside a comparison with a bare ``'>=' not
+    supported`` (no name); a bool is refused as a type, since ``True`` is no tolerance anyone means.
+    """
+    is_tensor = isinstance(value, torch.Tensor)
+    real = (is_tensor and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool) or (
+        isinstance(value, Real) and not isinstance(value, bool))
+    if not real:
+        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if is_tensor else repr(value)
+        raise TypeError(f"cg expects {name} to be a real number ≥ 0, got {got}")
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"cg expects {name} ≥ 0, got {value!r}")
+
+
+def _iteration_count(maxiter: Any) -> int:
+    """``maxiter`` as a Python int ≥ 0: any integer (``np.int64`` included, as posteriors accepts), not a bool or float."""
+    if isinstance(maxiter, bool) or not isinstance(maxiter, Integral):
+        raise TypeError(f"cg expects maxiter to be an int ≥ 0 or None, got {maxiter!r} ({type(maxiter).__name__})")
+    if maxiter < 0:
+        raise ValueError(f"cg expects maxiter to be an int ≥ 0 or None, got {maxiter!r}")
+    return int(maxiter)
 
 
 def _identity(x: TensorTree) -> TensorTree:
@@ -96,9 +122,11 @@ def cg(A: Callable, b: TensorTree, x0: TensorTree = None, *, maxiter: int | None
         tolerance (a 0-dim bool tensor) and ``niter`` the steps taken (an int).
 
     Raises:
-        TypeError: ``A`` or ``M`` is not callable, or ``b`` has a leaf that is not a tensor.
+        TypeError: ``A`` or ``M`` is not callable, ``b`` has a leaf that is not a tensor, ``tol``,
+            ``atol`` or ``damping`` is not a real number (a bool, a string, a many-element tensor), or
+            ``maxiter`` is not an integer (a bool, a float; NumPy integers are accepted).
         ValueError: ``x0`` or ``A``'s output has another structure or shapes than ``b``; a negative
-            ``tol``, ``atol``, ``damping`` or ``maxiter``.
+            (or NaN) ``tol``, ``atol``, ``damping`` or ``maxiter``.
 
     Example:
         >>> import torch
@@ -112,15 +140,12 @@ def cg(A: Callable, b: TensorTree, x0: TensorTree = None, *, maxiter: int | None
     if not callable(A) or not callable(M):
         raise TypeError(f"cg expects functions A and M, got {type(A).__name__} and {type(M).__name__}")
     for name, value in (("tol", tol), ("atol", atol), ("damping", damping)):
-        if not value >= 0:
-            raise ValueError(f"cg expects {name} ≥ 0, got {value!r}")
+        _check_non_negative(name, value)
     b_leaves, spec = flatten(b)
     if not all(isinstance(leaf, torch.Tensor) for leaf in b_leaves):
         raise TypeError(f"cg expects b to be a tensor or a tree of tensors, got leaves of types "
                         f"{sorted({type(leaf).__name__ for leaf in b_leaves})}")
-    maxiter = 10 * tree_size(b) if maxiter is None else maxiter
-    if not isinstance(maxiter, int) or maxiter < 0:
-        raise ValueError(f"cg expects maxiter to be an int ≥ 0, got {maxiter!r}")
+    maxiter = 10 * tree_size(b) if maxiter is None else _iteration_count(maxiter)
 
     def as_leaves(tree: TensorTree, what: str) -> list[torch.Tensor]:
         leaves, tree_spec = flatten(tree)
