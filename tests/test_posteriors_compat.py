@@ -74,8 +74,13 @@ def test_chains_at_different_steps_are_refused():
     single = sgld.build(quadratic, lr=0.1)
     a = single.init(torch.zeros(2), seed=0)
     b, _ = single.update(single.init(torch.zeros(2), seed=1), None)
-    with pytest.raises(ValueError, match=r"different steps \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"different steps \(step = \[0, 1\]\)"):
         lift(single, 2).update(torch.stack([a, b]), None)
+    # at the same step, but one chain had a step refused: the message says so, not "different steps"
+    a, _ = single.update(a, None)
+    refused = b._replace(rejected=torch.ones_like(b.rejected))
+    with pytest.raises(ValueError, match=r"different counts of refused steps \(rejected = \[0, 1\]\)"):
+        lift(single, 2).update(torch.stack([a, refused]), None)
 
 
 @pytest.mark.parametrize(("module", "arguments"), [

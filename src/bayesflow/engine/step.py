@@ -90,7 +90,7 @@ def counts(state: SDEState) -> tuple[int, int]:
     scales read (a refused step is not a step of the dynamics: Adam's bias correction after a refused
     batch is torch's, which never saw the batch)."""
     draw = step_count(state.step)
-    return draw, (draw if state.rejected is None else draw - step_count(state.rejected))
+    return draw, (draw if state.rejected is None else draw - step_count(state.rejected, "rejected"))
 
 
 def components(engine, state: SDEState, params: list, inplace: bool) -> dict:

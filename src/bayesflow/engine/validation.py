@@ -187,14 +187,15 @@ def checked_gradient(gradient_fn, config, spec, small: bool, step: int, caller_g
     return checked
 
 
-def step_count(step: torch.Tensor) -> int:
-    """The step of a state (one count, or K equal counts of K chains) as a Python int."""
+def step_count(step: torch.Tensor, field: str = "step") -> int:
+    """A count of a state (``step`` or ``rejected``: one count, or K equal counts of K chains) as an int."""
     if step.ndim == 0:
         return int(step)
     counts = step.tolist()
     if counts.count(counts[0]) != len(counts):
-        raise ValueError(f"the chains of this state are at different steps {counts}: a K-chain state advances "
-                         "its chains together (stack states taken at the same step)")
+        what = "at different steps" if field == "step" else "with different counts of refused steps"
+        raise ValueError(f"the chains of this state are {what} ({field} = {counts}): a K-chain state advances "
+                         f"its chains together (stack states taken at the same step, with the same {field})")
     return counts[0]
 
 
