@@ -225,3 +225,18 @@ def test_prior_does_not_follow_the_state_trained_in_place():
             v.mul_(3.0)
         torch.testing.assert_close(prior(point), before, rtol=0, atol=0, msg=type(state).__name__)
         assert float(before) < float(prior.log_normalizer)   # the point is away from the old mean
+
+
+def test_priors_check_parameter_names_not_only_shapes():
+    from collections import OrderedDict
+    mean = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    diag = DiagGaussianPrior.of(mean, {"a": torch.ones(2), "b": torch.full((2,), 2.0)})
+    dense = DenseGaussianPrior.of(mean, torch.eye(4))
+    for prior in (diag, dense):
+        # a dict and an OrderedDict with the same names agree
+        torch.testing.assert_close(prior(OrderedDict(a=torch.ones(2), b=torch.zeros(2))),
+                                   prior({"a": torch.ones(2), "b": torch.zeros(2)}))
+        with pytest.raises(ValueError, match=r"\['c'\] are not in the prior's mean, \['b'\] are missing"):
+            prior({"a": torch.ones(2), "c": torch.zeros(2)})
+    with pytest.raises(ValueError, match="does not have the prior's parameters"):
+        DiagGaussianPrior.of(mean, {"a": torch.ones(2), "z": torch.ones(2)})

@@ -33,26 +33,40 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import optree
 import torch
 
 from bayesflow.records import record
-from bayesflow.tree import flatten, tree_map
+from bayesflow.tree import NONE_IS_LEAF, flatten, tree_map
 from bayesflow.types import TensorTree
 
 __all__ = ["DenseGaussianPrior", "DiagGaussianPrior", "KFACGaussianPrior"]
 
 
-def _leaves(name: str, tree: TensorTree, like: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+def _leaves(name: str, tree: TensorTree, like: list[torch.Tensor] | None = None,
+            mean: TensorTree = None) -> list[torch.Tensor]:
     leaves, _ = flatten(tree)
     if like is not None:
         if len(leaves) != len(like):
             raise ValueError(f"{name} has {len(leaves)} tensors, but the prior's mean has {len(like)}")
+        if mean is not None:   # by path, not by spec: a dict and an OrderedDict of the same names agree
+            got, want = _paths(tree), _paths(mean)
+            if got != want:
+                extra, missing = [p for p in got if p not in want], [p for p in want if p not in got]
+                raise ValueError(f"{name} does not have the prior's parameters: {extra} are not in the prior's "
+                                 f"mean, {missing} are missing (the prior penalises each parameter against its "
+                                 "own mean, so the names must agree)")
         for i, (leaf, ref) in enumerate(zip(leaves, like)):
             if not isinstance(leaf, torch.Tensor) or leaf.shape != ref.shape:
                 shape = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else type(leaf).__name__
                 raise ValueError(f"{name}'s tensor {i} has shape {shape}, but the prior's mean has "
                                  f"{tuple(ref.shape)} there")
     return leaves
+
+
+def _paths(tree: TensorTree) -> list[str]:
+    paths, _, _ = optree.tree_flatten_with_path(tree, none_is_leaf=NONE_IS_LEAF, namespace="bayesflow")
+    return [".".join(map(str, path)) for path in paths]
 
 
 class _DiagFields(NamedTuple):
@@ -85,7 +99,7 @@ class DiagGaussianPrior(_DiagFields):
         """The prior with this mean and precision diagonal (checked: same structure, positive, finite)."""
         mean, prec_diag = _snapshot(mean), _snapshot(prec_diag)
         means = _leaves("mean", mean)
-        precs = _leaves("prec_diag", prec_diag, means)
+        precs = _leaves("prec_diag", prec_diag, means, mean)
         for i, p in enumerate(precs):
             if not bool(torch.isfinite(p).all()) or bool((p <= 0).any()):
                 raise ValueError(f"prec_diag's tensor {i} must be finite and positive (a Gaussian prior needs a "
@@ -96,7 +110,7 @@ class DiagGaussianPrior(_DiagFields):
 
     def __call__(self, params: TensorTree) -> torch.Tensor:
         means, _ = flatten(self.mean)
-        deltas = [x - m for x, m in zip(_leaves("params", params, means), means)]
+        deltas = [x - m for x, m in zip(_leaves("params", params, means, self.mean), means)]
         quad = sum((p * d.square()).sum() for p, d in zip(flatten(self.prec_diag)[0], deltas))
         return self.log_normalizer - 0.5 * quad
 
@@ -149,7 +163,7 @@ class DenseGaussianPrior(_DenseFields):
     def __call__(self, params: TensorTree) -> torch.Tensor:
         means, _ = flatten(self.mean)
         # not bayesflow.tree.ravel, which detaches: the prior must be differentiable in params
-        delta = torch.cat([(x - m).reshape(-1) for x, m in zip(_leaves("params", params, means), means)])
+        delta = torch.cat([(x - m).reshape(-1) for x, m in zip(_leaves("params", params, means, self.mean), means)])
         delta = delta.to(self.prec.dtype)
         return self.log_normalizer - 0.5 * delta @ (self.prec @ delta)
 
