@@ -108,3 +108,22 @@ def test_overflowed_logits_are_refused_naming_the_step_and_temperature():
 def test_bad_counts_are_refused_naming_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         run(**kwargs)
+
+
+@pytest.mark.parametrize(("validation", "error", "match"), [
+    ([], ValueError, "validation has no batches"),
+    ((INPUTS, LABELS), TypeError, r"validation batch 0 must be an \(inputs, labels\) pair, got Tensor"),
+    ([(INPUTS, LABELS, LABELS)], TypeError, "got a tuple of length 3"),
+    (INPUTS, TypeError, "validation must be an iterable of \\(inputs, labels\\) batches, got Tensor"),
+])
+def test_a_bad_validation_set_is_refused_before_any_step(validation, error, match):
+    calls = []
+
+    def counting(w, batch):
+        calls.append(1)
+        return still(w, batch)
+
+    with pytest.raises(error, match=match):
+        sweep(sgld.build(counting, lr=1e-2), [0.0], WEIGHTS, train=[(INPUTS, LABELS)], steps=4, predict=predict,
+              validation=validation, chains_per_temperature=2, progress=False)
+    assert not calls  # refused before training, not after the whole run

@@ -279,6 +279,10 @@ def test_cg_solves_a_tree_system_like_torch_linalg_solve():
     assert info["niter"] == 0 and bool(info["converged"])
     x, info = cg(matvec, b, maxiter=1)
     assert info["niter"] == 1 and not bool(info["converged"])
+    import numpy as np  # posteriors accepts numpy integers for maxiter (an int from a config or an array)
+
+    x_np, info_np = cg(matvec, b, maxiter=np.int64(1))
+    assert info_np["niter"] == 1 and torch.equal(tree_ravel(x_np)[0], tree_ravel(x)[0])
 
 
 def test_cg_on_a_hermitian_complex_system():
@@ -417,6 +421,12 @@ BAD_INPUTS = [
     (lambda: L_to_flat(torch.ones(2, 3)), ValueError, "square \\(n, n\\) matrix, got shape \\(2, 3\\)"),
     (lambda: diag_normal_log_prob({"a": torch.ones(2)}, {"b": torch.ones(2)}), ValueError, "mean to be a scalar"),
     (lambda: diag_normal_log_prob({}), ValueError, "at least one tensor"),
+    (lambda: diag_normal_log_prob(torch.ones(2), 0.0, -1.0), ValueError, "sd_diag > 0 .* got -1.0"),
+    (lambda: diag_normal_log_prob(torch.ones(2), 0.0, 0), ValueError, "sd_diag > 0 .* got 0"),
+    (lambda: diag_normal_log_prob({"a": torch.ones(2)}, {"a": "0"}), TypeError, "leaf '0' \\(str\\)"),
+    (lambda: diag_normal_sample({"a": torch.ones(2)}, {"a": "1"}), TypeError, "leaf '1' \\(str\\)"),
+    (lambda: cg(lambda v: v, torch.ones(2), maxiter=True), TypeError, "maxiter to be an int ≥ 0 or None, got True"),
+    (lambda: cg(lambda v: v, torch.ones(2), maxiter=-1), ValueError, "maxiter to be an int ≥ 0 or None, got -1"),
     (lambda: diag_normal_sample(torch.ones(2), [1.0, 2.0]), ValueError, "sd_diag to be a scalar"),
     (lambda: diag_normal_sample(torch.ones(2), 1.0, sample_shape="3"), TypeError, "sample_shape"),
     (lambda: model_to_function(lambda x: x), TypeError, "torch.nn.Module, got function"),

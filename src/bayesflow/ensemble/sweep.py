@@ -67,7 +67,7 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
             (a DataLoader reshuffles) until ``steps`` updates are done.
         steps: number of updates.
         predict: ``predict(params, inputs) -> logits`` for one chain (vmapped over chains).
-        validation: iterable of ``(inputs, labels)`` held-out batches.
+        validation: iterable of ``(inputs, labels)`` held-out batches, at least one.
         chains_per_temperature: replicas per temperature.
         common_random_numbers: replica j of every temperature starts from the same point and uses the
             same noise seed.
@@ -87,8 +87,10 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
         The predictive is accumulated in the logits' dtype (float32 for narrower ones).
 
     Raises:
+        TypeError: ``validation`` is not an iterable of ``(inputs, labels)`` pairs (checked before the run).
         ValueError: no temperature, ``steps``, ``thin`` or ``chains_per_temperature`` below 1, ``burn_in``
-            outside ``[0, steps)``, ``train`` without batches, ``predict`` returning NaN or ``+inf``
+            outside ``[0, steps)``, ``validation`` without batches (checked before the run), ``train``
+            without batches, ``predict`` returning NaN or ``+inf``
             logits (naming the step and the temperatures), and the errors of the metrics (labels).
 
     Example:
@@ -111,6 +113,7 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
     burn_in = steps // 2 if burn_in is None else burn_in
     if not isinstance(burn_in, int) or isinstance(burn_in, bool) or not 0 <= burn_in < steps:
         raise ValueError(f"burn_in must be an int in [0, steps) = [0, {steps}), got {burn_in!r}")
+    validation = _validation_batches(validation)  # before any step: a bad set would fail only after the run
     replicas = chains_per_temperature
     num_chains = len(temperatures) * replicas
     per_chain_t = torch.tensor([t for t in temperatures for _ in range(replicas)], dtype=torch.float64)
@@ -123,7 +126,6 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
     else:
         start = replicate(params, num_chains, perturbation=perturbation, seed=seed)
     state = ensemble.init(start, seed=seeds)
-    validation = list(validation)
     batched_predict = torch.func.vmap(predict, in_dims=(0, None))
     log_sums = [None] * len(validation)  # per batch, (K, n, classes): logsumexp over the collected samples
     collected = 0
@@ -156,6 +158,28 @@ def sweep(transform: Transform, temperatures: Sequence[float], params: TensorTre
             "predictive": probs,
         })
     return rows
+
+
+def _validation_batches(validation: Iterable) -> list:
+    """``validation`` as a list of ``(inputs, labels)`` pairs, refusing an empty set and non-pairs.
+
+    An empty set has no predictive to score (``torch.cat`` of no labels fails after the whole run), and
+    a bare ``(inputs, labels)`` tuple in place of a list of them would be read as two batches.
+    """
+    if isinstance(validation, torch.Tensor) or not isinstance(validation, Iterable):
+        raise TypeError(f"validation must be an iterable of (inputs, labels) batches, got "
+                        f"{type(validation).__name__}")
+    batches = list(validation)
+    if not batches:
+        raise ValueError("validation has no batches: give at least one (inputs, labels) pair, e.g. "
+                         "validation=[(x_val, y_val)]")
+    for b, batch in enumerate(batches):
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            got = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, tuple | list) \
+                else type(batch).__name__
+            raise TypeError(f"validation batch {b} must be an (inputs, labels) pair, got {got} (a single "
+                            "batch goes in a list: validation=[(x_val, y_val)])")
+    return batches
 
 
 def _check_logits(logits: torch.Tensor, step: int, per_chain_t: torch.Tensor) -> None:

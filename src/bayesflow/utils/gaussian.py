@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import reduce
+from numbers import Real
 
 import torch
 
@@ -65,7 +66,21 @@ def _leaves_like(value: float | TensorTree, spec, name: str, caller: str) -> lis
     if value_spec != spec:
         raise ValueError(f"{caller} expects {name} to be a scalar or a tree with the structure {spec}, "
                          f"got {value_spec}")
+    for leaf in leaves:  # a string leaf would otherwise fail in the arithmetic, without a name
+        if not isinstance(leaf, torch.Tensor | Real) or isinstance(leaf, bool):
+            raise TypeError(f"{caller} expects {name} to be a number or a tree of tensors, got a leaf "
+                            f"{leaf!r} ({type(leaf).__name__})")
     return leaves
+
+
+def _check_scale(sd_diag: float | TensorTree) -> None:
+    """A Python-number ``sd_diag`` must be > 0: ``math.log`` of it would fail with a bare "math domain error".
+
+    NaN passes (the result is NaN, as in posteriors). Tensor scales are not read: a check would be a host
+    sync and would break ``torch.vmap`` / ``torch.compile``; their log density is posteriors' (NaN for σ ≤ 0).
+    """
+    if isinstance(sd_diag, Real) and not isinstance(sd_diag, bool) and sd_diag <= 0:
+        raise ValueError(f"diag_normal_log_prob expects sd_diag > 0 (a standard deviation), got {sd_diag!r}")
 
 
 def diag_normal_log_prob(x: TensorTree, mean: float | TensorTree = 0.0, sd_diag: float | TensorTree = 1.0,
@@ -89,8 +104,11 @@ def diag_normal_log_prob(x: TensorTree, mean: float | TensorTree = 0.0, sd_diag:
         The scalar log density, a 0-dimensional tensor.
 
     Raises:
-        ValueError: ``mean`` or ``sd_diag`` is neither a scalar nor a tree of ``x``'s structure, or ``x``
-            has no leaves.
+        TypeError: a leaf of ``mean`` or ``sd_diag`` is neither a tensor nor a number (a string).
+        ValueError: ``mean`` or ``sd_diag`` is neither a scalar nor a tree of ``x``'s structure, ``x``
+            has no leaves, or ``sd_diag`` is a Python number ≤ 0 (a NaN number gives NaN; tensor
+            ``sd_diag`` is not read — no host sync, usable under ``vmap`` — and gives posteriors'
+            value, NaN where :math:`\sigma \le 0`).
 
     Example:
         >>> import torch
@@ -105,6 +123,7 @@ def diag_normal_log_prob(x: TensorTree, mean: float | TensorTree = 0.0, sd_diag:
     x_leaves, spec = flatten(x)
     if not x_leaves:
         raise ValueError(f"diag_normal_log_prob expects x to hold at least one tensor, got {x!r}")
+    _check_scale(sd_diag)
     means = _leaves_like(mean, spec, "mean", "diag_normal_log_prob")
     sds = _leaves_like(sd_diag, spec, "sd_diag", "diag_normal_log_prob")
     terms = []
@@ -135,8 +154,9 @@ def diag_normal_sample(mean: TensorTree, sd_diag: float | TensorTree,
         A tree like ``mean`` whose leaves have shape ``sample_shape + leaf.shape``.
 
     Raises:
-        TypeError: ``sample_shape`` is not a shape. ValueError: a negative size in ``sample_shape``, or
-            ``sd_diag`` neither a scalar nor a tree of ``mean``'s structure.
+        TypeError: ``sample_shape`` is not a shape, or a leaf of ``sd_diag`` is neither a tensor nor a
+            number. ValueError: a negative size in ``sample_shape``, or ``sd_diag`` neither a scalar nor
+            a tree of ``mean``'s structure.
 
     Example:
         >>> import torch

@@ -64,7 +64,7 @@ def _check_non_negative(name: str, value: Any) -> None:
 
 
 def _iteration_count(maxiter: Any) -> int:
-    """``maxiter`` as a Python int ≥ 0: any integer (``np.int64`` included, as posteriors accepts), not a bool or float."""
+    """``maxiter`` as a Python int ≥ 0: any integer (``np.int64`` included, as posteriors accepts), no bool/float."""
     if isinstance(maxiter, bool) or not isinstance(maxiter, Integral):
         raise TypeError(f"cg expects maxiter to be an int ≥ 0 or None, got {maxiter!r} ({type(maxiter).__name__})")
     if maxiter < 0:
