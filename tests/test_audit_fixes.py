@@ -144,3 +144,25 @@ def test_the_face_refuses_a_seed_outside_torchs_range_at_construction():
     with pytest.raises(ValueError, match="param group 1 the seed"):
         bayesflow.integrations.as_optimizer(sgd.build, [{"params": [model.weight]}, {"params": [model.bias]}],
                                             lr=0.1, seed=2**64 - 1)
+
+
+@pytest.mark.parametrize("compile", [False, "replay"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_step_scale_schedules_value_is_checked_before_the_step_writes(compile, inplace):
+    def scale(step):
+        return float("nan") if step == 2 else (-1.0 if step == 3 else 2.0)
+
+    config = sghmc.config(lr=0.1, alpha=0.5, temperature=0.0)
+    constant = (("momenta", bayesflow.engine.Constant(2.0)),)
+    reference = bayesflow.engine.build(log_posterior, replace(config, step_scales=constant))
+    transform = bayesflow.engine.build(log_posterior, replace(config, step_scales=(("momenta", scale),),
+                                                              compile=compile))
+    state, expected = transform.init(torch.zeros(3, dtype=F64)), reference.init(torch.zeros(3, dtype=F64))
+    for _ in range(2):  # a user schedule's valid values are used as they are
+        state, _ = transform.update(state, TARGET, inplace=inplace)
+        expected, _ = reference.update(expected, TARGET)
+    assert torch.equal(state.params, expected.params) and torch.equal(state.momenta, expected.momenta)
+    kept = [t.clone() for t in (state.params, state.momenta)]
+    with pytest.raises(ValueError, match=r"step_scales\['momenta'\] schedule returned nan at step 2"):
+        transform.update(state, TARGET, inplace=inplace)
+    assert torch.equal(state.params, kept[0]) and torch.equal(state.momenta, kept[1]) and int(state.step) == 2

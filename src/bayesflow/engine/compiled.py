@@ -81,7 +81,7 @@ from bayesflow.engine.plan_inputs import (
 )
 from bayesflow.engine.rollback import guarded, refused
 from bayesflow.engine.schedules import Constant
-from bayesflow.engine.step import accumulators, arithmetic, cached, finish, gradient_cache, scalars
+from bayesflow.engine.step import accumulators, arithmetic, cached, finish, gradient_cache, scalars, scale_values
 from bayesflow.engine.system import StepInputs
 from bayesflow.engine.validation import Rejected, checked_gradient
 from bayesflow.tree import flatten, unflatten
@@ -324,7 +324,7 @@ class CompiledStep:
     @staticmethod
     def _python_values(engine, temperature, h, step) -> list:
         """The step's scalar inputs as Python numbers (tensors where they are per-chain values)."""
-        return [temperature, h, float(step)] + [scale(step) for scale in engine.scales.values()]
+        return [temperature, h, float(step), *scale_values(engine, step)]
 
     # ----- inputs and outputs ---------------------------------------------------------------------
     def _inputs(self, engine, params, momenta, xi, statistics, cache, value_like, given, noise, temperature, h, step):
@@ -339,7 +339,7 @@ class CompiledStep:
             count = 3 + len(engine.scales)
             buffers = engine._compiled_scalars = [torch.zeros((), dtype=torch.float64, device=like.device)
                                                   for _ in range(count)]
-        values = [temperature, h, float(step)] + [scale(step) for scale in engine.scales.values()]
+        values = [temperature, h, float(step), *scale_values(engine, step)]
         out = []
         for buffer, value in zip(buffers, values):
             if isinstance(value, torch.Tensor):  # per-chain values are inputs as they are

@@ -17,13 +17,16 @@ import torch
 from bayesflow.engine.accumulator import Accumulator
 from bayesflow.engine.context import Context
 from bayesflow.engine.noise import STEP
+from bayesflow.engine.plan_inputs import Given
 from bayesflow.engine.rollback import guarded, snapshot
+from bayesflow.engine.schedules import BiasCorrection, Constant, FirstStep
 from bayesflow.engine.state import SDEState
 from bayesflow.engine.system import StepInputs
 from bayesflow.engine.validation import checked_gradient, step_count
 from bayesflow.tree import tree_leaves, unflatten
 
-__all__ = ["accumulators", "advance", "arithmetic", "counts", "finish", "gradient_cache", "scalars"]
+__all__ = ["accumulators", "advance", "arithmetic", "counts", "finish", "gradient_cache", "scalars", "scale_values",
+           "step_scales"]
 
 
 def scalars(engine, step: int):
@@ -35,6 +38,27 @@ def scalars(engine, step: int):
     if h is None:
         h = _scheduled(engine.step_size(step), "step size", step)
     return temperature, h
+
+
+# schedules whose every value is finite by construction (their arguments are checked when they are made)
+_CHECKED_SCALES = (Constant, BiasCorrection, FirstStep)
+
+
+def scale_values(engine, step: int) -> list:
+    """The step scales' values at ``step``, in ``engine.scales``' order; a user's schedule's value is checked
+    like a step size's (a NaN or negative scale is refused before the step writes anything)."""
+    return [scale(step) if type(scale) in _CHECKED_SCALES else
+            _scheduled(scale(step), f"step_scales[{name!r}]", step) for name, scale in engine.scales.items()]
+
+
+def step_scales(engine, step: int) -> dict:
+    """``engine.scales`` with each user schedule replaced by its checked value at ``step`` (the presets'
+    own schedules, checked at construction, stay as they are: no cost on their hot path)."""
+    scales = engine.scales
+    if all(type(scale) in _CHECKED_SCALES for scale in scales.values()):
+        return scales
+    return {name: scale if type(scale) in _CHECKED_SCALES else Given(value)
+            for (name, scale), value in zip(scales.items(), scale_values(engine, step))}
 
 
 def _scheduled(value, name: str, step: int):
@@ -63,6 +87,7 @@ def advance(engine, state: SDEState, params: list, gradient_fn, inplace: bool,
         return engine.compiled.advance(engine, state, params, gradient_fn, inplace, caller_gradient,
                                        value_given, step, draw)
     temperature, h = scalars(engine, step)
+    scales = step_scales(engine, step)
     checked = checked_gradient(gradient_fn, engine.config, engine.spec, engine.layout.small, draw,
                                caller_gradient, value_given)
     z = components(engine, state, params, inplace)
@@ -75,7 +100,7 @@ def advance(engine, state: SDEState, params: list, gradient_fn, inplace: bool,
     def run():
         if inputs.hot:
             engine.noise.begin(state.rng, draw, STEP)
-        return arithmetic(engine, state, ctx, inputs, engine.scales, inplace)
+        return arithmetic(engine, state, ctx, inputs, scales, inplace)
 
     preconditioner, refusal = guarded(run, saved, state, inplace)
     if refusal is not None:
