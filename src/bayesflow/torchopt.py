@@ -165,7 +165,7 @@ def _tensor_aux(loss_fn, held: list):
     """``loss_fn`` returning only aux's tensors (all ``torch.func`` lets out); the rest is kept in ``held``."""
 
     def wrapped(params, batch):
-        loss, aux = _loss_and_aux(loss_fn(params, batch), differentiable=False)
+        loss, aux = _loss_and_aux(loss_fn(params, batch), differentiable=True)  # inside grad_and_value
         leaves, spec = optree.tree_flatten(aux, none_is_leaf=False, namespace="bayesflow")
         held[:] = [spec, [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]]
         return loss, [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]

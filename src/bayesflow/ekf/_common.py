@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from bayesflow.engine.gradients import require_graph
 from bayesflow.engine.validation import check_bool, check_finite_params, param_leaves
 from bayesflow.tree import flatten, unraveller
 from bayesflow.tree import ravel as tree_ravel
@@ -126,6 +127,8 @@ def per_sample_log_likelihood(log_likelihood: Callable, per_sample: bool) -> Cal
             else:
                 expected = "with per_sample=False, a scalar log likelihood (it is mapped over the samples)"
             raise ValueError(f"log_likelihood returned a value of shape {shape}; expected {expected}")
+        # called only inside torch.func transforms: a value that ignores the params would be a zero update
+        require_graph(values, "log_likelihood's value")
         return values, aux
 
     return values_and_aux

@@ -115,13 +115,19 @@ _FUNCTIONAL_CALL_HINT = (
     "parameters, so the gradient with respect to params is zero and nothing moves)")
 
 
-def require_graph(value: torch.Tensor) -> None:
+def require_graph(value: torch.Tensor, name: str = "log_posterior's value") -> None:
+    """A ValueError unless ``value`` depends on the params being differentiated.
+
+    Inside a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``) ``requires_grad`` says exactly that:
+    a value computed from other tensors (a module's own parameters, detached copies) does not require grad
+    at the transform's level, whose gradient would silently be zero.
+    """
     if not value.requires_grad:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("update evaluates the log posterior's gradient, which torch.inference_mode() "
                                "switches off: call update outside inference mode (sampling and predictions "
                                "may use it)")
-        raise ValueError("log_posterior's value does not depend on the params it was given (no autograd graph "
+        raise ValueError(f"{name} does not depend on the params it was given (no autograd graph "
                          "to differentiate): was it computed under torch.no_grad(), from .detach()/.item() "
                          f"values, or from tensors other than the params passed in? {_FUNCTIONAL_CALL_HINT}")
 

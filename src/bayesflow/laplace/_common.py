@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from bayesflow.engine.gradients import require_graph
 from bayesflow.engine.validation import check_finite_params, param_leaves, param_paths
 from bayesflow.records import record
 from bayesflow.tree import flat_layout, flatten, ravel, unraveller  # noqa: F401  (re-exported to the methods)
@@ -139,6 +140,14 @@ def scalar_value(name: str, value: Any, hint: str = "") -> torch.Tensor:
     return value.reshape(())
 
 
+def differentiated(name: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` if it depends on the params being differentiated (inside a ``torch.func`` transform),
+    else a ValueError: a function that ignores them (``model(x)`` in place of ``functional_call``) would
+    add a curvature of exactly zero without a word."""
+    require_graph(value, name)
+    return value
+
+
 def vector_value(name: str, value: Any) -> torch.Tensor:
     """``value`` if it is a 1-D tensor (one value per sample), else a TypeError / ValueError."""
     if not isinstance(value, torch.Tensor):
@@ -159,13 +168,14 @@ def likelihood_terms(forward: Callable, outer_log_likelihood: Callable, batch: A
         output, aux = split_output("forward", forward(params, batch))
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"forward must return a tensor output (e.g. logits) and aux, got {type(output).__name__}")
-        return output, aux
+        return differentiated("forward's output", output), aux
 
     def loss(z: torch.Tensor) -> torch.Tensor:
         out = outer_log_likelihood(z, batch)
         if isinstance(out, tuple):
             raise TypeError("outer_log_likelihood must return the log likelihood value alone (no aux), got a tuple")
-        return -scalar_value("outer_log_likelihood", out, " (sum the log likelihood over the batch)")
+        value = scalar_value("outer_log_likelihood", out, " (sum the log likelihood over the batch)")
+        return -differentiated("outer_log_likelihood's value (a function of the output z)", value)
 
     return model, loss
 

@@ -40,6 +40,7 @@ from bayesflow.laplace._common import (
     add_dense,
     check_callable,
     check_scalar_precision,
+    differentiated,
     init_dense,
     per_sample_gram,
     split_output,
@@ -142,7 +143,7 @@ def update(state: DenseLaplaceState, batch: Any, log_posterior: LogProbFn, per_s
         if per_sample:
             def vector(p: TensorTree) -> tuple[torch.Tensor, Any]:
                 value, aux = split_output("log_posterior", log_posterior(p, batch))
-                return vector_value("log_posterior", value), aux
+                return differentiated("log_posterior's value", vector_value("log_posterior", value)), aux
 
             fisher, aux = empirical_fisher(vector, has_aux=True)(state.params)
         else:

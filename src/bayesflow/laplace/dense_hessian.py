@@ -41,6 +41,7 @@ from bayesflow.laplace._common import (
     add_dense,
     check_callable,
     check_scalar_precision,
+    differentiated,
     init_dense,
     param_leaves,
     ravel,
@@ -155,7 +156,7 @@ def update(state: DenseLaplaceState, batch: Any, log_posterior: LogProbFn, epsil
 
     def negative_log_posterior(flat: torch.Tensor) -> tuple[torch.Tensor, Any]:
         value, aux = split_output("log_posterior", log_posterior(unravel(flat), batch))
-        return -scalar_value("log_posterior", value), aux
+        return -differentiated("log_posterior's value", scalar_value("log_posterior", value)), aux
 
     with torch.no_grad(), CatchAuxError():
         hessian, aux = jacfwd(jacrev(negative_log_posterior, has_aux=True), has_aux=True)(ravel(leaves))

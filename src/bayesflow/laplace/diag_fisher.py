@@ -45,6 +45,7 @@ from bayesflow.laplace._common import (
     add_diag,
     check_callable,
     check_scalar_precision,
+    differentiated,
     init_diag,
     scalar_value,
     split_output,
@@ -137,13 +138,13 @@ def per_sample_scores(log_posterior: LogProbFn, params: TensorTree, batch: Any,
     if per_sample:
         def vector(p: TensorTree) -> tuple[torch.Tensor, Any]:
             value, aux = split_output("log_posterior", log_posterior(p, batch))
-            return vector_value("log_posterior", value), aux
+            return differentiated("log_posterior's value", vector_value("log_posterior", value)), aux
 
         return jacrev(vector, has_aux=True)(params)
 
     def scalar(p: TensorTree, sample: Any) -> tuple[torch.Tensor, Any]:
         value, aux = split_output("log_posterior", log_posterior(p, sample))
-        return scalar_value("log_posterior", value, _ONE_SAMPLE_HINT), aux
+        return differentiated("log_posterior's value", scalar_value("log_posterior", value, _ONE_SAMPLE_HINT)), aux
 
     return per_samplify(grad(scalar, has_aux=True))(params, batch)
 
