@@ -357,3 +357,25 @@ def test_a_schedules_bad_lr_is_refused_naming_the_step_before_anything_is_writte
 def test_integer_params_are_refused_at_init_naming_the_leaf(module):
     with pytest.raises(TypeError, match=r"floating-point tensor; params\['b'\] is torch.int64"):
         module.init({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.int64)})
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("bad, error, match", [
+    (float("nan"), ValueError, "transition_cov must be ≥ 0"),
+    (-0.5, ValueError, "transition_cov must be ≥ 0"),
+    ("0.1", TypeError, "transition_cov must be a number, a vector"),
+    (torch.tensor([0.1, float("inf")]), ValueError, "transition_cov must be finite"),
+    (torch.tensor([0.1, -0.1]), ValueError, "given as a diagonal, must be ≥ 0"),
+    (torch.tensor([[1.0, 0.5], [0.0, 1.0]]), ValueError, "symmetric"),
+    (torch.tensor([[-1.0, 0.0], [0.0, 1.0]]), ValueError, "diagonal has negative entries"),
+])
+def test_dense_update_checks_transition_cov_before_writing(bad, error, match, inplace):
+    """``update`` called directly (not through ``build``) refuses a bad Q and leaves the state as it was."""
+    ll = lambda p, b: (-0.5 * ((b - p) ** 2).sum(), torch.tensor([]))  # noqa: E731
+    state = dense_fisher.init(torch.zeros(2))
+    kept = [t.clone() for t in (state.params, state.cov, state.step)]
+    with pytest.raises(error, match=match):
+        dense_fisher.update(state, torch.ones(3, 2), ll, lr=1.0, transition_cov=bad, inplace=inplace)
+    assert all(torch.equal(a, b) for a, b in zip(kept, (state.params, state.cov, state.step)))
+    good, _ = dense_fisher.update(state, torch.ones(3, 2), ll, lr=1.0, transition_cov=0.1, inplace=inplace)
+    assert bool(torch.isfinite(good.cov).all())

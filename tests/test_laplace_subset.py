@@ -224,3 +224,17 @@ def test_bad_selections_raise_clear_errors():
         subset.complete([torch.zeros(1)], PARAMS)
     with pytest.raises(TypeError, match="no sampler is known"):
         subset.sample(object(), PARAMS)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_fixed_leaf_is_refused_at_build_and_restrict(bad):
+    broken = dict(PARAMS, **{"body.bias": PARAMS["body.bias"].clone().index_fill_(0, torch.tensor([0]), bad)})
+    with pytest.raises(ValueError, match=r"the fixed leaf 'body\.bias' of params holds NaN or infinite"):
+        subset.build(dense_ggn.build, broken, "head", forward, outer_log_likelihood)
+    with pytest.raises(ValueError, match=r"the fixed leaf 'body\.bias'"):
+        subset.restrict(log_posterior, broken, "head")
+    with pytest.raises(ValueError, match="the fixed leaf 'scale'"):
+        subset.restrict(log_posterior, dict(PARAMS, scale=bad), "head")
+    transform = subset.build(dense_ggn.build, broken, "body", forward, outer_log_likelihood)  # selected:
+    with pytest.raises(ValueError, match=r"params leaf 'body\.bias' holds NaN or infinite"):  # init checks it
+        transform.init(broken)

@@ -430,6 +430,8 @@ def test_metrics_match_scikit_learn():
     (accuracy, torch.zeros(2, 2), torch.tensor([0, 2]), ValueError, r"\[0, 2\)"),
     (accuracy, torch.zeros(0, 2), torch.zeros(0, dtype=torch.int64), ValueError, "no data"),
     (accuracy, [[0.5, 0.5]], torch.tensor([0]), TypeError, "floating-point tensor"),
+    (accuracy, torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), torch.tensor([1, 0]), ValueError,
+     r"scores must not be NaN .*row 1"),
 ])
 def test_bad_metric_inputs_raise_clear_errors(metric, values, labels, error, match):
     with pytest.raises(error, match=match):

@@ -80,7 +80,7 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
     Raises:
         TypeError: ``scores`` is not a floating tensor or ``labels`` not an integer tensor.
-        ValueError: the shapes disagree, there is no datum or a label is out of range.
+        ValueError: the shapes disagree, there is no datum, a label is out of range or a score is NaN.
 
     Example:
         >>> import torch
@@ -89,6 +89,10 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
         0.6666666666666666
     """
     _check(scores, labels, "scores")
+    nan_rows = scores.detach().isnan().reshape(-1, scores.shape[-1]).any(-1)
+    if nan_rows.any():  # argmax would pick the NaN entry and score it as a prediction
+        raise ValueError(f"scores must not be NaN (±inf is fine): row {int(nan_rows.nonzero()[0])} of the flattened "
+                         f"data holds NaN ({int(nan_rows.sum())} of {nan_rows.numel()} rows)")
     return (scores.argmax(-1) == labels).double().mean().item()
 
 

@@ -35,6 +35,7 @@ import optree
 import torch
 
 from bayesflow.engine import SDEConfig
+from bayesflow.engine.validation import check_finite_params, param_leaves
 from bayesflow.optim.torch_optim import _loss_and_aux, _write_loss
 from bayesflow.types import TensorTree, Transform
 
@@ -149,6 +150,11 @@ def init(params: TensorTree, optimizer) -> TorchOptState:
     Returns:
         A :class:`TorchOptState` holding ``params`` itself (not a copy).
 
+    Raises:
+        TypeError: a leaf of ``params`` is not a floating-point tensor, or ``optimizer`` is not a
+            gradient transformation.
+        ValueError: ``params`` has no tensors, or a leaf holds NaN / ±inf (named).
+
     Example:
         >>> import torch
         >>> import torchopt
@@ -158,6 +164,7 @@ def init(params: TensorTree, optimizer) -> TorchOptState:
         (True, tensor([]))
     """
     _check_optimizer(optimizer)
+    check_finite_params(*param_leaves("bayesflow.torchopt.init", params))
     return TorchOptState(params, optimizer.init(params), torch.tensor([]))
 
 

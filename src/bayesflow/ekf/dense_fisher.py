@@ -102,8 +102,11 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _check_transition_cov(transition_cov: Any) -> Any:
-    """Q as given if it is a number ≥ 0, a vector ≥ 0 (a diagonal) or a symmetric PSD matrix."""
+def _check_transition_cov(transition_cov: Any, psd: bool = True) -> Any:
+    """Q as given if it is a number ≥ 0, a vector ≥ 0 (a diagonal) or a symmetric PSD matrix.
+
+    ``psd=False`` (every ``update``) skips the eigendecomposition of a matrix, O(d³) like the update
+    itself, done once by ``build``; its diagonal is still checked ≥ 0."""
     value = _number(transition_cov)
     if value is not None:
         if not math.isfinite(value) or value < 0:
@@ -122,6 +125,11 @@ def _check_transition_cov(transition_cov: Any) -> Any:
         return transition_cov
     if q.shape[0] != q.shape[1] or not torch.allclose(q, q.T):
         raise ValueError(f"transition_cov must be a symmetric (d, d) matrix, got shape {tuple(q.shape)}")
+    if bool((q.diagonal() < 0).any()):
+        raise ValueError("transition_cov must be positive semi-definite; its diagonal has negative entries "
+                         f"(the smallest is {float(q.diagonal().min()):.3g})")
+    if not psd:
+        return transition_cov
     smallest = float(torch.linalg.eigvalsh(q.double()).min())
     if smallest < -1e-10 * max(1.0, float(q.abs().max())):
         raise ValueError(f"transition_cov must be positive semi-definite (its smallest eigenvalue is {smallest:.3g})")
@@ -257,6 +265,12 @@ def update(state: EKFDenseState, batch: Any, log_likelihood: LogProbFn, lr: floa
     Returns:
         ``(new_state, aux)``, ``aux`` being the log likelihood's auxiliary output (per sample).
 
+    Raises:
+        TypeError / ValueError: ``transition_cov`` is not a number, vector or (d, d) matrix, or is NaN,
+            ±inf, negative, asymmetric or has a negative diagonal, before anything is written (``build``
+            also checks a matrix's eigenvalues, once); ``log_likelihood`` returns no per-sample values
+            or ignores the params.
+
     Example:
         >>> import torch
         >>> from bayesflow.ekf import dense_fisher
@@ -272,6 +286,7 @@ def update(state: EKFDenseState, batch: Any, log_likelihood: LogProbFn, lr: floa
     check_bool(inplace, "inplace")
     check_state(state, EKFDenseState, "dense_fisher")
     values_and_aux = per_sample_log_likelihood(log_likelihood, per_sample)
+    _check_transition_cov(transition_cov, psd=False)
     _check_curvature(curvature)
     lr = current_lr(lr, state.step)
     mu, unravel = ravel(state.params)

@@ -50,7 +50,9 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
+from numbers import Real
 from typing import Any
 
 import torch
@@ -74,6 +76,24 @@ from bayesflow.types import TensorTree, Transform
 __all__ = ["build", "complete", "last_layer", "names", "restrict", "sample", "take"]
 
 _RESTRICTED = ("log_posterior", "forward")  # the build arguments that are functions of the parameters
+
+
+def _fixed_mask(params: TensorTree, select: Select) -> list[bool]:
+    """``_mask``, with the fixed leaves checked: they enter every evaluation as constants, so a NaN or
+    ±inf among them would give a NaN curvature (or a finite wrong one) for the whole subset."""
+    mask = _mask(params, select)
+    leaves, _ = flatten(params)
+    for name, leaf, chosen in zip(names(params), leaves, mask):
+        if chosen:
+            continue
+        if isinstance(leaf, torch.Tensor):
+            finite = not leaf.is_floating_point() or bool(torch.isfinite(leaf).all())
+        else:
+            finite = not isinstance(leaf, Real) or math.isfinite(leaf)
+        if not finite:
+            raise ValueError(f"the fixed leaf {name!r} of params holds NaN or infinite values; the fixed "
+                             "parameters are constants of every evaluation and must be finite")
+    return mask
 
 
 def restrict(fn: Callable, params: TensorTree, select: Select) -> Callable:
@@ -100,7 +120,7 @@ def restrict(fn: Callable, params: TensorTree, select: Select) -> Callable:
         {'scale': tensor([]), 'w': tensor([8., 8.])}
     """
     check_callable("fn", fn)
-    _mask(params, select)  # the errors now, not at the first call
+    _fixed_mask(params, select)  # the errors now, not at the first call
 
     def restricted(sub: TensorTree, *args: Any, **kwargs: Any) -> Any:
         return fn(complete(sub, params), *args, **kwargs)
@@ -133,7 +153,7 @@ def build(method_build: Callable[..., Transform], params: TensorTree, select: Se
         TypeError: ``method_build`` is not callable, does not take these arguments, or takes neither a
             ``log_posterior`` nor a ``forward`` (e.g. ``kfac.build``, which takes a module); ``select``
             as in :func:`take`.
-        ValueError: as in :func:`take`.
+        ValueError: as in :func:`take`; a fixed leaf holding NaN or ±inf.
 
     Example:
         >>> import torch
@@ -146,7 +166,7 @@ def build(method_build: Callable[..., Transform], params: TensorTree, select: Se
         {'a': tensor([]), 'b': tensor([6.])}
     """
     check_callable("method_build", method_build)
-    mask = _mask(params, select)
+    mask = _fixed_mask(params, select)
     try:
         bound = inspect.signature(method_build).bind_partial(*args, **kwargs)
     except TypeError as error:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from bayesflow.engine.validation import check_finite_params
 from bayesflow.types import TensorTree, Transform
 
 __all__ = ["OptimState", "build", "init", "update"]
@@ -153,7 +154,7 @@ def init(params: TensorTree, optimizer_cls: type[torch.optim.Optimizer], *args: 
 
     Raises:
         TypeError: ``optimizer_cls`` is not an optimizer class, or a leaf is not a tensor.
-        ValueError: ``params`` has no leaves, or a leaf is not a leaf tensor that requires grad.
+        ValueError: ``params`` has no leaves, a leaf is not a leaf tensor that requires grad, or holds NaN / ±inf.
 
     Example:
         >>> import torch
@@ -164,7 +165,7 @@ def init(params: TensorTree, optimizer_cls: type[torch.optim.Optimizer], *args: 
         ('Adam', ['bias', 'weight'], 0)
     """
     _check_optimizer_class(optimizer_cls)
-    paths, leaves, _ = optree.tree_flatten_with_path(params, none_is_leaf=False, namespace="bayesflow")
+    paths, leaves, spec = optree.tree_flatten_with_path(params, none_is_leaf=False, namespace="bayesflow")
     if not leaves:
         raise ValueError("params has no tensors to optimize")
     for path, leaf in zip(paths, leaves):
@@ -177,6 +178,7 @@ def init(params: TensorTree, optimizer_cls: type[torch.optim.Optimizer], *args: 
                 f"{'a non-leaf tensor (the result of an operation)' if not leaf.is_leaf else 'requires_grad=False'}"
                 ": create it with requires_grad=True, or pass p.detach().requires_grad_()"
             )
+    check_finite_params(leaves, spec)
     optimizer = optimizer_cls(leaves, *args, **kwargs)
     return OptimState(params, optimizer, torch.tensor([]))
 
