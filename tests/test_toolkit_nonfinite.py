@@ -161,3 +161,22 @@ def test_every_sampler_refuses_a_negative_or_non_shape_sample_shape():
         with pytest.raises(TypeError, match=r"sample_shape must be a torch\.Size or a tuple of ints"):
             draw("many")
         assert draw(3)["w"].shape == (3, 3) and draw(())["b"].shape == ()
+
+
+@pytest.mark.parametrize("log_sd", [-100.0, -200.0, 100.0])
+def test_vi_diag_refuses_a_log_sd_whose_sigma_underflows_or_overflows(log_sd):
+    """exp(s) below float32's smallest normal (or above its max) made the first step NaN silently."""
+    transform = vi.diag.build(log_posterior, torchopt.adam(1e-2), init_log_sds=log_sd)
+    with pytest.raises(ValueError, match=r"σ = exp\(s\) normal and finite in torch.float32"):
+        transform.init({"w": torch.zeros(2)}, seed=0)
+    with pytest.raises(ValueError, match="init_log_sds"):  # a tree of log sds is checked the same way
+        vi.diag.init({"w": torch.zeros(2)}, torchopt.adam(1e-2), init_log_sds={"w": torch.tensor([0.0, log_sd])})
+    if log_sd < 0:  # the same σ is a normal number in float64, and its steps are finite
+        state, _ = transform.update(transform.init({"w": torch.zeros(2, dtype=torch.float64)}, seed=0), None)
+        assert bool(torch.isfinite(state.params["w"]).all() and torch.isfinite(state.log_sd_diag["w"]).all())
+
+
+def test_vi_diag_takes_a_small_but_normal_sigma():
+    transform = vi.diag.build(log_posterior, torchopt.adam(1e-2), init_log_sds=-80.0)
+    state, _ = transform.update(transform.init({"w": torch.zeros(2)}, seed=0), None)
+    assert bool(torch.isfinite(state.params["w"]).all() and torch.isfinite(state.log_sd_diag["w"]).all())

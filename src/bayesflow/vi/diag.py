@@ -151,7 +151,8 @@ def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 
         seed: the noise key's seed (an int or a ``torch.Generator``; None draws it from torch's generator).
 
     Raises:
-        ValueError: ``init_log_sds`` does not match ``params``, or holds non-finite values.
+        ValueError: ``init_log_sds`` does not match ``params``, holds non-finite values, or gives a σ that
+            underflows to 0 or overflows in the parameters' dtype.
         ValueError: ``params`` holds NaN or ±inf (the message names the leaf).
 
     Example:
@@ -184,6 +185,13 @@ def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 
         if not all(bool(torch.isfinite(s).all()) for s in given):
             raise ValueError("init_log_sds must be finite (log standard deviations)")
         log_sds = init_log_sds
+    for leaf, log_sd in zip(leaves, flatten(log_sds)[0]):
+        # a σ that underflows (to 0 or a subnormal) or overflows gives 0 · inf = NaN in the first step
+        sd, finfo = log_sd.to(leaf.dtype).exp(), torch.finfo(leaf.dtype)
+        if not bool(((sd >= finfo.tiny) & torch.isfinite(sd)).all()):
+            raise ValueError(f"init_log_sds must give σ = exp(s) normal and finite in {leaf.dtype}: s lies in "
+                             f"[{float(log_sd.min()):.4g}, {float(log_sd.max()):.4g}], outside "
+                             f"({math.log(finfo.tiny):.4g}, {math.log(finfo.max):.4g})")
     opt_state = optimizer_init(optimizer, [params, log_sds])
     first = leaves[0]
     return VIDiagState(params, log_sds, opt_state, torch.full((), math.nan, dtype=first.dtype, device=first.device),
