@@ -139,3 +139,16 @@ def test_the_same_functions_written_with_functional_call_are_accepted():
     assert all(bool((p > 0).all()) for p in state.prec_diag.values())
     state, _ = laplace.diag_ggn.update(laplace.diag_ggn.init(PARAMS), BATCH, using_forward, outer)
     assert all(bool((p > 0).all()) for p in state.prec_diag.values())
+
+
+@pytest.mark.parametrize("method", ["laplace.kfac", "laplace.module_diag", "ekf.module_diag"])
+def test_module_curvatures_refuse_an_empty_batch(method):
+    """A batch of 0 rows raised an IndexError deep inside the curvature route."""
+    empty = (torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+    extra = {"lr": 0.5} if method.startswith("ekf") else {}
+    module = {"laplace.kfac": laplace.kfac, "laplace.module_diag": laplace.module_diag,
+              "ekf.module_diag": ekf.module_diag}[method]
+    state = module.init(PARAMS, MODEL)
+    with pytest.raises(ValueError, match="the batch has no rows"):
+        module.update(state, empty, MODEL, outer, **extra)
+    module.update(state, BATCH, MODEL, outer, **extra)  # a batch with rows is taken

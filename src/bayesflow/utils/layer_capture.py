@@ -180,7 +180,9 @@ def layer_input(layer: Layer, a: torch.Tensor) -> torch.Tensor:
 
 
 def check_batch_rows(batch: Any, n: int, output: torch.Tensor) -> None:
-    """ValueError unless the output and every batch tensor (ndim > 0) have ``n`` rows."""
+    """ValueError unless the output and every batch tensor (ndim > 0) have ``n`` rows, ``n`` > 0."""
+    if n == 0:  # no sample: the curvature routes index the first row, and there is nothing to add
+        raise ValueError("the batch has no rows (the model's layers saw 0 samples): pass a non-empty batch")
     if output.ndim == 0 or output.shape[0] != n:
         raise ValueError(f"the model's output has shape {tuple(output.shape)}, but its layers saw {n} rows of "
                          "data: the output's leading dimension must be the batch")
