@@ -191,6 +191,7 @@ def test_narrow_logits_accumulate_in_float32():
     (torch.zeros(2, 3), {"chunk_size": 0}, ValueError, "chunk_size"),
     (lambda k: torch.zeros(3), {"num_samples": 0}, ValueError, "num_samples must be a positive int"),
     (torch.zeros(2, 3), {"dtype": torch.int32}, ValueError, "dtype"),
+    (torch.zeros(3, 4, 0), {}, ValueError, r"at least one class on their last axis, got shape \(3, 4, 0\)"),
 ])
 def test_bad_samples_raise_clear_errors(samples, kwargs, error, match):
     with pytest.raises(error, match=match):

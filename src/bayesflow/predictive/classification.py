@@ -252,8 +252,8 @@ def classification_uncertainty(samples: Samples, *, num_samples: int | None = No
     Raises:
         TypeError: ``samples`` is not a tensor, function or iterable of tensors.
         ValueError: K = 0, no ``num_samples`` for a function (or the wrong one), samples of different
-            shapes, a tensor without a sample and a class axis, non-floating logits, or logits holding
-            NaN or ``+inf`` (named by sample and index; ``-inf`` is allowed, see below).
+            shapes, a tensor without a sample and a class axis, an empty class axis, non-floating logits,
+            or logits holding NaN or ``+inf`` (named by sample and index; ``-inf`` is allowed, see below).
 
     Example (a Bayesian last layer: 20 Gaussian draws of a (2, 3) weight, logits computed per draw):
         >>> import torch
@@ -273,6 +273,9 @@ def classification_uncertainty(samples: Samples, *, num_samples: int | None = No
     for chunk in sample_chunks(samples, num_samples, chunk_size, name="samples"):
         if not chunk.is_floating_point():
             raise ValueError(f"logits must be floating point, got {chunk.dtype}")
+        if chunk.ndim >= 2 and chunk.shape[-1] == 0:  # a distribution over no class: empty log_predictive
+            raise ValueError(f"logits must have at least one class on their last axis, got shape "
+                             f"{tuple(chunk.shape)}")
         if state is None:
             state = sums.init(chunk[0])
         state, _ = sums.update(state, chunk, inplace=True)
